@@ -1,0 +1,5 @@
+import sys
+
+from lensmat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""Load a :class:`TransformerBridge` and describe it.
+
+``load_model()`` is the one entry point: no spec (or ``"reference"``) gives the bundled
+reference model, a local Hugging Face folder loads offline, any other name goes to the hub.
+
+Layer convention used across lensmat: an ``L``-block model has residual layers ``0..L``;
+``h_0 = blocks.0.hook_resid_pre`` (the embeddings), ``h_l = blocks.{l-1}.hook_resid_post``,
+and ``h_L`` is the last residual stream, before the final norm.
+
+Basis: the bridge keeps the raw Hugging Face weights by default (``basis="raw"``); after
+``model.enable_compatibility_mode()`` LayerNorm is folded and weights centred
+(``basis="processed"``). Maps fitted in one basis do not apply in the other, so every artifact
+records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+REFERENCE = "reference"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded."""
+
+
+def reference_model_path() -> Path:
+    """Folder of the bundled reference model (a Hugging Face GPT-2 folder)."""
+    return Path(str(resources.files("lensmat") / "assets" / "reference"))
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device lensmat runs on: the one given, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make Hugging Face libraries skip the network (local loads otherwise wait on time-outs)."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        saved_const = hub_constants.HF_HUB_OFFLINE
+        hub_constants.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):  # pragma: no cover - very old huggingface_hub
+        hub_constants = None
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_const
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """A ``TransformerBridge`` in eval mode.
+
+    Args:
+        spec: ``None`` or ``"reference"`` (the bundled model), a local Hugging Face folder
+            (loaded offline), or a hub name such as ``"gpt2"`` (needs the network or the HF cache).
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+        dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``"float16"``, ...
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dtype = _resolve_dtype(dtype)
+    device = resolve_device(device)
+    spec_str = REFERENCE if spec is None else os.fspath(spec)
+    path = reference_model_path() if spec_str == REFERENCE else Path(spec_str).expanduser()
+    is_local = spec_str == REFERENCE or path.exists()
+    if is_local:
+        if not (path / "config.json").is_file():
+            if spec_str == REFERENCE:
+                raise ModelLoadError(
+                    f"The bundled reference model is missing from {path}; reinstall lensmat or run "
+                    "scripts/train_reference_model.py to rebuild it."
+                )
+            raise ModelLoadError(
+                f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
+                "with save_pretrained(), or a hub name."
+            )
+        with _hub_offline():
+            model = TransformerBridge.boot_transformers(str(path), device=str(device), dtype=dtype)
+        model.cfg.model_name = "reference" if spec_str == REFERENCE else str(path)
+    else:
+        try:
+            model = TransformerBridge.boot_transformers(spec_str, device=str(device), dtype=dtype)
+        except Exception as err:
+            raise ModelLoadError(
+                f"Could not load {spec_str!r} from the Hugging Face hub ({type(err).__name__}); "
+                "if you are offline, pass a local folder that holds the model (config.json, weights, "
+                "tokenizer), or use the bundled model with spec=None."
+            ) from err
+    model.eval()
+    return model
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
+    return resolved
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies a model for lensmat: maps and lenses record it and check it on load."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    basis: str  # "raw" (HF weights) or "processed" (compatibility mode: folded LN, centred)
+    normalization_type: str | None
+    config_hash: str
+    unembed_hash: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_CONFIG_KEYS = ("n_layers", "d_model", "d_vocab", "n_ctx", "n_heads", "d_head", "d_mlp", "act_fn",
+                "normalization_type", "positional_embedding_type", "parallel_attn_mlp", "architecture")
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def basis_of(model) -> str:
+    """``"processed"`` when the bridge's weights were folded/centred, else ``"raw"``."""
+    return "processed" if getattr(model, "_weights_processed", False) else "raw"
+
+
+def describe(model) -> ModelInfo:
+    """The :class:`ModelInfo` of a bridge (hashes its unembedding: W_U and b_U)."""
+    cfg = model.cfg
+    cfg_view = {k: str(getattr(cfg, k, None)) for k in _CONFIG_KEYS}
+    w_hash = _sha256(model.W_U)
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        w_hash = hashlib.sha256((w_hash + _sha256(b_U)).encode()).hexdigest()[:16]
+    return ModelInfo(
+        name=str(getattr(cfg, "model_name", "unknown")),
+        n_layers=int(cfg.n_layers),
+        d_model=int(cfg.d_model),
+        d_vocab=int(cfg.d_vocab),
+        n_ctx=int(cfg.n_ctx),
+        basis=basis_of(model),
+        normalization_type=getattr(cfg, "normalization_type", None),
+        config_hash=hashlib.sha256(json.dumps(cfg_view, sort_keys=True).encode()).hexdigest()[:16],
+        unembed_hash=w_hash,
+    )
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's unembedding (where lens readouts happen)."""
+    return model.W_U.device
+
+
+def model_dtype(model) -> torch.dtype:
+    return model.W_U.dtype

@@ -1,0 +1,233 @@
+"""Train lensmat's bundled reference model: a small GPT-2 on real English text, offline.
+
+Data (see ../shared/data/README.md for provenance and licences):
+  WikiText-2 valid+test (the ` @-@ `, ` @,@ `, ` @.@ ` splits undone), the Project Gutenberg
+  books, and the first 70% of the Leipzig Wikipedia lines (the `train` split of lensmat's
+  default corpus). The last 30% of Leipzig lines (`heldout`) are never trained on; the final
+  metrics are measured there. The last 5% of the Leipzig `train` lines are kept aside as a
+  validation set for the progress printout.
+
+Pipeline: train a byte-level BPE tokenizer (`tokenizers`) on the training text, pack the text
+into 128-token rows that each start with <|endoftext|> (the BOS, as in GPT-2; documents are
+separated by it too), train `GPT2LMHeadModel` with AdamW and a cosine schedule, then write a
+Hugging Face folder (config.json, model.safetensors, tokenizer files) and print held-out
+metrics as JSON.
+
+    python scripts/train_reference_model.py --data-dir ../shared/data --out lensmat/assets/reference
+
+Everything is seeded; on the same hardware and thread count a rerun gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lensmat import data as lm_data
+from lensmat.metrics import next_token_quality
+
+BOS = "<|endoftext|>"
+
+
+def detok_wikitext(line: str) -> str:
+    """Undo WikiText's word-level tokenization (approximately) so it reads like Leipzig text."""
+    line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    line = re.sub(r" ([.,;:!?)\]}%])", r"\1", line)
+    line = re.sub(r"([(\[{$]) ", r"\1", line)
+    line = re.sub(r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1", line)
+    line = re.sub(r'" (.*?) "', r'"\1"', line)
+    return line.strip()
+
+
+def wikitext_docs(path: Path) -> list[str]:
+    docs = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        raw = raw.strip()
+        if not raw or raw.startswith("="):
+            continue
+        docs.append(detok_wikitext(raw))
+    return docs
+
+
+def gutenberg_docs(path: Path) -> list[str]:
+    """Paragraphs of the book text between the `*** START OF` / `*** END OF` markers."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    bodies = re.findall(r"\*\*\* ?START OF[^\n]*\n(.*?)\*\*\* ?END OF", text, flags=re.S) or [text]
+    docs = []
+    for body in bodies:
+        for para in re.split(r"\n\s*\n", body):
+            para = " ".join(para.split())
+            if len(para) > 20:
+                docs.append(para)
+    return docs
+
+
+def training_documents(data_dir: Path) -> tuple[list[str], list[str]]:
+    """(training documents, validation lines), the latter the last 5% of Leipzig `train`."""
+    leipzig_train = lm_data.load_lines(lm_data.DEFAULT_CORPUS, "train")
+    n_val = len(leipzig_train) // 20
+    docs = []
+    for name in ("valid.txt", "test.txt"):
+        docs += wikitext_docs(data_dir / "wikitext-2" / name)
+    for path in sorted((data_dir / "gutenberg").glob("*.txt")):
+        docs += gutenberg_docs(path)
+    docs += leipzig_train[:-n_val]
+    return docs, leipzig_train[-n_val:]
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS], show_progress=False)
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=BOS, unk_token=BOS,
+                            model_max_length=1024)
+    return tok
+
+
+def pack_rows(docs: list[str], tok, seq_len: int, seed: int) -> torch.Tensor:
+    """Shuffle documents, join them with BOS separators, cut into rows of `seq_len` tokens that
+    each start with BOS (so position 0 is always BOS, as at evaluation)."""
+    rng = random.Random(seed)
+    docs = docs[:]
+    rng.shuffle(docs)
+    bos = tok.bos_token_id
+    stream: list[int] = []
+    for ids in tok(docs, add_special_tokens=False)["input_ids"]:
+        stream.append(bos)
+        stream.extend(ids)
+    body = seq_len - 1
+    n_rows = len(stream) // body
+    rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
+    return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+
+
+def evaluate(model, tok, lines: list[str], max_length: int = 128, batch_size: int = 64) -> dict:
+    """Held-out metrics exactly as lensmat measures them (`lensmat.metrics.next_token_quality`)."""
+    model.eval()
+    seqs = lm_data.tokenize(lines, tok, max_length)
+    result = next_token_quality(lambda t: model(t).logits, lm_data.batches(seqs, batch_size))
+    model.train()
+    return result
+
+
+def cosine_regulariser(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Σ_i (1 − cos(h_i, h_{i−1})) over residual layers, averaged over real positions."""
+    total = hidden_states[0].new_zeros(())
+    for prev, cur in zip(hidden_states[:-1], hidden_states[1:]):
+        cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1)
+        total = total + ((1 - cos) * mask).sum() / mask.sum()
+    return total
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--out", type=Path, default=Path("lensmat/assets/reference"))
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--n-layer", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-positions", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step")
+    p.add_argument("--tokens", type=float, default=8e6, help="training tokens seen in all")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--cos-reg", type=float, default=0.0, help="λ of the cosine linearity regulariser (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=500)
+    args = p.parse_args(argv)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    docs, val_lines = training_documents(args.data_dir)
+    tok = train_tokenizer(docs, args.vocab_size)
+    heldout = lm_data.load_lines(lm_data.DEFAULT_CORPUS, "heldout")
+
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=args.n_positions, n_embd=args.d_model, n_layer=args.n_layer,
+        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    steps = math.ceil(args.tokens / (args.batch_size * args.seq_len))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, steps - args.warmup)
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    print(json.dumps({"params": n_params, "steps": steps, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
+    model.train()
+    epoch, rows, cursor = 0, pack_rows(docs, tok, args.seq_len, args.seed), 0
+    print(json.dumps({"tokens_per_epoch": rows.numel()}), flush=True)
+    start, seen = time.time(), 0
+    bar = tqdm(range(steps), desc="train", unit="step", mininterval=10)
+    for step in bar:
+        if cursor + args.batch_size > len(rows):
+            epoch += 1
+            rows, cursor = pack_rows(docs, tok, args.seq_len, args.seed + epoch), 0
+        x = rows[cursor: cursor + args.batch_size]
+        cursor += args.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        out = model(x, labels=x, output_hidden_states=args.cos_reg > 0)
+        loss = out.loss
+        if args.cos_reg > 0:
+            loss = loss + args.cos_reg * cosine_regulariser(out.hidden_states, torch.ones_like(x, dtype=torch.float))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += x.numel()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", tok_s=f"{seen / (time.time() - start):.0f}", epoch=epoch)
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            val = evaluate(model, tok, val_lines)
+            print(json.dumps({"step": step + 1, "tokens": seen, "train_loss": round(out.loss.item(), 4),
+                              "val_ce": round(val["ce"], 4), "val_top1": round(val["top1_accuracy"], 4),
+                              "minutes": round((time.time() - start) / 60, 1)}), flush=True)
+    train_minutes = (time.time() - start) / 60
+
+    model.eval()
+    result = evaluate(model, tok, heldout)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    summary = {
+        "heldout_ce": result["ce"], "heldout_top1_accuracy": result["top1_accuracy"],
+        "heldout_tokens": result["tokens"], "train_tokens_seen": seen, "epochs": seen / rows.numel(),
+        "params": n_params, "train_minutes": train_minutes, "hardware": f"{platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}", "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
