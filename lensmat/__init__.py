@@ -7,12 +7,24 @@ Models come from :func:`load_model` (:mod:`lensmat.models`).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lensmat.collect import GramStats, collect, resid_hook, resid_hooks
+from lensmat.compare import compare
 from lensmat.data import Batch, batches, load_lines, tokenize
+from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
+from lensmat.io import load_maps, save_maps
+from lensmat.lenses import Lens, LogitLens, MatLens
+from lensmat.metrics import evaluate_lenses
 from lensmat.models import ModelInfo, describe, load_model
+from lensmat.pipeline import fit_maps, tokenized
 
 try:
     __version__ = version("lensmat")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Batch", "ModelInfo", "batches", "describe", "load_lines", "load_model", "tokenize", "__version__"]
+__all__ = [
+    "Batch", "GramStats", "Lens", "LinearMap", "LogitLens", "MapSet", "MatLens", "ModelInfo", "__version__",
+    "batches", "collect", "compare", "describe", "evaluate_lenses", "fit_layer_maps", "fit_map", "fit_maps",
+    "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
+    "tokenize", "tokenized",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import lensmat
 from lensmat import data, models
@@ -37,6 +38,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=16, help="lines per forward pass")
+    p.add_argument("--out", default=None, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from lensmat import io, pipeline
+
+    if args.out is None:
+        raise ValueError("lensmat fit needs --out DIR to save the maps.")
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --force to overwrite.")
+    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                             max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
+                             all_pairs=args.all_pairs, progress=not args.quiet)
+    path = io.save_maps(maps, args.out, force=args.force)
+    print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lensmat.compare import compare, format_table, parse_lenses
+
+    names = parse_lenses(args.lenses)
+    out = args.out or "runs/compare"
+    report = compare(args.model, args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
+                     max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                     maps=args.maps, out=out, force=args.force, progress=not args.quiet)
+    print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} tokens, "
+          f"evaluated on {report['n_eval_tokens']} held-out tokens")
+    print(format_table(report))
+    print(f"report and plots in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lensmat",
@@ -47,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe the model and the corpus")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fit", help="fit residual maps h_l -> h_L on the train split and save them")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on fit tokens (default: the whole split)")
+    p.add_argument("--intercept", action="store_true", help="fit affine maps (y = xW + b)")
+    p.add_argument("--ridge", type=float, default=0.0, help="ridge penalty λ added to XᵀX")
+    p.add_argument("--all-pairs", action="store_true", help="also fit every h_l -> h_l' with l < l'")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="fit maps on train, compare lenses per layer on heldout (the main job)")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine")
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on heldout tokens (default: all)")
+    p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit --all-pairs`")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -58,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (data.CorpusError, models.ModelLoadError, ValueError) as err:
+    except (ValueError, KeyError, IndexError, FileExistsError, RuntimeError) as err:
         print(f"lensmat {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,7 @@ cross-entropy against the text uses the positions that have a next token.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -37,3 +37,98 @@ def next_token_quality(logits_fn: LogitsFn, batches: Iterable[Batch]) -> dict:
     if n == 0:
         raise ValueError("No target tokens to score: every line is empty after BOS.")
     return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+
+
+METRICS = ("precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce")
+TOP_K = (1, 5, 10)
+
+
+class LensScores:
+    """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE.
+
+    ``p`` is the full model's distribution at the same position and ``q`` the lens's.
+    Precision@k = fraction of positions where the lens's top-1 token is in p's top-k;
+    surprisal = mean −log p(lens top-1); KL(p‖q) in nats; CE = −log q(actual next token),
+    over positions that have a next token.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.sums = {m: torch.zeros(n_layers + 1, dtype=torch.float64) for m in METRICS}
+        self.n = torch.zeros(n_layers + 1, dtype=torch.float64)
+        self.n_ce = torch.zeros(n_layers + 1, dtype=torch.float64)
+
+    def update(
+        self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], logp: Float[torch.Tensor, "n vocab"],
+        p_topk: Int[torch.Tensor, "n k"], targets: Int[torch.Tensor, "n"], has_target: torch.Tensor,
+    ) -> None:
+        logq = torch.log_softmax(lens_logits.float(), dim=-1)
+        top1 = logq.argmax(-1)
+        for k in TOP_K:
+            self.sums[f"precision@{k}"][layer] += float((p_topk[:, :k] == top1[:, None]).any(-1).sum())
+        self.sums["surprisal"][layer] += float(-logp.gather(-1, top1[:, None]).sum())
+        self.sums["kl"][layer] += float((logp.exp() * (logp - logq)).sum())
+        if has_target.any():
+            ce = -logq[has_target].gather(-1, targets[has_target][:, None])
+            self.sums["ce"][layer] += float(ce.sum())
+        self.n[layer] += logq.shape[0]
+        self.n_ce[layer] += float(has_target.sum())
+
+    def result(self) -> dict[str, list[float | None]]:
+        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored)."""
+        out = {}
+        for m, s in self.sums.items():
+            denom = self.n_ce if m == "ce" else self.n
+            out[m] = [float(v / d) if d > 0 else None for v, d in zip(s, denom)]
+        return out
+
+
+@torch.no_grad()
+def evaluate_lenses(
+    model,
+    lenses: dict,
+    batches: Iterable[Batch],
+    *,
+    layers: Sequence[int] | None = None,
+    stats_groups: Sequence[Sequence[str]] | None = None,
+    total_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, list[float | None]]], list | None, int]:
+    """Score every lens at every layer on the same tokens, streaming over ``batches``.
+
+    Args:
+        lenses: ``{name: Lens}``.
+        layers: residual layers to score (default ``0..L``).
+        stats_groups: hook groups whose :class:`~lensmat.collect.GramStats` are accumulated in
+            the same forward passes (e.g. held-out statistics for R²).
+
+    Returns ``({lens: {metric: [L+1 values]}}, stats or None, n_tokens)``. Only one layer's
+    ``[tokens, vocab]`` logits exist at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from lensmat.collect import resid_hook, run_capture, update_stats
+
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers + 1)) if layers is None else list(layers)
+    hooks = [resid_hook(layer) for layer in layers]
+    extra = [h for g in (stats_groups or []) for h in g]
+    scores = {name: LensScores(n_layers) for name in lenses}
+    stats, n_tokens = None, 0
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="evaluate", disable=not progress)
+    for batch in batches:
+        captured, logits = run_capture(model, batch, hooks + extra, logits=True)
+        if stats_groups:
+            stats = update_stats(stats, stats_groups, captured)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p_topk = logp.topk(max(TOP_K), dim=-1).indices
+        next_tokens = torch.zeros_like(batch.tokens)
+        next_tokens[:, :-1] = batch.tokens[:, 1:]
+        targets = next_tokens[batch.score_mask].to(logp.device)
+        has_target = batch.target_mask[batch.score_mask].to(logp.device)
+        for layer, hook in zip(layers, hooks):
+            for name, lens in lenses.items():
+                scores[name].update(layer, lens(captured[hook], layer), logp, p_topk, targets, has_target)
+        n_tokens += batch.n_scored
+        bar.update(batch.n_scored)
+    bar.close()
+    return {name: s.result() for name, s in scores.items()}, stats, n_tokens

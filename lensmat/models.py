@@ -188,3 +188,22 @@ def model_device(model) -> torch.device:
 
 def model_dtype(model) -> torch.dtype:
     return model.W_U.dtype
+
+
+class ModelMismatchError(ValueError):
+    """Maps or lenses fitted on a different model than the one given."""
+
+
+_IDENTITY_FIELDS = ("d_model", "n_layers", "d_vocab", "basis", "unembed_hash")
+
+
+def check_same_model(saved: dict, info: ModelInfo, what: str = "this artifact") -> None:
+    """Raise :class:`ModelMismatchError` naming every identity field that differs."""
+    current = info.to_dict()
+    diffs = [f"{k}: fitted on {saved.get(k)!r}, model has {current[k]!r}"
+             for k in _IDENTITY_FIELDS if saved.get(k) != current[k]]
+    if diffs:
+        raise ModelMismatchError(
+            f"{what} were fitted on a different model ({saved.get('name')!r}) than {info.name!r}: "
+            + "; ".join(diffs) + ". Refit them on this model (lensmat fit --model ...) or load the matching model."
+        )

@@ -1,0 +1,81 @@
+"""Lenses: read residual layer ``l`` (0..L) as next-token logits.
+
+Every lens implements one interface, :class:`Lens`: ``transform(h, layer)`` moves ``h_l`` into
+the basis of the last residual layer ``h_L`` and ``lens(h, layer)`` reads the result through
+the model's own final norm and unembedding (TransformerLens's ``logit_readout``: the norm is
+recomputed on the vector itself, never a cached scale from another layer; logits are produced
+in row chunks).
+
+- :class:`LogitLens`: ``transform`` is the identity (nostalgebraist's logit lens).
+- :class:`MatLens`: ``transform(h, l) = h @ A_{l→L} (+ b)``, the least-squares map of
+  "Jump to Conclusions" (Yom Din et al., 2023); exactly the identity at ``l = L``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from jaxtyping import Float
+
+from lensmat.collect import check_layer, resid_hook
+from lensmat.fit import MapSet
+
+
+class Lens(ABC):
+    """Turns residual activations at layer ``l`` into logits. Subclasses define ``transform``."""
+
+    name: str = "lens"
+    readout_chunk: int = 1024  # rows per unembedding chunk: [chunk, vocab] at a time
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @abstractmethod
+    def transform(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
+        """``h_l`` mapped to the final residual layer's basis (before the final norm)."""
+
+    def __call__(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_vocab"]:
+        """Logits (``[..., d_vocab]``) of residual activations ``h`` taken at layer ``layer`` (0..L)."""
+        from transformer_lens.tools.analysis.logit_lens import logit_readout
+
+        layer = check_layer(layer, self.n_layers)
+        with torch.no_grad():
+            return logit_readout(self.model, self.transform(h, layer), return_type="logits",
+                                 chunk_size=self.readout_chunk).values
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_layers={self.n_layers})"
+
+
+class LogitLens(Lens):
+    """The logit lens: the final norm and unembedding applied to ``h_l`` itself."""
+
+    name = "logit"
+
+    def transform(self, h, layer):
+        return h
+
+
+class MatLens(Lens):
+    """The mat lens: the logit lens applied to ``h_l @ A_{l→L} (+ b)``.
+
+    ``maps`` must hold the residual maps ``h_l -> h_L`` for every layer it is asked about
+    (see :func:`lensmat.fit.fit_layer_maps`); it is checked against the model on construction.
+    """
+
+    def __init__(self, model, maps: MapSet, name: str | None = None) -> None:
+        super().__init__(model)
+        maps.check_model(model)
+        self.maps = maps
+        self.name = name or ("mat-affine" if maps.intercept else "mat")
+
+    def transform(self, h, layer):
+        layer = check_layer(layer, self.n_layers)
+        if layer == self.n_layers:
+            return h
+        return self.maps.get(resid_hook(layer), resid_hook(self.n_layers))(h)

@@ -1,0 +1,83 @@
+"""Text -> fitted maps in one call: the steps every command shares.
+
+``fit_maps(model, dataset)`` tokenizes the ``train`` split, streams it through the model into
+float64 statistics of the residual layers ``h_0..h_L`` and solves the maps; the result is a
+:class:`~lensmat.fit.MapSet` with its provenance, ready for :class:`~lensmat.lenses.MatLens`
+or :func:`lensmat.io.save_maps`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from lensmat import data
+from lensmat.collect import GramStats, collect, resid_hooks
+from lensmat.fit import MapSet, fit_layer_maps
+from lensmat.models import describe
+
+
+@dataclass
+class Tokenized:
+    """Token sequences of one corpus split, with where they came from."""
+
+    seqs: list[list[int]]
+    dataset: str
+    split: str
+    max_length: int
+
+    def batches(self, batch_size: int, max_tokens: int | None = None):
+        return data.batches(self.seqs, batch_size, max_tokens)
+
+    def n_tokens(self, max_tokens: int | None = None) -> int:
+        total = data.count_tokens(self.seqs)
+        return total if max_tokens is None else min(total, max_tokens)
+
+
+def tokenized(model, dataset: str | None = None, split: str = "train",
+              max_length: int = data.DEFAULT_MAX_LENGTH) -> Tokenized:
+    """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("The model has no tokenizer; pass token batches to the lower-level API instead.")
+    max_length = min(max_length, int(model.cfg.n_ctx))
+    spec = str(dataset or data.DEFAULT_CORPUS)
+    return Tokenized(data.tokenize(data.load_lines(spec, split), model.tokenizer, max_length), spec, split, max_length)
+
+
+def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
+                        progress: bool = True) -> GramStats:
+    """Joint statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``."""
+    hooks = resid_hooks(int(model.cfg.n_layers))
+    return collect(model, corpus.batches(batch_size, max_tokens), [hooks],
+                   total_tokens=corpus.n_tokens(max_tokens), progress=progress)[0]
+
+
+def maps_from_stats(model, stats: GramStats, corpus: Tokenized, *, intercept: bool = False, ridge: float = 0.0,
+                    all_pairs: bool = False, seconds: float | None = None) -> MapSet:
+    """Solve the residual maps of ``stats`` and attach the model identity and provenance."""
+    start = time.perf_counter()
+    maps = fit_layer_maps(stats, intercept=intercept, ridge=ridge, all_pairs=all_pairs)
+    provenance = {
+        "dataset": corpus.dataset, "split": corpus.split, "max_length": corpus.max_length,
+        "n_tokens": stats.n, "hooks": list(stats.hooks), "all_pairs": all_pairs,
+        "fit_seconds": (seconds or 0.0) + time.perf_counter() - start,
+    }
+    return MapSet(maps, describe(model).to_dict(), intercept, ridge, provenance)
+
+
+def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tokens: int | None = None,
+             batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
+             ridge: float = 0.0, all_pairs: bool = False, progress: bool = True) -> MapSet:
+    """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
+
+    Example::
+
+        model = lensmat.load_model()
+        maps = lensmat.fit_maps(model, max_tokens=50_000)
+        lens = lensmat.MatLens(model, maps)
+    """
+    corpus = tokenized(model, dataset, split, max_length)
+    start = time.perf_counter()
+    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    return maps_from_stats(model, stats, corpus, intercept=intercept, ridge=ridge, all_pairs=all_pairs,
+                           seconds=time.perf_counter() - start)

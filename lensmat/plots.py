@@ -1,0 +1,75 @@
+"""Matplotlib figures of reports. Each function returns the figure and, given ``out``, saves PNGs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig, out: str | os.PathLike | None, name: str):
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(out) / name, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax=None):
+    """One line per name over residual layers 0..L."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    for name, values in curves.items():
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.plot(xs, [values[i] for i in xs], marker="o", ms=3, label=name)
+    ax.set_xlabel("residual layer l")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def precision_figure(report: dict, out=None):
+    """Precision@1/5/10 per layer, one line per lens."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
+    for ax, k in zip(axes, (1, 5, 10)):
+        per_layer({n: s[f"precision@{k}"] for n, s in report["lenses"].items()}, f"Precision@{k}",
+                  f"Precision@{k} vs the model's top-1 ({report['model']})", ax)
+    fig.tight_layout()
+    return _save(fig, out, "precision.png")
+
+
+def metric_figure(report: dict, metric: str, ylabel: str, out=None):
+    """One metric per layer, one line per lens (e.g. ``kl``, ``surprisal``, ``ce``)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    per_layer({n: s[metric] for n, s in report["lenses"].items()}, ylabel, f"{metric} per layer ({report['model']})", ax)
+    fig.tight_layout()
+    return _save(fig, out, f"{metric}.png")
+
+
+def r2_figure(report: dict, out=None):
+    """R² heatmaps of mat and id for every pair l < l', side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, kind in zip(axes, ("mat", "id")):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in report["r2"][kind]], dtype=float)
+        im = ax.imshow(grid, vmin=min(0.0, np.nanmin(grid) if np.isfinite(grid).any() else 0.0), vmax=1.0,
+                       cmap="viridis", origin="upper")
+        ax.set_title(f"R² of {kind}: h_l -> h_l'")
+        ax.set_xlabel("target layer l'")
+        ax.set_ylabel("source layer l")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, out, "r2.png")
+
+
+def compare_plots(report: dict, out=None) -> list:
+    """All figures of a ``compare`` report."""
+    figs = [precision_figure(report, out), metric_figure(report, "kl", "KL(p || q) [nats]", out),
+            metric_figure(report, "surprisal", "surprisal [nats]", out), metric_figure(report, "ce", "CE [nats]", out),
+            r2_figure(report, out)]
+    if out is not None:
+        for fig in figs:
+            plt.close(fig)
+    return figs

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random bridges (fast) and the bundled reference model (slow tests)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def make_tiny_model(n_layers: int = 3, d_model: int = 16, d_vocab: int = 40, n_ctx: int = 32, seed: int = 0):
+    """A random TL-native bridge (LayerNorm, GELU MLP), eval mode, float32."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(
+        d_model=d_model, n_layers=n_layers, n_ctx=n_ctx, d_head=4, n_heads=d_model // 4,
+        d_mlp=4 * d_model, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN", seed=seed,
+    )
+    model = TransformerBridge.boot_native(cfg)
+    model.cfg.model_name = f"tiny-{n_layers}x{d_model}-seed{seed}"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    import lensmat
+
+    return lensmat.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lensmat.models import reference_model_path
+
+    return AutoTokenizer.from_pretrained(reference_model_path())
+
+
+def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab: int, seed: int = 0):
+    """Ragged random token sequences (BOS = 0 first) grouped into padded batches."""
+    from lensmat.data import pad
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        seqs = []
+        for _ in range(batch_size):
+            n = int(torch.randint(2, max_len + 1, (1,), generator=g))
+            seqs.append([0] + torch.randint(1, d_vocab, (n - 1,), generator=g).tolist())
+        out.append(pad(seqs))
+    return out

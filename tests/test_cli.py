@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+import pytest
+
+import lensmat
+from lensmat import cli
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert lensmat.__version__ in capsys.readouterr().out
+    assert cli.main([]) == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_bad_corpus_is_a_clean_cli_error(tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    assert cli.main(["info", "--dataset", str(missing), "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_info_on_bundled_defaults():
+    out = subprocess.run([sys.executable, "-m", "lensmat", "info"], capture_output=True, text=True, check=True).stdout
+    assert "layers" in out and "heldout" in out and "3000 lines" in out

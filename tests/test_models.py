@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+import lensmat
+from lensmat import data, models
+from lensmat.metrics import next_token_quality
+
+
+def test_unknown_hub_name_offline_gives_one_clear_error():
+    with pytest.raises(models.ModelLoadError, match="local folder"):
+        lensmat.load_model("no-such-org/no-such-model-xyz", device="cpu")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="no config.json"):
+        lensmat.load_model(tmp_path, device="cpu")
+
+
+def test_describe_tiny_model(tiny_model):
+    info = models.describe(tiny_model)
+    assert (info.n_layers, info.d_model, info.d_vocab, info.basis) == (3, 16, 40, "raw")
+    assert info == models.describe(tiny_model)  # hashes are deterministic
+
+
+@pytest.mark.slow
+def test_reference_model_matches_hf_logits(reference_model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(models.reference_model_path(), attn_implementation="eager").eval()
+    lines = data.load_lines(split="heldout")[:8]
+    batch = data.pad(data.tokenize(lines, reference_model.tokenizer))
+    with torch.no_grad():
+        ours = reference_model(batch.tokens)
+        theirs = hf(batch.tokens).logits
+    assert reference_model.training is False
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    info = models.describe(reference_model)
+    assert info.n_layers >= 8 and info.basis == "raw" and info.name == "reference"
+
+
+@pytest.mark.slow
+def test_reference_model_quality_floor(reference_model):
+    """The model card's held-out numbers: top-1 >= 0.16 and CE <= 5.2 nats on the last 30% of Leipzig lines."""
+    seqs = data.tokenize(data.load_lines(split="heldout"), reference_model.tokenizer, 128)
+    result = next_token_quality(reference_model, data.batches(seqs, 64))
+    assert result["tokens"] > 50_000
+    assert result["top1_accuracy"] >= 0.16, result
+    assert result["ce"] <= 5.2, result
