@@ -16,6 +16,8 @@ from lensmat.lenses import Lens, LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import ModelInfo, describe, load_model
 from lensmat.pipeline import fit_maps, tokenized
+from lensmat.submodules import evaluate_swaps, fit_submodule_maps, submodules
+from lensmat.swap import SUBMODULE_KINDS, swap, swap_hooks
 
 try:
     __version__ = version("lensmat")
@@ -26,5 +28,6 @@ __all__ = [
     "Batch", "GramStats", "Lens", "LinearMap", "LogitLens", "MapSet", "MatLens", "ModelInfo", "__version__",
     "batches", "collect", "compare", "describe", "evaluate_lenses", "fit_layer_maps", "fit_map", "fit_maps",
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
-    "tokenize", "tokenized",
+    "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
+    "swap_hooks",
 ]

@@ -76,6 +76,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submodules(args: argparse.Namespace) -> int:
+    from lensmat.submodules import PROTOCOL_KINDS, submodules
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PROTOCOL_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"Unknown sub-module kind(s) {bad or kinds}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
+    out = args.out or "runs/submodules"
+    report = submodules(args.model, args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
+                        max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                        intercept=args.intercept, out=out, force=args.force, progress=not args.quiet)
+    names = list(report["variants"])
+    print(f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)")
+    for layer in report["layers"]:
+        print(f"{layer:>3} " + " ".join(f"{report['variants'][n]['precision@1'][layer]:>8.4f}" for n in names))
+    print("ranking by mean Precision@1: " + ", ".join(f"{r['kind']} {r['mean_precision@1']:.4f}" for r in report["ranking"]))
+    print(f"report and plots in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lensmat",
@@ -104,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on heldout tokens (default: all)")
     p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit --all-pairs`")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("submodules", help="swap attn/mlp/ln for linear maps: the paper's protocol and single-block swaps")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--kinds", default="attn,mlp,ln", help="comma-separated: attn, mlp, ln")
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
+    p.add_argument("--intercept", action="store_true", help="affine maps")
+    p.set_defaults(func=cmd_submodules)
     return parser
 
 

@@ -17,8 +17,8 @@ Tokenization prepends BOS and truncates to ``max_length`` tokens (BOS included).
 right-padded; :class:`Batch` carries the masks that every later statistic and metric uses:
 
 - ``attention_mask[b, t]``: the token is real (not padding).
-- ``score_mask[b, t]``: real and not the BOS position (t ≥ 1). Lens-vs-model metrics and all
-  fitted statistics use these positions.
+- ``score_mask[b, t]``: real and not the BOS position (t ≥ 1; t ≥ 0 for a batch built with
+  ``has_bos=False``). Lens-vs-model metrics and all fitted statistics use these positions.
 - ``target_mask[b, t]``: ``score_mask`` and a next token exists, so cross-entropy against
   ``tokens[b, t + 1]`` is defined.
 """
@@ -127,11 +127,13 @@ class Batch:
 
     tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Bool[torch.Tensor, "batch pos"]
+    has_bos: bool = True  # False: position 0 is a real token and is scored too
 
     @property
     def score_mask(self) -> Bool[torch.Tensor, "batch pos"]:
         mask = self.attention_mask.clone()
-        mask[:, 0] = False
+        if self.has_bos:
+            mask[:, 0] = False
         return mask
 
     @property
@@ -145,7 +147,7 @@ class Batch:
         return int(self.score_mask.sum())
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.tokens.to(device), self.attention_mask.to(device))
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos)
 
 
 def bos_token_id(tokenizer) -> int:
@@ -180,15 +182,15 @@ def tokenize(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENG
     return out
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> Batch:
-    """Right-pad token sequences into a :class:`Batch`."""
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, has_bos: bool = True) -> Batch:
+    """Right-pad token sequences into a :class:`Batch` (``has_bos=False``: position 0 is scored too)."""
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = True
-    return Batch(tokens, mask)
+    return Batch(tokens, mask, has_bos)
 
 
 def batches(

@@ -155,21 +155,32 @@ class MapSet:
         check_same_model(self.model, describe(model), what="these maps")
 
 
+def fit_pairs(
+    stats: list[GramStats], pairs: list[tuple[str, str]], *, intercept: bool = False, ridge: float = 0.0,
+) -> dict[tuple[str, str], LinearMap]:
+    """Fit every ``(source, target)`` pair from whichever statistics group holds both hooks."""
+    out = {}
+    for src, tgt in pairs:
+        group = next((st for st in stats if src in st.offsets and tgt in st.offsets), None)
+        if group is None:
+            raise KeyError(f"No statistics group holds both {src!r} and {tgt!r}; collect them in one group.")
+        out[(src, tgt)] = fit_map(group, src, tgt, intercept=intercept, ridge=ridge)
+    return out
+
+
+def layer_pairs(hooks: tuple[str, ...] | list[str], all_pairs: bool = False) -> list[tuple[str, str]]:
+    """Residual pairs ``h_l -> h_L`` (``l < L``), or every ``h_l -> h_l'`` with ``l < l'``.
+
+    The layer-to-itself map is the identity by definition and is not fitted.
+    """
+    return [(src, tgt) for i, src in enumerate(hooks[:-1]) for tgt in (hooks[i + 1:] if all_pairs else hooks[-1:])]
+
+
 def fit_layer_maps(
     stats: GramStats, *, intercept: bool = False, ridge: float = 0.0, all_pairs: bool = False,
 ) -> dict[tuple[str, str], LinearMap]:
-    """Maps between residual layers from the joint statistics of ``resid_hooks(L)``.
-
-    Returns ``h_l -> h_L`` for ``l = 0..L-1`` and, with ``all_pairs``, ``h_l -> h_l'`` for every
-    ``l < l'``. The layer-to-itself map is the identity by definition and is not fitted.
-    """
-    hooks = stats.hooks
-    out = {}
-    for i, src in enumerate(hooks[:-1]):
-        targets = hooks[i + 1:] if all_pairs else hooks[-1:]
-        for tgt in targets:
-            out[(src, tgt)] = fit_map(stats, src, tgt, intercept=intercept, ridge=ridge)
-    return out
+    """Maps between residual layers from the joint statistics of ``resid_hooks(L)`` (see :func:`layer_pairs`)."""
+    return fit_pairs([stats], layer_pairs(stats.hooks, all_pairs), intercept=intercept, ridge=ridge)
 
 
 def r2_matrices(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lensmat import data
 from lensmat.collect import GramStats, collect, resid_hooks
-from lensmat.fit import MapSet, fit_layer_maps
+from lensmat.fit import MapSet, fit_pairs, layer_pairs
 from lensmat.models import describe
 
 
@@ -52,14 +52,21 @@ def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = No
                    total_tokens=corpus.n_tokens(max_tokens), progress=progress)[0]
 
 
-def maps_from_stats(model, stats: GramStats, corpus: Tokenized, *, intercept: bool = False, ridge: float = 0.0,
-                    all_pairs: bool = False, seconds: float | None = None) -> MapSet:
-    """Solve the residual maps of ``stats`` and attach the model identity and provenance."""
+def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized, *, pairs=None,
+                    intercept: bool = False, ridge: float = 0.0, all_pairs: bool = False,
+                    seconds: float | None = None) -> MapSet:
+    """Solve maps from statistics and attach the model identity and provenance.
+
+    ``pairs`` defaults to the residual pairs of a single ``resid_hooks(L)`` group
+    (:func:`~lensmat.fit.layer_pairs` with ``all_pairs``).
+    """
+    stats = [stats] if isinstance(stats, GramStats) else list(stats)
+    pairs = layer_pairs(stats[0].hooks, all_pairs) if pairs is None else list(pairs)
     start = time.perf_counter()
-    maps = fit_layer_maps(stats, intercept=intercept, ridge=ridge, all_pairs=all_pairs)
+    maps = fit_pairs(stats, pairs, intercept=intercept, ridge=ridge)
     provenance = {
         "dataset": corpus.dataset, "split": corpus.split, "max_length": corpus.max_length,
-        "n_tokens": stats.n, "hooks": list(stats.hooks), "all_pairs": all_pairs,
+        "n_tokens": stats[0].n, "groups": [list(st.hooks) for st in stats], "all_pairs": all_pairs,
         "fit_seconds": (seconds or 0.0) + time.perf_counter() - start,
     }
     return MapSet(maps, describe(model).to_dict(), intercept, ridge, provenance)

@@ -73,3 +73,29 @@ def compare_plots(report: dict, out=None) -> list:
         for fig in figs:
             plt.close(fig)
     return figs
+
+
+def submodule_plots(report: dict, out=None) -> list:
+    """The paper-protocol curves (Precision@1 and surprisal per variant) and the single-block matrix."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    per_layer({v: s["precision@1"] for v, s in report["variants"].items()}, "Precision@1",
+              "blocks ≥ l swapped (paper protocol)", axes[0])
+    per_layer({v: s["surprisal"] for v, s in report["variants"].items()}, "surprisal [nats]",
+              "surprisal of the swapped model's top-1", axes[1])
+    fig.tight_layout()
+    figs = [_save(fig, out, "protocol.png")]
+    kinds = list(report["single_block"])
+    if kinds:
+        grid = np.array([report["single_block"][k]["precision@1"][: report["n_layers"]] for k in kinds], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * grid.shape[1], 1.2 + 0.5 * len(kinds)))
+        im = ax.imshow(grid, vmin=float(np.nanmin(grid)), vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(kinds)), kinds)
+        ax.set_xlabel("block")
+        ax.set_title("Precision@1 with one sub-module swapped")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        figs.append(_save(fig, out, "single_block.png"))
+    if out is not None:
+        for f in figs:
+            plt.close(f)
+    return figs

@@ -1,0 +1,153 @@
+"""Sub-module linear shortcuts: fit per-block maps of ln1, attn, ln2, mlp and whole blocks, and
+measure what swapping them in does ("Jump to Conclusions", section on sub-modules).
+
+The paper's protocol, for each residual layer ``l = 0..L``: blocks ``0..l-1`` run exactly, every
+later block runs with the chosen part swapped for its map, then the final norm and unembedding.
+Variants: ``attn``, ``mlp``, ``ln`` (ln1 and ln2 together), ``mat`` (the whole-block map
+``h_l -> h_L``, i.e. the mat lens) and ``id`` (the logit lens). At ``l = L`` every variant is the
+full model. Single-block swaps replace one kind in one block only.
+Metrics are those of :class:`~lensmat.metrics.LensScores`, against the full model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lensmat import data
+from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.fit import MapSet
+from lensmat.lenses import LogitLens, MatLens
+from lensmat.metrics import TOP_K, LensScores
+from lensmat.models import load_model
+from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
+from lensmat.swap import SUBMODULE_KINDS, expand_kinds, submodule_pair, swap_hooks
+
+PROTOCOL_KINDS = ("attn", "mlp", "ln")
+
+
+def submodule_pairs(model, kinds=SUBMODULE_KINDS, layers=None) -> list[tuple[str, str]]:
+    """Hook pairs of the given kinds (``ln`` = ln1 + ln2) in the given blocks (default: all)."""
+    layers = range(int(model.cfg.n_layers)) if layers is None else layers
+    return [submodule_pair(model, kind, layer) for layer in layers for kind in expand_kinds(kinds)]
+
+
+def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
+    """One statistics group per input hook, holding that input and all its targets."""
+    by_source: dict[str, list[str]] = {}
+    for src, tgt in pairs:
+        by_source.setdefault(src, []).append(tgt)
+    return [(src, *dict.fromkeys(tgts)) for src, tgts in by_source.items()]
+
+
+def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KINDS, layers=None,
+                       intercept: bool = False, ridge: float = 0.0, split: str = "train",
+                       max_tokens: int | None = None, batch_size: int = 16,
+                       max_length: int = data.DEFAULT_MAX_LENGTH, progress: bool = True) -> MapSet:
+    """Fit sub-module maps on the unmodified model's activations (the core collector and fitter)."""
+    corpus = tokenized(model, dataset, split, max_length)
+    pairs = submodule_pairs(model, kinds, layers)
+    start = time.perf_counter()
+    stats = collect(model, corpus.batches(batch_size, max_tokens), groups_for(pairs),
+                    total_tokens=corpus.n_tokens(max_tokens), progress=progress)
+    return maps_from_stats(model, stats, corpus, pairs=pairs, intercept=intercept, ridge=ridge,
+                           seconds=time.perf_counter() - start)
+
+
+def _swapped_logits(model, batch, hooks) -> torch.Tensor:
+    mask = batch.score_mask.to(model.W_U.device)
+    return model.run_with_hooks(batch.tokens.to(model.W_U.device), fwd_hooks=hooks)[mask]
+
+
+@torch.no_grad()
+def evaluate_swaps(model, sub_maps: MapSet, layer_maps: MapSet | None, batches, *,
+                   variants=PROTOCOL_KINDS + ("mat", "id"), single_kinds=PROTOCOL_KINDS,
+                   total_tokens: int | None = None, progress: bool = True) -> tuple[dict, dict, int]:
+    """Protocol scores per variant (L+1 values) and single-block scores per kind (L values).
+
+    Returns ``(variants, single_block, n_tokens)`` with ``{name: {metric: [...]}}`` dicts.
+    """
+    n_layers = int(model.cfg.n_layers)
+    lenses = {"id": LogitLens(model)}
+    if "mat" in variants:
+        if layer_maps is None:
+            raise ValueError("The 'mat' variant needs residual maps (layer_maps).")
+        lenses["mat"] = MatLens(model, layer_maps)
+    swap_variants = [v for v in variants if v not in lenses]
+    proto = {v: LensScores(n_layers) for v in variants}
+    single = {k: LensScores(n_layers - 1) for k in single_kinds}
+    hooks = resid_hooks(n_layers)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="swaps", disable=not progress)
+    n_tokens = 0
+    for batch in batches:
+        captured, logits = run_capture(model, batch, hooks, logits=True)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p_topk = logp.topk(max(TOP_K), dim=-1).indices
+        nxt = torch.zeros_like(batch.tokens)
+        nxt[:, :-1] = batch.tokens[:, 1:]
+        targets = nxt[batch.score_mask].to(logp.device)
+        has_target = batch.target_mask[batch.score_mask].to(logp.device)
+        args = (logp, p_topk, targets, has_target)
+        for layer in range(n_layers + 1):
+            for name, lens in lenses.items():
+                if name in proto:
+                    proto[name].update(layer, lens(captured[resid_hook(layer)], layer), *args)
+            for v in swap_variants:
+                swapped = logits if layer == n_layers else _swapped_logits(
+                    model, batch, swap_hooks(model, sub_maps, [v], range(layer, n_layers)))
+                proto[v].update(layer, swapped, *args)
+        for kind in single_kinds:
+            for block in range(n_layers):
+                single[kind].update(block, _swapped_logits(model, batch, swap_hooks(model, sub_maps, [kind], [block])), *args)
+        n_tokens += batch.n_scored
+        bar.update(batch.n_scored)
+    bar.close()
+    return {v: s.result() for v, s in proto.items()}, {k: s.result() for k, s in single.items()}, n_tokens
+
+
+def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
+               max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
+               intercept: bool = False, out: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True) -> dict:
+    """Fit sub-module and block maps on ``train``, run the paper's protocol and single-block swaps
+    on ``heldout``, and return (and with ``out``, write) the ``submodules`` report."""
+    from lensmat import plots
+    from lensmat.compare import write_report
+
+    kinds = list(kinds)
+    bad = [k for k in kinds if k not in PROTOCOL_KINDS]
+    if bad:
+        raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    n_layers = int(model.cfg.n_layers)
+    train: Tokenized = tokenized(model, dataset, "train", max_length)
+    pairs = submodule_pairs(model, kinds)
+    resid = tuple(resid_hooks(n_layers))
+    start = time.perf_counter()
+    stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups_for(pairs)],
+                    total_tokens=train.n_tokens(max_fit_tokens), progress=progress)
+    seconds = time.perf_counter() - start
+    layer_maps = maps_from_stats(model, stats[0], train, intercept=intercept, seconds=seconds)
+    sub_maps = maps_from_stats(model, stats[1:], train, pairs=pairs, intercept=intercept, seconds=seconds)
+    heldout = tokenized(model, dataset, "heldout", max_length)
+    variants, single, n_eval = evaluate_swaps(
+        model, sub_maps, layer_maps, heldout.batches(batch_size, max_eval_tokens), variants=(*kinds, "mat", "id"),
+        single_kinds=kinds, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+    ranking = sorted(kinds, key=lambda k: -sum(variants[k]["precision@1"]) / (n_layers + 1))
+    report = {
+        "model": layer_maps.model["name"], "n_layers": n_layers, "layers": list(range(n_layers + 1)),
+        "n_fit_tokens": stats[0].n, "n_eval_tokens": n_eval, "intercept": intercept,
+        "variants": variants, "single_block": single,
+        "ranking": [{"kind": k, "mean_precision@1": sum(variants[k]["precision@1"]) / (n_layers + 1)} for k in ranking],
+    }
+    if out is not None:
+        write_report(report, out)
+        plots.submodule_plots(report, out)
+    return report
