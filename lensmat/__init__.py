@@ -12,12 +12,14 @@ from lensmat.compare import compare
 from lensmat.data import Batch, batches, load_lines, tokenize
 from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
 from lensmat.io import load_maps, save_maps
+from lensmat.jlens import JLens, fit_jlens
 from lensmat.lenses import Lens, LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import ModelInfo, describe, load_model
 from lensmat.pipeline import fit_maps, tokenized
 from lensmat.submodules import evaluate_swaps, fit_submodule_maps, submodules
 from lensmat.swap import SUBMODULE_KINDS, swap, swap_hooks
+from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
 
 try:
     __version__ = version("lensmat")
@@ -29,5 +31,5 @@ __all__ = [
     "batches", "collect", "compare", "describe", "evaluate_lenses", "fit_layer_maps", "fit_map", "fit_maps",
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
     "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
-    "swap_hooks",
+    "swap_hooks", "JLens", "fit_jlens", "TunedLens", "TunedLensConfig", "train_tuned_lens",
 ]

@@ -66,9 +66,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     names = parse_lenses(args.lenses)
     out = args.out or "runs/compare"
+    from lensmat.tuned import TunedLensConfig
+
+    tuned_config = TunedLensConfig(tokens=args.tuned_tokens, optimizer=args.tuned_optimizer,
+                                   lr=args.tuned_lr if args.tuned_lr is not None else (0.1 if args.tuned_optimizer == "sgd" else 1e-3))
     report = compare(args.model, args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                     maps=args.maps, out=out, force=args.force, progress=not args.quiet)
+                     maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
+                     jlens_prompts=args.jlens_prompts, out=out, force=args.force, progress=not args.quiet)
     print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} tokens, "
           f"evaluated on {report['n_eval_tokens']} held-out tokens")
     print(format_table(report))
@@ -119,10 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="fit maps on train, compare lenses per layer on heldout (the main job)")
     _add_model_args(p)
     _add_run_args(p)
-    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine")
+    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine, tuned, jacobian")
     p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on heldout tokens (default: all)")
     p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit --all-pairs`")
+    p.add_argument("--tuned", default=None, help="reuse a saved tuned lens folder instead of training one")
+    p.add_argument("--tuned-tokens", type=int, default=200_000, help="train tokens for the tuned lens")
+    p.add_argument("--tuned-optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--tuned-lr", type=float, default=None, help="default 0.1 (sgd) or 1e-3 (adam)")
+    p.add_argument("--jlens", default=None, help="reuse a saved J-lens (lensmat folder or TransformerLens .pt)")
+    p.add_argument("--jlens-prompts", type=int, default=20, help="train lines the J-lens is fitted on")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("submodules", help="swap attn/mlp/ln for linear maps: the paper's protocol and single-block swaps")

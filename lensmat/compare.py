@@ -17,10 +17,11 @@ from lensmat import data
 from lensmat.collect import resid_hooks
 from lensmat.fit import MapSet, r2_matrices
 from lensmat.lenses import LogitLens, MatLens
+from lensmat.metrics import evaluate_lenses
 from lensmat.models import describe, load_model
 from lensmat.pipeline import collect_layer_stats, maps_from_stats, tokenized
 
-LENS_KINDS = ("logit", "mat", "mat-affine")
+LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "jacobian")
 
 
 def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -33,6 +34,61 @@ def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
+def _cost(provenance: dict | None, reused: bool) -> dict:
+    provenance = provenance or {}
+    return {"seconds": float(provenance.get("fit_seconds", 0.0)), "tokens": int(provenance.get("n_tokens", 0)),
+            "reused": reused}
+
+
+def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
+                 max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
+                 jlens_prompts: int = 20, progress: bool = True) -> tuple[dict, dict, MapSet]:
+    """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
+
+    The no-intercept mat maps are always returned (every pair ``l < l'``, for the R² heatmap).
+    ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
+    """
+    from lensmat import io
+    from lensmat.jlens import JLens, fit_jlens
+    from lensmat.tuned import TunedLens, train_tuned_lens
+
+    lenses, cost = {}, {"logit": {"seconds": 0.0, "tokens": 0, "reused": False}}
+    fitted: dict[str, MapSet] = {}
+    if maps is not None:
+        maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
+        maps.check_model(model)
+        fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
+    to_fit = list(dict.fromkeys([n for n in names if n.startswith("mat") and n not in fitted] +
+                                ([] if "mat" in fitted else ["mat"])))
+    if to_fit:
+        start = time.perf_counter()
+        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress)
+        seconds = time.perf_counter() - start
+        for name in to_fit:
+            fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
+                                           all_pairs=name == "mat", seconds=seconds)
+            cost[name] = _cost(fitted[name].provenance, False)
+    for name in names:
+        if name == "logit":
+            lenses[name] = LogitLens(model)
+        elif name.startswith("mat"):
+            lenses[name] = MatLens(model, fitted[name], name=name)
+        elif name == "tuned":
+            reused = tuned is not None
+            if isinstance(tuned, (str, os.PathLike)):
+                tuned = TunedLens.load(tuned, model)
+            lenses[name] = tuned if reused else train_tuned_lens(model, train, tuned_config, progress=progress)
+            cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
+        elif name == "jacobian":
+            reused = jlens is not None
+            if isinstance(jlens, (str, os.PathLike)):
+                jlens = JLens.load(jlens, model)
+            lenses[name] = jlens if reused else fit_jlens(model, train.dataset, n_prompts=jlens_prompts,
+                                                          max_length=train.max_length, progress=progress)
+            cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
+    return lenses, cost, fitted["mat"]
+
+
 def compare(
     model=None,
     dataset: str | None = None,
@@ -43,6 +99,10 @@ def compare(
     batch_size: int = 16,
     max_length: int = data.DEFAULT_MAX_LENGTH,
     maps: MapSet | str | os.PathLike | None = None,
+    tuned=None,
+    jlens=None,
+    tuned_config=None,
+    jlens_prompts: int = 20,
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
@@ -52,13 +112,19 @@ def compare(
     Args:
         model: a bridge, a spec for :func:`~lensmat.models.load_model`, or ``None`` (bundled).
         dataset: corpus spec (default: the bundled Leipzig sentences).
-        lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``.
+        lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``, ``tuned``, ``jacobian``.
         max_fit_tokens / max_eval_tokens: caps on scored tokens of ``train`` / ``heldout``.
         maps: saved no-intercept maps (folder or :class:`MapSet`) to reuse instead of fitting;
-            they must hold every pair ``l < l'`` for the R² heatmap, else only ``l -> L`` is shown.
+            with every pair ``l < l'`` (``lensmat fit --all-pairs``) the R² heatmap is complete,
+            else only ``l -> L`` is shown.
+        tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
+            :class:`~lensmat.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
         out: folder for ``report.json`` and plots (refused if it exists, unless ``force``).
+
+    Every lens is scored on the same held-out tokens; ``fit_cost.{lens}`` records the seconds and
+    tokens spent fitting it (``reused: true`` when it was loaded).
     """
-    from lensmat import io, plots
+    from lensmat import plots
 
     names = parse_lenses(lenses)
     if out is not None and Path(out).exists() and not force:
@@ -69,55 +135,28 @@ def compare(
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length)
     heldout = tokenized(model, dataset, "heldout", max_length)
-
-    if isinstance(maps, (str, os.PathLike)):
-        maps = io.load_maps(maps, model)
-    fitted: dict[str, MapSet] = {}
-    fit_cost = {"logit": {"seconds": 0.0, "tokens": 0}}
-    if maps is not None:
-        maps.check_model(model)
-        fitted["mat"] = maps
-        fit_cost["mat"] = {"seconds": float(maps.provenance.get("fit_seconds", 0.0)) if maps.provenance else 0.0,
-                           "tokens": int(maps.provenance.get("n_tokens", 0)) if maps.provenance else 0, "reused": True}
-    need = [n for n in names if n.startswith("mat") and n not in fitted] + (["mat"] if "mat" not in fitted else [])
-    if need:
-        start = time.perf_counter()
-        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress)
-        collect_seconds = time.perf_counter() - start
-        for name in dict.fromkeys(need):
-            fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
-                                           all_pairs=name == "mat", seconds=collect_seconds)
-            fit_cost[name] = {"seconds": fitted[name].provenance["fit_seconds"], "tokens": stats.n}
-
-    lens_objs = {"logit": LogitLens(model)} | {n: MatLens(model, fitted[n], name=n) for n in names if n != "logit"}
-    lens_objs = {n: lens_objs[n] for n in names}
-    hooks = resid_hooks(n_layers)
-    scores, held_stats, n_eval = evaluate(model, lens_objs, heldout, hooks, max_eval_tokens, batch_size, progress)
-    r2 = r2_matrices(held_stats[0], fitted["mat"].maps)
-
+    lens_objs, fit_cost, mat_maps = build_lenses(
+        model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
+        batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, progress=progress)
+    scores, held_stats, n_eval = evaluate_lenses(
+        model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[resid_hooks(n_layers)],
+        total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": info.name,
         "model_info": info.to_dict(),
         "dataset": train.dataset,
         "n_layers": n_layers,
         "layers": list(range(n_layers + 1)),
-        "n_fit_tokens": fit_cost.get("mat", {}).get("tokens", 0),
+        "n_fit_tokens": fit_cost["mat"]["tokens"],
         "n_eval_tokens": n_eval,
         "lenses": scores,
-        "r2": r2,
-        "fit_cost": {n: fit_cost[n] for n in names if n in fit_cost},
+        "r2": r2_matrices(held_stats[0], mat_maps.maps),
+        "fit_cost": {n: fit_cost[n] for n in names},
     }
     if out is not None:
         write_report(report, out)
         plots.compare_plots(report, out)
     return report
-
-
-def evaluate(model, lenses, corpus, hooks, max_tokens, batch_size, progress):
-    from lensmat.metrics import evaluate_lenses
-
-    return evaluate_lenses(model, lenses, corpus.batches(batch_size, max_tokens), stats_groups=[hooks],
-                           total_tokens=corpus.n_tokens(max_tokens), progress=progress)
 
 
 def write_report(report: dict, out: str | os.PathLike) -> Path:
@@ -134,11 +173,13 @@ def format_table(report: dict, metric: str = "precision@1") -> str:
     """A compact per-layer table of one metric for every lens, plus R² of mat and id to the last layer."""
     names = list(report["lenses"])
     last = report["n_layers"]
-    head = f"{'layer':>5} " + " ".join(f"{n + ' ' + metric:>22}" for n in names) + f" {'R2 mat->L':>10} {'R2 id->L':>9}"
-    rows = [head]
+
+    def cell(v, width):
+        return f"{v:>{width}.4f}" if v is not None else f"{'-':>{width}}"
+
+    rows = [f"{'layer':>5} " + " ".join(f"{n:>11}" for n in names) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
+            + f"   ({metric})"]
     for layer in report["layers"]:
-        vals = " ".join(f"{report['lenses'][n][metric][layer]:>22.4f}" for n in names)
-        r2m, r2i = report["r2"]["mat"][layer][last], report["r2"]["id"][layer][last]
-        fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"  # noqa: E731
-        rows.append(f"{layer:>5} {vals} {fmt(r2m)} {fmt(r2i)[1:]}")
+        vals = " ".join(cell(report["lenses"][n][metric][layer], 11) for n in names)
+        rows.append(f"{layer:>5} {vals} {cell(report['r2']['mat'][layer][last], 10)} {cell(report['r2']['id'][layer][last], 10)}")
     return "\n".join(rows)

@@ -35,6 +35,11 @@ class Lens(ABC):
     def n_layers(self) -> int:
         return int(self.model.cfg.n_layers)
 
+    def covers(self, layer: int) -> bool:
+        """Whether the lens is defined at residual layer ``layer`` (all layers unless overridden)."""
+        check_layer(layer, self.n_layers)
+        return True
+
     @abstractmethod
     def transform(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
         """``h_l`` mapped to the final residual layer's basis (before the final norm)."""

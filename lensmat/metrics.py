@@ -127,7 +127,8 @@ def evaluate_lenses(
         has_target = batch.target_mask[batch.score_mask].to(logp.device)
         for layer, hook in zip(layers, hooks):
             for name, lens in lenses.items():
-                scores[name].update(layer, lens(captured[hook], layer), logp, p_topk, targets, has_target)
+                if lens.covers(layer):
+                    scores[name].update(layer, lens(captured[hook], layer), logp, p_topk, targets, has_target)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()

@@ -1,0 +1,93 @@
+"""TransformerLens's Jacobian lens (Gurnee et al. 2026) behind lensmat's :class:`~lensmat.lenses.Lens`.
+
+Fitting and transport are TransformerLens's own (``transformer_lens.tools.analysis.JacobianLens``);
+this module only adapts the layer convention and the file format:
+
+- TransformerLens indexes the J-lens by block output: its layer ``j`` is ``blocks.{j}.hook_out``,
+  which is lensmat's residual layer ``l = j + 1``. The J-lens has no matrix for the embeddings
+  (``l = 0``): :meth:`JLens.covers` is ``False`` there and reports hold ``null`` at that layer.
+- Saved lenses are a lensmat folder (``lens.safetensors`` + ``meta.json``). TransformerLens's own
+  ``.pt`` artifacts load too, through its ``JacobianLens.load`` (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lensmat import data
+from lensmat.collect import check_layer
+from lensmat.lenses import Lens
+from lensmat.models import check_same_model, describe
+
+
+class JLens(Lens):
+    """The J-lens: ``transform(h_l, l) = J_{l-1} h_l`` (TransformerLens's transport), identity at ``L``."""
+
+    name = "jacobian"
+
+    def __init__(self, model, jlens, meta: dict | None = None) -> None:
+        super().__init__(model)
+        jlens.validate_model(model)
+        self.jlens = jlens
+        self.meta = meta or {"model": describe(model).to_dict()}
+
+    def covers(self, layer: int) -> bool:
+        layer = check_layer(layer, self.n_layers)
+        return layer == self.n_layers or (layer - 1) in self.jlens.jacobians
+
+    def transform(self, h, layer):
+        layer = check_layer(layer, self.n_layers)
+        if layer == self.n_layers:
+            return h
+        if not self.covers(layer):
+            raise ValueError(f"This J-lens has no matrix for residual layer {layer}; it covers layers "
+                             f"{[j + 1 for j in self.jlens.source_layers]} and {self.n_layers}.")
+        return self.jlens.transport(h, layer - 1).to(h.dtype)
+
+    def save(self, path: str | os.PathLike, force: bool = False):
+        from lensmat import io
+
+        tensors = {f"J.{j}": m for j, m in self.jlens.jacobians.items()}
+        meta = {"lens": "jacobian", "n_prompts": self.jlens.n_prompts, "d_model": self.jlens.d_model,
+                "tl_metadata": self.jlens.metadata, **self.meta}
+        return io.save_artifact(path, "lens", tensors, meta, force=force)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "JLens":
+        """Load a lensmat J-lens folder, or a TransformerLens ``.pt`` artifact."""
+        from transformer_lens.tools.analysis import JacobianLens
+
+        from lensmat import io
+
+        if Path(path).is_file():
+            return cls(model, JacobianLens.load(str(path)))
+        tensors, meta = io.load_artifact(path, "lens")
+        if meta.get("lens") != "jacobian":
+            raise io.ArtifactError(f"{path} does not hold a J-lens (lens={meta.get('lens')!r}).")
+        check_same_model(meta["model"], describe(model), what="this J-lens")
+        jac = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("J.")}
+        return cls(model, JacobianLens(jac, n_prompts=meta["n_prompts"], d_model=meta["d_model"],
+                                       metadata=meta.get("tl_metadata")), meta)
+
+
+def fit_jlens(model, dataset: str | None = None, *, n_prompts: int = 100, max_length: int = data.DEFAULT_MAX_LENGTH,
+              dim_batch: int = 32, progress: bool = True) -> JLens:
+    """Fit TransformerLens's J-lens on the first ``n_prompts`` lines of the ``train`` split.
+
+    Cost: one forward and ``ceil(d_model / dim_batch)`` backward passes (each over ``dim_batch``
+    copies of the prompt) per prompt; raise ``dim_batch`` for speed, lower it for memory.
+    """
+    from transformer_lens.tools.analysis import JacobianLens
+
+    spec = str(dataset or data.DEFAULT_CORPUS)
+    lines = data.load_lines(spec, "train")[:n_prompts]
+    start = time.perf_counter()
+    jlens = JacobianLens.fit(model, lines, corpus=f"{spec}:train[:{n_prompts}]", dim_batch=dim_batch,
+                             max_seq_len=max_length, show_progress=progress)
+    seqs = data.tokenize(lines, model.tokenizer, max_length)
+    meta = {"model": describe(model).to_dict(),
+            "provenance": {"dataset": spec, "split": "train", "n_prompts": jlens.n_prompts,
+                           "n_tokens": data.count_tokens(seqs), "fit_seconds": time.perf_counter() - start}}
+    return JLens(model, jlens, meta)

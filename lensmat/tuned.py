@@ -1,0 +1,153 @@
+"""The tuned lens (Belrose et al. 2023, arXiv 2303.08112), native on the bridge.
+
+Per residual layer ``l = 0..L-1`` an affine translator ``T_l(h) = h + h @ W_l + b_l`` with
+``W_l = 0, b_l = 0`` at initialisation (so it starts as the logit lens), trained to minimise
+``KL(p_final ‖ p_lens)`` averaged over scored tokens of the ``train`` split, then read through
+the model's final norm and unembedding. At ``l = L`` the lens is the identity.
+
+Default recipe as the reference implementation: SGD with Nesterov momentum 0.9, learning rate
+0.1 decaying linearly to 0, weight decay 1e-3, gradient-norm clipping at 1.0; ``optimizer="adam"``
+is an option. Memory is bounded: activations of one batch at a time, one layer's
+``[tokens, vocab]`` logits at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from lensmat import data
+from lensmat.collect import check_layer, resid_hooks, run_capture
+from lensmat.lenses import Lens
+from lensmat.models import check_same_model, describe
+from lensmat.pipeline import Tokenized, tokenized
+
+
+@dataclass
+class TunedLensConfig:
+    """Training recipe of a tuned lens (tokens = scored tokens of the train split)."""
+
+    tokens: int = 200_000
+    batch_size: int = 16
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    clip: float = 1.0
+    optimizer: str = "sgd"  # "sgd" (Nesterov) or "adam"
+    seed: int = 0
+
+
+class TunedLens(Lens):
+    """A tuned lens: ``transform(h, l) = h + h @ W_l + b_l`` for ``l < L``, identity at ``L``."""
+
+    name = "tuned"
+
+    def __init__(self, model, W: Float[torch.Tensor, "L d d"] | None = None, b: Float[torch.Tensor, "L d"] | None = None,
+                 meta: dict | None = None) -> None:
+        super().__init__(model)
+        L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+        self.W = torch.zeros(L, d, d) if W is None else W.float().cpu()
+        self.b = torch.zeros(L, d) if b is None else b.float().cpu()
+        if self.W.shape != (L, d, d) or self.b.shape != (L, d):
+            raise ValueError(f"Tuned-lens weights of shape {tuple(self.W.shape)} do not fit this model (L={L}, d={d}).")
+        self.meta = meta or {"model": describe(model).to_dict()}
+
+    def transform(self, h, layer):
+        layer = check_layer(layer, self.n_layers)
+        if layer == self.n_layers:
+            return h
+        W = self.W[layer].to(h.device, h.dtype)
+        return h + h @ W + self.b[layer].to(h.device, h.dtype)
+
+    def save(self, path: str | os.PathLike, force: bool = False):
+        from lensmat import io
+
+        return io.save_artifact(path, "lens", {"W": self.W, "b": self.b}, {"lens": "tuned", **self.meta}, force=force)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "TunedLens":
+        """Load a saved tuned lens, refusing it for a model that differs from the one it was trained on."""
+        from lensmat import io
+
+        tensors, meta = io.load_artifact(path, "lens")
+        if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
+            raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
+        check_same_model(meta["model"], describe(model), what="this tuned lens")
+        return cls(model, tensors["W"], tensors["b"], meta)
+
+
+def _kl_loss(model, W, b, captured, hooks, logp_final) -> torch.Tensor:
+    from transformer_lens.tools.analysis.logit_lens import logit_readout
+
+    total = 0.0
+    for layer, hook in enumerate(hooks):
+        h = captured[hook]
+        z = h + h @ W[layer] + b[layer]
+        logq = torch.log_softmax(logit_readout(model, z, return_type="logits", chunk_size=4096,
+                                               enable_grad=True).values.float(), dim=-1)
+        total = total + (logp_final.exp() * (logp_final - logq)).sum(-1).mean()
+    return total
+
+
+def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: TunedLensConfig | None = None, *,
+                     max_length: int = data.DEFAULT_MAX_LENGTH, progress: bool = True) -> TunedLens:
+    """Train a tuned lens on the ``train`` split (or on a given :class:`~lensmat.pipeline.Tokenized`);
+    returns it with its provenance in ``lens.meta``.
+
+    The loss is the sum over layers of the mean ``KL(p_final ‖ p_lens)`` per token (nats); the
+    corpus is cycled until ``config.tokens`` scored tokens have been used.
+    """
+    config = config or TunedLensConfig()
+    if config.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'sgd' or 'adam'.")
+    torch.manual_seed(config.seed)
+    corpus = dataset if isinstance(dataset, Tokenized) else tokenized(model, dataset, "train", max_length)
+    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    device = model.W_U.device
+    W = torch.zeros(L, d, d, device=device, requires_grad=True)
+    b = torch.zeros(L, d, device=device, requires_grad=True)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD([W, b], lr=config.lr, momentum=config.momentum, nesterov=True,
+                              weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW([W, b], lr=config.lr, weight_decay=config.weight_decay)
+    tokens_per_batch = corpus.n_tokens() / len(corpus.seqs) * config.batch_size
+    n_steps = max(1, math.ceil(config.tokens / tokens_per_batch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / n_steps))
+    hooks = resid_hooks(L)[:-1]
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar = tqdm(total=config.tokens, unit="tok", unit_scale=True, desc="tuned lens", disable=not progress)
+    seen, losses, start = 0, [], time.perf_counter()
+    try:
+        while seen < config.tokens:
+            for batch in corpus.batches(config.batch_size, config.tokens - seen):
+                with torch.no_grad():
+                    captured, logits = run_capture(model, batch, hooks, logits=True)
+                    logp_final = torch.log_softmax(logits.float(), dim=-1)
+                loss = _kl_loss(model, W, b, captured, hooks, logp_final)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([W, b], config.clip)
+                opt.step()
+                sched.step()
+                seen += batch.n_scored
+                losses.append(float(loss) / L)
+                bar.update(batch.n_scored)
+                bar.set_postfix(kl_per_layer=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    meta = {"model": describe(model).to_dict(), "config": asdict(config),
+            "provenance": {"dataset": corpus.dataset, "split": "train", "max_length": corpus.max_length,
+                           "n_tokens": seen, "fit_seconds": time.perf_counter() - start,
+                           "final_train_kl_per_layer": sum(losses[-10:]) / max(1, len(losses[-10:]))}}
+    return TunedLens(model, W.detach().cpu(), b.detach().cpu(), meta)

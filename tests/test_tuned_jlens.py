@@ -1,0 +1,87 @@
+"""Tuned lens and J-lens: invariants and agreement with TransformerLens."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, random_token_batches
+from lensmat import data
+from lensmat.collect import collect, resid_hooks
+from lensmat.fit import MapSet, fit_layer_maps
+from lensmat.jlens import JLens
+from lensmat.lenses import LogitLens, MatLens
+from lensmat.metrics import evaluate_lenses
+from lensmat.models import ModelMismatchError, describe
+from lensmat.pipeline import Tokenized
+from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(n_layers=3, d_model=16)
+
+
+def tiny_corpus(seed):
+    seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist()
+            for b in random_token_batches(12, 8, 20, 40, seed=seed) for i in range(8)]
+    return Tokenized(seqs, "random", "train", 20)
+
+
+@torch.no_grad()
+def test_tuned_lens_at_init_is_the_logit_lens(model):
+    h = torch.randn(2, 5, 16)
+    tuned, logit = TunedLens(model), LogitLens(model)
+    for layer in range(4):
+        assert torch.equal(tuned(h, layer), logit(h, layer))
+
+
+def test_tuned_lens_training_lowers_heldout_kl_and_round_trips(model, tmp_path):
+    lens = train_tuned_lens(model, tiny_corpus(1), TunedLensConfig(tokens=6000, batch_size=8, lr=0.5), progress=False)
+    held = list(data.batches(tiny_corpus(2).seqs, 16))
+    scores, _, _ = evaluate_lenses(model, {"logit": LogitLens(model), "tuned": lens}, held, progress=False)
+    for layer in range(3):
+        assert scores["tuned"]["kl"][layer] < scores["logit"]["kl"][layer], layer
+    assert scores["tuned"]["kl"][3] == pytest.approx(0.0, abs=1e-5)
+    lens.save(tmp_path / "tuned")
+    again = TunedLens.load(tmp_path / "tuned", model)
+    assert torch.equal(again.W, lens.W) and again.meta["config"]["tokens"] == 6000
+    with pytest.raises(ModelMismatchError):
+        TunedLens.load(tmp_path / "tuned", make_tiny_model(n_layers=3, d_model=16, seed=5))
+
+
+@torch.no_grad()
+def test_jlens_wrapper_equals_transformer_lens_readout(model, tmp_path):
+    from transformer_lens.tools.analysis import JacobianLens
+
+    g = torch.Generator().manual_seed(0)
+    jac = {j: torch.eye(16) + 0.2 * torch.randn(16, 16, generator=g) for j in range(2)}
+    tl = JacobianLens(jac, n_prompts=1, d_model=16)
+    lens = JLens(model, tl)
+    tokens = torch.tensor([[0, 5, 7, 9, 11]])
+    direct = tl.readout(model, tokens, return_full_logits=True).lens_logits
+    _, cache = model.run_with_cache(tokens)
+    for j in range(3):  # TransformerLens's block-output index j is residual layer j + 1
+        ours = lens(cache[f"blocks.{j}.hook_resid_post"], j + 1)[0]
+        assert (ours - direct[j]).abs().max() < 1e-5
+    assert not lens.covers(0) and lens.covers(3)
+    lens.save(tmp_path / "jl")
+    again = JLens.load(tmp_path / "jl", model)
+    assert torch.equal(again.jlens.jacobians[1], lens.jlens.jacobians[1].float())
+
+
+@torch.no_grad()
+def test_affine_mat_lens_equals_affine_least_squares(model):
+    batches = random_token_batches(6, 8, 16, 40, seed=3)
+    stats = collect(model, batches, [resid_hooks(3)], progress=False)[0]
+    maps = MapSet(fit_layer_maps(stats, intercept=True), describe(model).to_dict(), intercept=True)
+    X, Y = [], []
+    for b in batches:
+        _, cache = model.run_with_cache(b.tokens)
+        X.append(cache["blocks.0.hook_resid_post"][b.score_mask].double())
+        Y.append(cache["blocks.2.hook_resid_post"][b.score_mask].double())
+    X, Y = torch.cat(X), torch.cat(Y)
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1), Y).solution
+    lens = MatLens(model, maps)
+    assert lens.name == "mat-affine"
+    h = torch.randn(7, 16)
+    expected = (h.double() @ sol[:-1] + sol[-1]).float()
+    assert (lens.transform(h, 1) - expected).abs().max() < 1e-4
