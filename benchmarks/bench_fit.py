@@ -54,7 +54,7 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
             acts = {h: torch.cat(v) for h, v in rows.items()}
             for i, src in enumerate(hooks):
                 for tgt in hooks[i + 1:]:
-                    torch.linalg.lstsq(acts[src], acts[tgt]).solution
+                    torch.linalg.lstsq(acts[src], acts[tgt])
     seconds = time.perf_counter() - start
     return {"kind": kind, "tokens": sum(b.n_scored for b in batches), "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -130,6 +130,52 @@ def cosine_regulariser(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tens
     return total
 
 
+def write_model_card(out: Path, summary: dict) -> Path:
+    """The model card (README.md of the model folder), from `training_summary.json`."""
+    a = summary["args"]
+    card = f"""# lensmat reference model
+
+A small GPT-2 (Hugging Face `GPT2LMHeadModel`: LayerNorm, learned positions, GELU, tied embeddings)
+trained from scratch by `scripts/train_reference_model.py` so that lensmat runs offline.
+
+| | |
+| --- | --- |
+| layers / d_model / heads | {a['n_layer']} / {a['d_model']} / {a['n_head']} |
+| context | {a['n_positions']} positions (trained on rows of {a['seq_len']} tokens, each starting with BOS) |
+| tokenizer | byte-level BPE, {summary.get('vocab', a['vocab_size'])} tokens, trained with `tokenizers` on the training text; `<|endoftext|>` is BOS/EOS |
+| parameters | {summary['params']:,} |
+| tokens seen | {summary['train_tokens_seen']:,} ({summary['epochs']:.2f} epochs of {summary.get('tokens_per_epoch', 0):,} tokens) |
+| optimiser | AdamW (β=0.9, 0.95), lr {a['lr']} with {a['warmup']} warm-up steps and cosine decay to {a['min_lr_frac']}×, weight decay {a['weight_decay']}, dropout {a['dropout']}, batch {a['batch_size']}×{a['seq_len']} tokens, gradient clipping 1.0 |
+| seed | {a['seed']} |
+| training time | {summary['train_minutes']:.0f} minutes on {summary['hardware']} |
+
+## Data
+- WikiText-2 validation + test (S. Merity et al., 2016; CC BY-SA 3.0), with ` @-@ `, ` @,@ `, ` @.@ `
+  and the spaces before punctuation undone; headings dropped.
+- Project Gutenberg books (public domain in the USA): The Adventures of Sherlock Holmes, History
+  of the United States, Manual of Surgery (`big.txt`), War and Peace (first 1.4 MB) and Swann's
+  Way, text between the `*** START` / `*** END` markers, split into paragraphs.
+- The first 70% of the Leipzig `eng_wikipedia_2016_10K` sentences (lensmat's `train` split; CC BY 4.0),
+  less its last 5%, kept aside for the validation printout. The last 30% of the Leipzig lines
+  (lensmat's `heldout` split) are never trained on.
+
+## Held-out quality
+On the 3,000 held-out Leipzig lines, BOS prepended, at most 128 tokens per line, every token but
+the BOS a target ({summary['heldout_tokens']:,} tokens):
+
+| metric | value |
+| --- | --- |
+| cross-entropy | {summary['heldout_ce']:.3f} nats/token |
+| next-token top-1 accuracy | {summary['heldout_top1_accuracy']:.4f} |
+
+Reproduce: `python scripts/train_reference_model.py --data-dir ../shared/data --out lensmat/assets/reference`
+(measure only: `python -m pytest -q -m slow tests/test_models.py`).
+"""
+    path = out / "README.md"
+    path.write_text(card)
+    return path
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -224,7 +270,9 @@ def main(argv=None) -> dict:
         "params": n_params, "train_minutes": train_minutes, "hardware": f"{platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}", "args": {k: str(v) for k, v in vars(args).items()},
     }
+    summary.update(vocab=len(tok), tokens_per_epoch=rows.numel())
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(args.out, summary)
     print(json.dumps(summary), flush=True)
     return summary
 

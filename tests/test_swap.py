@@ -6,7 +6,7 @@ import torch
 from conftest import make_tiny_model, random_token_batches
 from lensmat.collect import collect, resid_hooks
 from lensmat.data import pad
-from lensmat.fit import LinearMap, MapSet, fit_pairs
+from lensmat.fit import MapSet, fit_pairs
 from lensmat.models import describe
 from lensmat.submodules import evaluate_swaps, groups_for, submodule_pairs
 from lensmat.swap import submodule_pair, swap, swap_hooks
