@@ -88,7 +88,7 @@ def main() -> None:
           f"{'baseline/lensmat':>17} {'RSS fwd MB':>11} {'RSS lensmat MB':>15} {'RSS baseline MB':>16}")
     for tokens in args.tokens:
         r = {k: results.get((tokens, k)) for k in ("forward", "lensmat", "baseline")}
-        get = lambda k, f: r[k][f] if r[k] else float("nan")  # noqa: E731
+        get = lambda k, f, r=r: r[k][f] if r[k] else float("nan")  # noqa: E731
         print(f"{tokens:>8} {get('forward', 'seconds'):>10.2f} {get('lensmat', 'seconds'):>10.2f} "
               f"{get('baseline', 'seconds'):>11.2f} {get('lensmat', 'seconds') / get('forward', 'seconds'):>12.2f} "
               f"{get('baseline', 'seconds') / get('lensmat', 'seconds'):>17.2f} {get('forward', 'peak_rss_mb'):>11.0f} "
