@@ -54,9 +54,12 @@ def r2_figure(report: dict, out=None):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, kind in zip(axes, ("mat", "id")):
         grid = np.array([[np.nan if v is None else v for v in row] for row in report["r2"][kind]], dtype=float)
-        im = ax.imshow(grid, vmin=min(0.0, np.nanmin(grid) if np.isfinite(grid).any() else 0.0), vmax=1.0,
-                       cmap="viridis", origin="upper")
-        ax.set_title(f"R² of {kind}: h_l -> h_l'")
+        im = ax.imshow(np.clip(grid, -1.0, 1.0), vmin=-1.0, vmax=1.0, cmap="viridis", origin="upper")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v) and grid.shape[0] <= 13:
+                ax.text(j, i, f"{v:.2f}" if v > -10 else f"{v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+        ax.set_title(f"R² of {kind}: h_l -> h_l' (colour clipped at -1)")
         ax.set_xlabel("target layer l'")
         ax.set_ylabel("source layer l")
         fig.colorbar(im, ax=ax, fraction=0.046)

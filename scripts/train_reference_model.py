@@ -194,6 +194,8 @@ def main(argv=None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--cos-reg", type=float, default=0.0, help="λ of the cosine linearity regulariser (0 = off)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from a saved model folder (its tokenizer and weights) instead of starting from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=500)
@@ -207,7 +209,12 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     docs, val_lines = training_documents(args.data_dir)
-    tok = train_tokenizer(docs, args.vocab_size)
+    if args.init_from is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        tok = train_tokenizer(docs, args.vocab_size)
     heldout = lm_data.load_lines(lm_data.DEFAULT_CORPUS, "heldout")
 
     config = GPT2Config(
@@ -215,7 +222,8 @@ def main(argv=None) -> dict:
         n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
     )
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config) if args.init_from is None else GPT2LMHeadModel.from_pretrained(
+        args.init_from, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     steps = math.ceil(args.tokens / (args.batch_size * args.seq_len))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -120,3 +120,16 @@ def test_save_load_round_trip_and_mismatch(fitted, tmp_path):
     with pytest.raises(ModelMismatchError, match="d_model: fitted on 16, model has 20") as err:
         MatLens(wider, loaded)
     assert "n_layers" in str(err.value)
+
+
+@torch.no_grad()
+def test_length_one_lines_are_scored_without_next_token(fitted):
+    """[BOS, x]: position 1 is scored against the model; it has no next token, so CE is undefined."""
+    model, maps = fitted
+    batch = pad([[0, 7], [0, 3], [0, 12]])
+    scores, _, n = evaluate_lenses(model, {"logit": LogitLens(model), "mat": MatLens(model, maps)}, [batch],
+                                   progress=False)
+    assert n == 3
+    assert scores["mat"]["precision@1"][3] == 1.0 and scores["logit"]["kl"][3] == pytest.approx(0, abs=1e-5)
+    assert all(v is None for v in scores["logit"]["ce"])
+    assert all(v is not None and v == v for v in scores["logit"]["surprisal"])
