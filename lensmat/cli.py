@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,10 +54,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise FileExistsError(f"{args.out} already exists; choose another --out or pass --force to overwrite.")
     model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    checkpoint = Path(str(args.out).rstrip("/") + ".checkpoint")
     maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
-                             all_pairs=args.all_pairs, progress=not args.quiet)
+                             all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume)
     path = io.save_maps(maps, args.out, force=args.force)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
     return 0
 
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intercept", action="store_true", help="fit affine maps (y = xW + b)")
     p.add_argument("--ridge", type=float, default=0.0, help="ridge penalty λ added to XᵀX")
     p.add_argument("--all-pairs", action="store_true", help="also fit every h_l -> h_l' with l < l'")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="save the statistics to OUT.checkpoint every N batches (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from OUT.checkpoint")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="fit maps on train, compare lenses per layer on heldout (the main job)")

@@ -16,7 +16,9 @@ Residual layers: ``resid_hooks(L)`` = ``[h_0, ..., h_L]`` with
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -167,6 +169,9 @@ def collect(
     total_tokens: int | None = None,
     progress: bool = True,
     stats_device: str | torch.device = "cpu",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
 ) -> list[GramStats]:
     """Run ``batches`` through ``model`` and accumulate one :class:`GramStats` per group.
 
@@ -179,26 +184,63 @@ def collect(
         total_tokens: scored tokens expected, for the progress bar.
         progress: show a progress bar with tokens/s.
         stats_device: where the float64 statistics live.
+        checkpoint: a folder where the statistics are saved atomically every ``checkpoint_every``
+            batches. With ``resume=True`` an existing checkpoint is loaded and its
+            batches are skipped, so the result is bit-identical to an uninterrupted run over the
+            same (deterministic) batches.
 
     Raises :class:`ActivationError` on NaN/Inf and ``KeyError`` on an unknown hook name.
     """
     groups = [tuple(g) for g in groups]
     needed = [h for g in groups for h in g]
     check_hooks(model, needed)
+    done = 0
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint folder to resume from.")
+        if Path(checkpoint).exists():
+            stats, done = load_checkpoint(checkpoint, groups)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress)
     start, seen = time.perf_counter(), 0
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if i < done:  # already in the resumed statistics
+                bar.update(batch.n_scored)
+                continue
             captured, _ = run_capture(model, batch, needed)
             stats = update_stats(stats, groups, captured, stats_device)
             seen += batch.n_scored
             bar.update(batch.n_scored)
             bar.set_postfix(tok_s=f"{seen / (time.perf_counter() - start):.0f}")
+            if checkpoint is not None and (i + 1) % checkpoint_every == 0:
+                save_checkpoint(checkpoint, stats, i + 1)
     finally:
         bar.close()
     if stats is None:
         raise ValueError("No batches were given to collect(); check the corpus split and max_tokens.")
     return stats
+
+
+def save_checkpoint(path: str | os.PathLike, stats: list[GramStats], n_batches: int) -> None:
+    """Atomically save statistics after ``n_batches`` batches (a lensmat ``stats`` folder)."""
+    from lensmat import io
+
+    tensors = {k: v for i, st in enumerate(stats) for k, v in st.tensors(str(i)).items()}
+    meta = {"model": {}, "n_batches": n_batches, "groups": [list(st.hooks) for st in stats],
+            "dims": [list(st.dims) for st in stats]}
+    io.save_artifact(path, "stats", tensors, meta, force=True)
+
+
+def load_checkpoint(path: str | os.PathLike, groups: Sequence[Sequence[str]]) -> tuple[list[GramStats], int]:
+    """``(statistics, batches done)`` from a checkpoint, refusing one made for other hook groups."""
+    from lensmat import io
+
+    tensors, meta = io.load_artifact(path, "stats")
+    if [list(g) for g in groups] != meta["groups"]:
+        raise io.ArtifactError(f"The checkpoint in {path} was made for other hook groups ({meta['groups']}); "
+                               "delete it or fit with the same settings.")
+    stats = [GramStats.from_tensors(g, d, tensors, str(i)) for i, (g, d) in enumerate(zip(meta["groups"], meta["dims"]))]
+    return stats, int(meta["n_batches"])
 
 
 def update_stats(

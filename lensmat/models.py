@@ -140,7 +140,8 @@ class ModelInfo:
     basis: str  # "raw" (HF weights) or "processed" (compatibility mode: folded LN, centred)
     normalization_type: str | None
     config_hash: str
-    unembed_hash: str
+    unembed_hash: str  # sha256 of W_U and b_U as float32: exact, so it changes with the model's dtype
+    unembed_fingerprint: tuple[float, ...] = ()  # 16 fixed entries of W_U: the same weights in any dtype
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +179,24 @@ def describe(model) -> ModelInfo:
         normalization_type=getattr(cfg, "normalization_type", None),
         config_hash=hashlib.sha256(json.dumps(cfg_view, sort_keys=True).encode()).hexdigest()[:16],
         unembed_hash=w_hash,
+        unembed_fingerprint=_fingerprint(model.W_U),
     )
+
+
+def _fingerprint(W: torch.Tensor, n: int = 16) -> tuple[float, ...]:
+    flat = W.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    return tuple(round(float(v), 6) for v in flat[idx].float().cpu())
+
+
+def _same_unembedding(saved: dict, info: ModelInfo) -> bool:
+    """Exact hash match, or (another dtype of the same weights) fingerprints within bfloat16 precision."""
+    if saved.get("unembed_hash") == info.unembed_hash:
+        return True
+    theirs, ours = saved.get("unembed_fingerprint") or (), info.unembed_fingerprint
+    if len(theirs) != len(ours) or not ours:
+        return False
+    return all(abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6 for a, b in zip(theirs, ours))
 
 
 def model_device(model) -> torch.device:
@@ -194,14 +212,21 @@ class ModelMismatchError(ValueError):
     """Maps or lenses fitted on a different model than the one given."""
 
 
-_IDENTITY_FIELDS = ("d_model", "n_layers", "d_vocab", "basis", "unembed_hash")
+_IDENTITY_FIELDS = ("d_model", "n_layers", "d_vocab", "basis")
 
 
 def check_same_model(saved: dict, info: ModelInfo, what: str = "this artifact") -> None:
-    """Raise :class:`ModelMismatchError` naming every identity field that differs."""
+    """Raise :class:`ModelMismatchError` naming every identity field that differs.
+
+    The unembedding must be the same weights: the same hash, or the same fingerprint within
+    bfloat16 precision (maps fitted on a float32 model apply to its bfloat16 copy).
+    """
     current = info.to_dict()
     diffs = [f"{k}: fitted on {saved.get(k)!r}, model has {current[k]!r}"
              for k in _IDENTITY_FIELDS if saved.get(k) != current[k]]
+    if not _same_unembedding(saved, info):
+        diffs.append(f"unembed_hash: fitted on {saved.get('unembed_hash')!r}, model has {info.unembed_hash!r} "
+                     "(different unembedding weights)")
     if diffs:
         raise ModelMismatchError(
             f"{what} were fitted on a different model ({saved.get('name')!r}) than {info.name!r}: "

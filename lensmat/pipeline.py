@@ -45,11 +45,13 @@ def tokenized(model, dataset: str | None = None, split: str = "train",
 
 
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
-                        progress: bool = True) -> GramStats:
-    """Joint statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``."""
+                        progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
+                        resume: bool = False) -> GramStats:
+    """Joint statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``
+    (see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
     hooks = resid_hooks(int(model.cfg.n_layers))
-    return collect(model, corpus.batches(batch_size, max_tokens), [hooks],
-                   total_tokens=corpus.n_tokens(max_tokens), progress=progress)[0]
+    return collect(model, corpus.batches(batch_size, max_tokens), [hooks], total_tokens=corpus.n_tokens(max_tokens),
+                   progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)[0]
 
 
 def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized, *, pairs=None,
@@ -74,8 +76,12 @@ def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized
 
 def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tokens: int | None = None,
              batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
-             ridge: float = 0.0, all_pairs: bool = False, progress: bool = True) -> MapSet:
+             ridge: float = 0.0, all_pairs: bool = False, progress: bool = True, checkpoint=None,
+             checkpoint_every: int = 50, resume: bool = False) -> MapSet:
     """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
+
+    With ``checkpoint`` (a folder) the statistics are saved every ``checkpoint_every`` batches;
+    ``resume=True`` continues from it (same maps as an uninterrupted run).
 
     Example::
 
@@ -85,6 +91,7 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
     """
     corpus = tokenized(model, dataset, split, max_length)
     start = time.perf_counter()
-    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size, progress=progress,
+                                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
     return maps_from_stats(model, stats, corpus, intercept=intercept, ridge=ridge, all_pairs=all_pairs,
                            seconds=time.perf_counter() - start)

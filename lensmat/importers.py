@@ -1,0 +1,102 @@
+"""Import the "Jump to Conclusions" authors' released matrices (``i_j.pickle``) safely.
+
+The released files are pickles, and unpickling can run arbitrary code. They are read with a
+restricted unpickler that accepts only what a pickled tensor or array is made of (torch's
+tensor rebuild functions, numpy's array reconstruction, ``collections.OrderedDict``); the
+tensor bytes inside are read with ``torch.load(weights_only=True)``, never with the
+``weights_only=False`` that a plain ``pickle.load`` of a tensor would trigger. Anything else is
+refused with :class:`UnsafePickleError` before it is constructed. Zip files written by
+``torch.save`` are read with ``torch.load(weights_only=True)`` directly.
+
+Conventions assumed for the released maps (check them against your copy): ``i_j.pickle`` maps
+residual layer ``i`` to layer ``j`` (0 = embeddings, as lensmat's ``h_i``); the matrix acts on
+column vectors, ``y = A x`` (shape ``[d_out, d_in]``), so lensmat stores ``W = Aᵀ``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lensmat.collect import resid_hook
+from lensmat.fit import LinearMap, MapSet
+from lensmat.models import describe
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle that asks for something other than tensor data."""
+
+
+def _tensor_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"), ("collections", "OrderedDict"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("torch", "Size"),
+}
+_REPLACED = {("torch.storage", "_load_from_bytes"): _tensor_from_bytes}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _REPLACED:
+            return _REPLACED[(module, name)]
+        if (module, name) in _ALLOWED:
+            return getattr(importlib.import_module(module), name)
+        raise UnsafePickleError(
+            f"Refusing to load {module}.{name}: this file asks for something other than tensor data, "
+            "so it was not unpickled. Only pickled tensors/arrays are accepted."
+        )
+
+
+def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
+    """A tensor from a pickle (or ``torch.save`` zip) file, without running code from it."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        with open(path, "rb") as f:
+            obj = _TensorOnlyUnpickler(f).load()
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
+        raise ValueError(f"{path} does not hold a 2-D matrix (got {type(obj).__name__}).")
+    return obj
+
+
+def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = True) -> MapSet:
+    """Read every ``i_j.pickle`` in ``folder`` into a :class:`~lensmat.fit.MapSet` for ``model``.
+
+    ``transpose=True`` takes the files as ``y = A x`` matrices (stored as ``W = Aᵀ``). The maps'
+    provenance says ``imported``; their shapes are checked against the model's ``d_model``.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*.pickle") if re.fullmatch(r"\d+_\d+", p.stem))
+    if not files:
+        raise FileNotFoundError(f"No i_j.pickle files in {folder}.")
+    info = describe(model)
+    maps = {}
+    for path in files:
+        i, j = (int(x) for x in path.stem.split("_"))
+        if not (0 <= i < j <= info.n_layers):
+            raise ValueError(f"{path.name}: layers {i} -> {j} are outside 0..{info.n_layers} for this model.")
+        A = load_tensor_pickle(path).float()
+        W = A.T.contiguous() if transpose else A
+        if W.shape != (info.d_model, info.d_model):
+            raise ValueError(f"{path.name} holds a {tuple(A.shape)} matrix; this model needs {info.d_model}x{info.d_model}.")
+        src, tgt = resid_hook(i), resid_hook(j)
+        maps[(src, tgt)] = LinearMap(W, None, src, tgt)
+    return MapSet(maps, info.to_dict(), provenance={"source": "imported", "from": str(folder), "files": len(files),
+                                                    "transposed": transpose})

@@ -1,0 +1,114 @@
+"""Resume, determinism, atomic artifacts and the bad-input catalogue (docs/errors.md)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, random_token_batches
+from lensmat import io
+from lensmat.collect import collect, resid_hooks
+from lensmat.fit import MapSet, fit_layer_maps
+from lensmat.lenses import LogitLens, MatLens
+from lensmat.metrics import evaluate_lenses
+from lensmat.models import describe
+
+KILL_AFTER = 5  # batches
+
+
+def test_killed_fit_resumes_to_identical_statistics(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from conftest import make_tiny_model, random_token_batches
+        from lensmat.collect import collect, resid_hooks
+        model = make_tiny_model()
+        batches = random_token_batches(12, 4, 12, 40, seed=0)
+        def die(act, hook, count=[0]):
+            count[0] += 1
+            if count[0] > {KILL_AFTER}:
+                os._exit(9)  # killed mid-fit, no cleanup
+        model.add_hook("blocks.0.hook_resid_pre", die)
+        collect(model, batches, [resid_hooks(3)], checkpoint={str(ckpt)!r}, checkpoint_every=2, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert json.loads((ckpt / "meta.json").read_text())["n_batches"] == 4
+    model = make_tiny_model()
+    batches = random_token_batches(12, 4, 12, 40, seed=0)
+    resumed = collect(model, batches, [resid_hooks(3)], checkpoint=ckpt, resume=True, progress=False)[0]
+    straight = collect(model, batches, [resid_hooks(3)], progress=False)[0]
+    assert resumed.n == straight.n
+    assert torch.equal(resumed.gram, straight.gram) and torch.equal(resumed.sum, straight.sum)
+    with pytest.raises(io.ArtifactError, match="other hook groups"):
+        collect(model, batches, [resid_hooks(3)[:2]], checkpoint=ckpt, resume=True, progress=False)
+
+
+def test_same_inputs_give_bit_identical_maps_and_scores():
+    def run():
+        model = make_tiny_model(seed=4)
+        batches = random_token_batches(5, 6, 14, 40, seed=1)
+        stats = collect(model, batches, [resid_hooks(3)], progress=False)[0]
+        maps = MapSet(fit_layer_maps(stats, all_pairs=True), describe(model).to_dict())
+        scores, _, _ = evaluate_lenses(model, {"logit": LogitLens(model), "mat": MatLens(model, maps)}, batches,
+                                       progress=False)
+        return maps, scores
+
+    (m1, s1), (m2, s2) = run(), run()
+    assert all(torch.equal(m1.maps[k].W, m2.maps[k].W) for k in m1.maps)
+    assert json.dumps(s1) == json.dumps(s2)
+
+
+def test_interrupted_write_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    model = make_tiny_model()
+    stats = collect(model, random_token_batches(3, 4, 10, 40), [resid_hooks(3)], progress=False)[0]
+    maps = MapSet(fit_layer_maps(stats), describe(model).to_dict())
+    target = tmp_path / "maps"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_maps(maps, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    io.save_maps(maps, target)
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_maps(maps, target, force=True)  # an interrupted overwrite keeps the old folder intact
+    assert io.load_maps(target, model).maps.keys() == maps.maps.keys()
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: (p / "maps.safetensors").write_bytes((p / "maps.safetensors").read_bytes()[:100]), "truncated or corrupted"),
+    (lambda p: (p / "meta.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "meta.json").write_text(json.dumps({"kind": "maps"})), "lacks required field"),
+    (lambda p: (p / "meta.json").write_text(json.dumps({**json.loads((p / "meta.json").read_text()), "format_version": 99})),
+     "upgrade lensmat"),
+    (lambda p: (p / "maps.safetensors").unlink(), "not a saved lensmat maps folder"),
+])
+def test_damaged_artifacts_give_clear_errors(tmp_path, damage, match):
+    model = make_tiny_model()
+    stats = collect(model, random_token_batches(3, 4, 10, 40), [resid_hooks(3)], progress=False)[0]
+    path = io.save_maps(MapSet(fit_layer_maps(stats), describe(model).to_dict()), tmp_path / "m")
+    damage(path)
+    with pytest.raises(io.ArtifactError, match=match):
+        io.load_maps(path, model)
+
+
+@torch.no_grad()
+def test_float32_maps_work_on_a_bfloat16_model():
+    model = make_tiny_model()
+    batches = random_token_batches(4, 6, 12, 40, seed=2)
+    stats = collect(model, batches, [resid_hooks(3)], progress=False)[0]
+    maps = MapSet(fit_layer_maps(stats), describe(model).to_dict())
+    half = make_tiny_model().to(torch.bfloat16)
+    assert describe(half).unembed_hash != maps.model["unembed_hash"]  # the exact hash sees the dtype...
+    scores, _, _ = evaluate_lenses(half, {"mat": MatLens(half, maps)}, batches[:1], progress=False)
+    assert scores["mat"]["precision@1"][3] == 1.0 and all(v == v for v in scores["mat"]["kl"])  # ...the check does not
+    assert describe(half).unembed_fingerprint != () and maps.model["unembed_fingerprint"]
