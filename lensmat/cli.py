@@ -105,6 +105,21 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_maps(args: argparse.Namespace) -> int:
+    from lensmat import io
+    from lensmat.importers import import_paper_maps
+
+    if args.out is None:
+        raise ValueError("lensmat import-maps needs --out DIR for the converted maps.")
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --force to overwrite.")
+    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    maps = import_paper_maps(args.source, model, transpose=not args.no_transpose)
+    path = io.save_maps(maps, args.out, force=args.force)
+    print(f"imported {len(maps.maps)} maps from {args.source} to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lensmat",
@@ -151,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
     p.add_argument("--intercept", action="store_true", help="affine maps")
     p.set_defaults(func=cmd_submodules)
+
+    p = sub.add_parser("import-maps", help="convert the paper's released i_j.pickle matrices (safely) to lensmat maps")
+    _add_model_args(p)
+    p.add_argument("source", help="folder with i_j.pickle files")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--no-transpose", action="store_true", help="the files hold W for y = x W (row vectors)")
+    p.set_defaults(func=cmd_import_maps)
     return parser
 
 

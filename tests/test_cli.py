@@ -26,3 +26,8 @@ def test_bad_corpus_is_a_clean_cli_error(tmp_path, capsys):
 def test_info_on_bundled_defaults():
     out = subprocess.run([sys.executable, "-m", "lensmat", "info"], capture_output=True, text=True, check=True).stdout
     assert "layers" in out and "heldout" in out and "3000 lines" in out
+
+
+def test_unknown_submodule_kind_on_cli(capsys):
+    assert cli.main(["submodules", "--kinds", "attn,ffn"]) == 2
+    assert "valid kinds: attn, mlp, ln" in capsys.readouterr().err
