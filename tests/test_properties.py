@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model, random_token_batches
+from conftest import random_token_batches
 from lensmat.collect import GramStats
 from lensmat.data import pad
 from lensmat.fit import fit_map, r2
