@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,8 +48,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from lensmat import io, pipeline
+    from lensmat import distributed, io, pipeline
 
+    if args.distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError("--distributed needs a launcher that starts the ranks: torchrun --nproc_per_node=N -m lensmat fit ...")
+    rank = 0
+    if distributed.init_from_env():
+        rank, _ = distributed.rank_and_world()
     if args.out is None:
         raise ValueError("lensmat fit needs --out DIR to save the maps.")
     if Path(args.out).exists() and not args.force:
@@ -59,9 +65,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
                              checkpoint_every=args.checkpoint_every, resume=args.resume)
-    path = io.save_maps(maps, args.out, force=args.force)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
+    if rank == 0:
+        path = io.save_maps(maps, args.out, force=args.force)
+        print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
+    for ckpt in Path(args.out).parent.glob(f"{checkpoint.name}*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
     return 0
 
 
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the statistics to OUT.checkpoint every N batches (default 50)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from OUT.checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torchrun's ranks (implied when WORLD_SIZE > 1); rank 0 writes")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="fit maps on train, compare lenses per layer on heldout (the main job)")

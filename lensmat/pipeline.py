@@ -29,6 +29,10 @@ class Tokenized:
     def batches(self, batch_size: int, max_tokens: int | None = None):
         return data.batches(self.seqs, batch_size, max_tokens)
 
+    def shard(self, rank: int, world_size: int) -> "Tokenized":
+        """Lines ``rank::world_size``: this rank's share of a data-parallel run."""
+        return Tokenized(self.seqs[rank::world_size], self.dataset, self.split, self.max_length)
+
     def n_tokens(self, max_tokens: int | None = None) -> int:
         total = data.count_tokens(self.seqs)
         return total if max_tokens is None else min(total, max_tokens)
@@ -49,9 +53,18 @@ def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = No
                         resume: bool = False) -> GramStats:
     """Joint statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``
     (see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
+    from lensmat.distributed import all_reduce_stats, rank_and_world
+
     hooks = resid_hooks(int(model.cfg.n_layers))
-    return collect(model, corpus.batches(batch_size, max_tokens), [hooks], total_tokens=corpus.n_tokens(max_tokens),
-                   progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)[0]
+    rank, world = rank_and_world()
+    if world > 1:  # each rank its share of lines (and of the token cap), then sum the statistics
+        corpus = corpus.shard(rank, world)
+        max_tokens = None if max_tokens is None else max_tokens // world + (rank < max_tokens % world)
+        checkpoint = None if checkpoint is None else f"{checkpoint}.rank{rank}"
+    stats = collect(model, corpus.batches(batch_size, max_tokens), [hooks], total_tokens=corpus.n_tokens(max_tokens),
+                    progress=progress and rank == 0, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                    resume=resume)
+    return all_reduce_stats(stats)[0]
 
 
 def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized, *, pairs=None,

@@ -83,3 +83,11 @@ def test_cli_fit_then_compare_reuses_maps(tmp_path):
     assert again.returncode == 2 and "--force" in again.stderr
     bad = run("compare", "--lenses", "logit,magic", "--out", str(tmp_path / "d"))
     assert bad.returncode == 2 and "valid lenses: logit, mat, mat-affine, tuned, jacobian" in bad.stderr
+
+
+def test_reports_are_deterministic_apart_from_wall_clock(compare_report, reference_model):
+    report, _ = compare_report
+    again = lensmat.compare(reference_model, lenses="logit,mat,mat-affine", max_fit_tokens=60_000,
+                            max_eval_tokens=8_000, progress=False)
+    strip = lambda r: json.dumps({k: v for k, v in r.items() if k != "fit_cost"}, sort_keys=True)  # noqa: E731
+    assert strip(report) == strip(again)

@@ -1,0 +1,51 @@
+"""Two gloo processes give the same maps as one (statistics all-reduced).
+
+Batches of one line make every line's float32 activations identical in both runs (batch
+composition changes float32 matmul blocking by ~1e-7, which is the model's noise, not the
+fit's), so what is compared is the all-reduce and the solve.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_tiny_model, random_token_batches  # noqa: E402
+
+from lensmat.fit import fit_layer_maps  # noqa: E402
+from lensmat.pipeline import Tokenized, collect_layer_stats  # noqa: E402
+
+
+def corpus():
+    seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist()
+            for b in random_token_batches(6, 8, 16, 40, seed=11) for i in range(8)]
+    return Tokenized(seqs, "random", "train", 16)
+
+
+def worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, progress=False)
+        maps = fit_layer_maps(stats, all_pairs=True)
+        if rank == 0:
+            torch.save({"n": stats.n, "W": {f"{s}->{t}": m.W.double() for (s, t), m in maps.items()},
+                        "gram": stats.gram}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, progress=False)
+    ref = fit_layer_maps(stats, all_pairs=True)
+    assert got["n"] == stats.n
+    assert float((got["gram"] - stats.gram).norm() / stats.gram.norm()) <= 1e-12
+    for (s, t), m in ref.items():
+        W = got["W"][f"{s}->{t}"]
+        assert float((W - m.W.double()).norm() / m.W.double().norm()) <= 1e-10, (s, t)
