@@ -21,8 +21,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=data.DEFAULT_MAX_LENGTH, help="tokens per line, BOS included")
 
 
+def _load(args: argparse.Namespace):
+    """The model named by --model on --device in --dtype (refusing an existing --out first)."""
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not getattr(args, "force", False):
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    return models.load_model(args.model, device=args.device, dtype=args.dtype)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    model = _load(args)
     info = models.describe(model)
     print(f"model       {info.name}")
     print(f"layers      {info.n_layers} blocks (residual layers 0..{info.n_layers})")
@@ -57,9 +65,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         rank, _ = distributed.rank_and_world()
     if args.out is None:
         raise ValueError("lensmat fit needs --out DIR to save the maps.")
-    if Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --force to overwrite.")
-    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    model = _load(args)
     checkpoint = Path(str(args.out).rstrip("/") + ".checkpoint")
     maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
@@ -77,12 +83,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lensmat.compare import compare, format_table, parse_lenses
 
     names = parse_lenses(args.lenses)
-    out = args.out or "runs/compare"
     from lensmat.tuned import TunedLensConfig
+
+    args.out = out = args.out or "runs/compare"
 
     tuned_config = TunedLensConfig(tokens=args.tuned_tokens, optimizer=args.tuned_optimizer,
                                    lr=args.tuned_lr if args.tuned_lr is not None else (0.1 if args.tuned_optimizer == "sgd" else 1e-3))
-    report = compare(args.model, args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
+    report = compare(_load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
                      jlens_prompts=args.jlens_prompts, out=out, force=args.force, progress=not args.quiet)
@@ -100,8 +107,8 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
     if bad or not kinds:
         raise ValueError(f"Unknown sub-module kind(s) {bad or kinds}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
-    out = args.out or "runs/submodules"
-    report = submodules(args.model, args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
+    args.out = out = args.out or "runs/submodules"
+    report = submodules(_load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                         intercept=args.intercept, out=out, force=args.force, progress=not args.quiet)
     names = list(report["variants"])
@@ -113,15 +120,31 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_linearity(args: argparse.Namespace) -> int:
+    from lensmat.linearity import linearity
+
+    args.out = out = args.out or "runs/linearity"
+    report = linearity(_load(args), args.dataset, max_fit_tokens=args.max_fit_tokens,
+                       max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
+                       max_length=args.max_length, out=out, force=args.force, progress=not args.quiet)
+    print(f"{'block':>5} {'LS':>8} {'LS(no residual)':>16}")
+    for b, (a, c) in enumerate(zip(report["linearity"], report["linearity_no_residual"])):
+        print(f"{b:>5} {a:>8.4f} {c:>16.4f}")
+    print(f" mean {report['mean_linearity']:>8.4f} {report['mean_linearity_no_residual']:>16.4f}")
+    print(f"pruning (most linear first: blocks {report['order']}); held-out CE / Precision@1:")
+    for variant, rows in report["pruning"].items():
+        print(f"  {variant:<9}" + "  ".join(f"k={r['k']}: {r['ce']:.3f}/{r['precision@1']:.3f}" for r in rows))
+    print(f"report and plots in {out}/")
+    return 0
+
+
 def cmd_import_maps(args: argparse.Namespace) -> int:
     from lensmat import io
     from lensmat.importers import import_paper_maps
 
     if args.out is None:
         raise ValueError("lensmat import-maps needs --out DIR for the converted maps.")
-    if Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --force to overwrite.")
-    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    model = _load(args)
     maps = import_paper_maps(args.source, model, transpose=not args.no_transpose)
     path = io.save_maps(maps, args.out, force=args.force)
     print(f"imported {len(maps.maps)} maps from {args.source} to {path}")
@@ -176,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
     p.add_argument("--intercept", action="store_true", help="affine maps")
     p.set_defaults(func=cmd_submodules)
+
+    p = sub.add_parser("linearity", help="per-block linearity scores and depth pruning of the most linear blocks")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
+    p.add_argument("--max-k", type=int, default=None, help="prune up to K blocks (default: half of them)")
+    p.set_defaults(func=cmd_linearity)
 
     p = sub.add_parser("import-maps", help="convert the paper's released i_j.pickle matrices (safely) to lensmat maps")
     _add_model_args(p)

@@ -55,7 +55,8 @@ class LinearMap:
         return cls(torch.eye(d), None, hook, hook)
 
 
-def _centred(stats: GramStats, a: str, b: str) -> torch.Tensor:
+def centred(stats: GramStats, a: str, b: str) -> Float[torch.Tensor, "d_a d_b"]:
+    """Centred sum of products ``Σ (a − ā)(b − b̄)ᵀ`` over the tokens of ``stats`` (float64)."""
     return stats.block(a, b) - stats.n * torch.outer(stats.mean(a), stats.mean(b))
 
 
@@ -99,7 +100,7 @@ def fit_map(stats: GramStats, source: str, target: str, *, intercept: bool = Fal
     if stats.n == 0:
         raise ValueError("These statistics hold no tokens; collect on a non-empty split first.")
     if intercept:
-        A, B = _centred(stats, source, source), _centred(stats, source, target)
+        A, B = centred(stats, source, source), centred(stats, source, target)
     else:
         A, B = stats.block(source, source), stats.block(source, target)
     W = solve_spd(A, B, ridge, n_tokens=stats.n, what=f"{source} -> {target}")

@@ -16,6 +16,14 @@ def _save(fig, out: str | os.PathLike | None, name: str):
     return fig
 
 
+def _close(figs: list, out) -> list:
+    """Close saved figures (kept open for inline display when ``out`` is None)."""
+    if out is not None:
+        for f in figs:
+            plt.close(f)
+    return figs
+
+
 def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax=None):
     """One line per name over residual layers 0..L."""
     if ax is None:
@@ -72,10 +80,7 @@ def compare_plots(report: dict, out=None) -> list:
     figs = [precision_figure(report, out), metric_figure(report, "kl", "KL(p || q) [nats]", out),
             metric_figure(report, "surprisal", "surprisal [nats]", out), metric_figure(report, "ce", "CE [nats]", out),
             r2_figure(report, out)]
-    if out is not None:
-        for fig in figs:
-            plt.close(fig)
-    return figs
+    return _close(figs, out)
 
 
 def submodule_plots(report: dict, out=None) -> list:
@@ -98,7 +103,30 @@ def submodule_plots(report: dict, out=None) -> list:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         figs.append(_save(fig, out, "single_block.png"))
-    if out is not None:
-        for f in figs:
-            plt.close(f)
-    return figs
+    return _close(figs, out)
+
+
+def linearity_plots(report: dict, out=None) -> list:
+    """The per-block linearity profile and the depth-pruning curves (CE and Precision@1 against k)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    blocks = range(report["n_layers"])
+    ax.plot(blocks, report["linearity"], marker="o", ms=3, label="h_l -> h_{l+1}")
+    ax.plot(blocks, report["linearity_no_residual"], marker="o", ms=3, label="h_l -> h_{l+1} − h_l")
+    ax.set_xlabel("block l")
+    ax.set_ylabel("linearity score")
+    ax.set_title(f"Linearity per block ({report['model']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs = [_save(fig, out, "linearity.png")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric, label in zip(axes, ("ce", "precision@1"), ("held-out CE [nats]", "Precision@1 vs the full model")):
+        for variant, rows in report["pruning"].items():
+            ax.plot([r["k"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=variant)
+        ax.set_xlabel("k most linear blocks removed")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs.append(_save(fig, out, "pruning.png"))
+    return _close(figs, out)

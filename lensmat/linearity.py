@@ -1,0 +1,162 @@
+"""How linear is each block? ("Your Transformer is Secretly Linear", Razzhigaev et al. 2024, arXiv 2405.12250.)
+
+Linearity score of block ``l`` (``l = 0..L-1``), for ``X = h_l`` and ``Y = h_{l+1}`` with one row
+per token: centre each by its column mean, scale each to unit Frobenius norm, then
+
+    LS = 1 − min_A ‖X̃A − Ỹ‖²_F = tr(C_xyᵀ C_xx⁻¹ C_xy) / tr(C_yy)
+
+where ``C`` are the centred sums of products. It is computed from the core's streaming statistics
+of ``h_0..h_L`` (no activation is stored); ``linearity_no_residual`` uses ``Y = h_{l+1} − h_l``
+(the block's own contribution), whose centred blocks follow from the same statistics.
+
+Depth pruning removes the ``k`` most linear blocks (highest ``linearity``), ``k = 0..L//2``, either
+replacing each by the identity or by its least-squares whole-block map ``h_l -> h_{l+1}`` fitted on
+``train`` (the swap hooks of :mod:`lensmat.swap`, kind ``block``), and scores the pruned model on
+``heldout``: cross-entropy against the text (nats/token) and Precision@1 against the full model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from lensmat import data
+from lensmat.collect import GramStats, resid_hook
+from lensmat.fit import LinearMap, MapSet, centred, fit_map, solve_spd
+from lensmat.metrics import TOP_K, LensScores
+from lensmat.models import describe, load_model
+from lensmat.pipeline import collect_layer_stats, tokenized
+from lensmat.swap import submodule_pair, swap_hooks
+
+def linearity_score(stats: GramStats, source: str, target: str, *, residual: bool = False) -> float:
+    """LS of ``target`` (``target − source`` with ``residual=True``) given ``source``, from statistics
+    holding both hooks. In ``[0, 1]``; 1 when the target is an exact affine function of the source,
+    including a constant target (e.g. a block that adds nothing, with ``residual=True``)."""
+    cxx = centred(stats, source, source)
+    cxy = centred(stats, source, target)
+    cyy = centred(stats, target, target)
+    scale = float(torch.trace(cxx) + torch.trace(cyy))
+    if residual:  # Y' = Y − X
+        cyy = cyy - cxy - cxy.T + cxx
+        cxy = cxy - cxx
+    total = float(torch.trace(cyy))
+    if total <= 1e-12 * scale:
+        return 1.0
+    explained = float((cxy * solve_spd(cxx, cxy, n_tokens=stats.n, what=f"{source} -> {target}")).sum())
+    return explained / total
+
+
+def linearity_profile(stats: GramStats) -> dict[str, list[float] | float]:
+    """Per-block scores from the joint statistics of ``resid_hooks(L)``:
+    ``{"linearity": [L], "linearity_no_residual": [L], "mean": float, "mean_no_residual": float}``."""
+    hooks = stats.hooks
+    lin = [linearity_score(stats, a, b) for a, b in zip(hooks[:-1], hooks[1:])]
+    lin_nr = [linearity_score(stats, a, b, residual=True) for a, b in zip(hooks[:-1], hooks[1:])]
+    return {"linearity": lin, "linearity_no_residual": lin_nr,
+            "mean": sum(lin) / len(lin), "mean_no_residual": sum(lin_nr) / len(lin_nr)}
+
+
+def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bool = False,
+               provenance: dict | None = None) -> MapSet:
+    """Whole-block maps ``h_l -> h_{l+1}`` keyed as swap kind ``block``, fitted from the residual
+    statistics (or the identity for every block with ``identity=True``)."""
+    n_blocks = int(model.cfg.n_layers)
+    maps = {}
+    for layer in range(n_blocks):
+        pair = submodule_pair(model, "block", layer)
+        if identity:
+            maps[pair] = LinearMap(torch.eye(int(model.cfg.d_model)), None, *pair)
+        else:
+            m = fit_map(stats, resid_hook(layer), resid_hook(layer + 1), intercept=intercept)
+            maps[pair] = LinearMap(m.W, m.b, *pair)
+    return MapSet(maps, describe(model).to_dict(), intercept and not identity, 0.0, provenance)
+
+
+@torch.no_grad()
+def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batches, *, max_k: int,
+                     total_tokens: int | None = None, progress: bool = True) -> tuple[dict, int]:
+    """Score the model with blocks ``order[:k]`` replaced, for ``k = 0..max_k`` and each variant.
+
+    Args:
+        variants: ``{name: MapSet of block maps}`` (see :func:`block_maps`).
+        order: blocks from most to least linear.
+
+    Returns ``({variant: [{"k", "ce", "precision@1"}, ...]}, n_tokens)``; ``k = 0`` is the full model.
+    """
+    from tqdm.auto import tqdm
+
+    scores = {name: LensScores(max_k) for name in variants}
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="pruning", disable=not progress)
+    device = model.W_U.device
+    n_tokens = 0
+    for batch in batches:
+        tokens, mask = batch.tokens.to(device), batch.score_mask.to(device)
+        logits = model(tokens)[mask]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p_topk = logp.topk(max(TOP_K), dim=-1).indices
+        nxt = torch.zeros_like(batch.tokens)
+        nxt[:, :-1] = batch.tokens[:, 1:]
+        args = (logp, p_topk, nxt[batch.score_mask].to(device), batch.target_mask[batch.score_mask].to(device))
+        for name, maps in variants.items():
+            scores[name].update(0, logits, *args)
+            for k in range(1, max_k + 1):
+                pruned = model.run_with_hooks(tokens, fwd_hooks=swap_hooks(model, maps, ["block"], order[:k]))
+                scores[name].update(k, pruned[mask], *args)
+        n_tokens += batch.n_scored
+        bar.update(batch.n_scored)
+    bar.close()
+    out = {}
+    for name, s in scores.items():
+        r = s.result()
+        out[name] = [{"k": k, "ce": r["ce"][k], "precision@1": r["precision@1"][k]} for k in range(max_k + 1)]
+    return out, n_tokens
+
+
+def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | None = None,
+              max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
+              max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
+              force: bool = False, progress: bool = True) -> dict:
+    """Linearity profile (from ``train`` statistics) and depth-pruning curves (on ``heldout``).
+
+    Returns (and with ``out``, writes) the report: ``linearity`` and ``linearity_no_residual``
+    (L floats each, block ``l`` = ``h_l -> h_{l+1}``), their means, ``order`` (blocks, most linear
+    first) and ``pruning`` → ``{variant: [{"k", "ce", "precision@1"}]}`` for ``k = 0..max_k``
+    (default ``L // 2``).
+    """
+    from lensmat import plots
+    from lensmat.compare import write_report
+
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    n_layers = int(model.cfg.n_layers)
+    max_k = n_layers // 2 if max_k is None else max_k
+    if not 0 <= max_k <= n_layers:
+        raise ValueError(f"max_k={max_k} is out of range: prune between 0 and {n_layers} blocks.")
+    train = tokenized(model, dataset, "train", max_length)
+    start = time.perf_counter()
+    stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress)
+    profile = linearity_profile(stats)
+    provenance = {"dataset": train.dataset, "split": "train", "n_tokens": stats.n,
+                  "fit_seconds": time.perf_counter() - start}
+    order = sorted(range(n_layers), key=lambda b: -profile["linearity"][b])
+    variants = {"identity": block_maps(model, stats, identity=True),
+                "linear": block_maps(model, stats, provenance=provenance)}
+    heldout = tokenized(model, dataset, "heldout", max_length)
+    pruning, n_eval = evaluate_pruning(model, variants, order, heldout.batches(batch_size, max_eval_tokens),
+                                       max_k=max_k, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+    report = {
+        "model": describe(model).name, "n_layers": n_layers, "n_fit_tokens": stats.n, "n_eval_tokens": n_eval,
+        "linearity": profile["linearity"], "linearity_no_residual": profile["linearity_no_residual"],
+        "mean_linearity": profile["mean"], "mean_linearity_no_residual": profile["mean_no_residual"],
+        "order": order, "pruning": pruning,
+    }
+    if out is not None:
+        write_report(report, out)
+        plots.linearity_plots(report, out)
+    return report
+

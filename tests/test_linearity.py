@@ -1,0 +1,112 @@
+"""Linearity scores from streamed statistics against direct computations, and depth pruning."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, random_token_batches
+
+from lensmat.collect import GramStats, collect, resid_hook, resid_hooks, run_capture
+from lensmat.linearity import block_maps, evaluate_pruning, linearity_profile, linearity_score
+
+
+def stats_of(x: torch.Tensor, y: torch.Tensor, chunks: int = 3) -> GramStats:
+    st = GramStats(("x", "y"), (x.shape[1], y.shape[1]))
+    for z in torch.cat([x, y], 1).chunk(chunks):
+        st.update(z)
+    return st
+
+
+def direct_ls(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The paper's definition on stacked activations, with a pseudo-inverse."""
+    xt = x - x.mean(0)
+    yt = y - y.mean(0)
+    xt, yt = xt / xt.norm(), yt / yt.norm()
+    a = torch.linalg.pinv(xt) @ yt
+    return float(1 - (xt @ a - yt).norm() ** 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_streamed_score_equals_direct_pseudo_inverse(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, 12, dtype=torch.float64) + 3
+    y = torch.tanh(x @ torch.randn(12, 9, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(500, 9, generator=g, dtype=torch.float64)
+    assert abs(linearity_score(stats_of(x, y), "x", "y") - direct_ls(x, y)) <= 1e-8
+    xs = x[:, :9]
+    assert abs(linearity_score(stats_of(xs, y), "x", "y", residual=True) - direct_ls(xs, y - xs)) <= 1e-8
+    assert 0.0 < direct_ls(x, y) < 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_of_an_invertible_linear_image_is_one(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 10, generator=g, dtype=torch.float64) + 1.5
+    m = torch.randn(10, 10, generator=g, dtype=torch.float64) + 3 * torch.eye(10, dtype=torch.float64)
+    assert abs(linearity_score(stats_of(x, x @ m), "x", "y") - 1.0) <= 1e-8
+    assert abs(linearity_score(stats_of(x, x @ m + 7.0), "x", "y") - 1.0) <= 1e-8  # centring removes offsets
+
+
+def test_a_constant_target_counts_as_perfectly_linear():
+    x = torch.randn(50, 4, dtype=torch.float64)
+    assert linearity_score(stats_of(x, torch.ones(50, 3, dtype=torch.float64)), "x", "y") == 1.0
+    assert linearity_score(stats_of(x, x.clone()), "x", "y", residual=True) == 1.0
+
+
+def test_profile_of_a_model_matches_stacked_activations(tiny_model):
+    batches = random_token_batches(3, 6, 16, 40, seed=4)
+    hooks = resid_hooks(3)
+    stats = collect(tiny_model, batches, [tuple(hooks)], progress=False)[0]
+    acts = {h: [] for h in hooks}
+    for b in batches:
+        cap, _ = run_capture(tiny_model, b, hooks)
+        for h in hooks:
+            acts[h].append(cap[h].double())
+    acts = {h: torch.cat(v) for h, v in acts.items()}
+    profile = linearity_profile(stats)
+    for layer in range(3):
+        x, y = acts[resid_hook(layer)], acts[resid_hook(layer + 1)]
+        assert abs(profile["linearity"][layer] - direct_ls(x, y)) <= 1e-8
+        assert abs(profile["linearity_no_residual"][layer] - direct_ls(x, y - x)) <= 1e-8
+    assert len(profile["linearity"]) == 3 and profile["mean"] == pytest.approx(sum(profile["linearity"]) / 3)
+
+
+def model_with_identity_block(block: int):
+    """A tiny model whose block ``block`` adds nothing to the residual stream (zero output weights)."""
+    model = make_tiny_model(seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(f"layers.{block}.") and (".o." in name or ".fc_out." in name):
+                p.zero_()
+    return model
+
+
+def test_an_identity_block_is_perfectly_linear_and_pruning_it_changes_nothing():
+    model = model_with_identity_block(1)
+    batches = random_token_batches(2, 6, 16, 40, seed=5)
+    stats = collect(model, batches, [tuple(resid_hooks(3))], progress=False)[0]
+    profile = linearity_profile(stats)
+    assert profile["linearity"][1] == pytest.approx(1.0, abs=1e-9)
+    assert profile["linearity_no_residual"][1] == 1.0
+    assert max(profile["linearity"][0], profile["linearity"][2]) < 1.0 - 1e-6
+    variants = {"identity": block_maps(model, stats, identity=True), "linear": block_maps(model, stats)}
+    pruning, n = evaluate_pruning(model, variants, [1, 0, 2], batches, max_k=2, progress=False)
+    for rows in pruning.values():
+        assert rows[0]["precision@1"] == 1.0
+        assert rows[1]["precision@1"] == pytest.approx(1.0)  # pruning the identity block
+        assert rows[1]["ce"] == pytest.approx(rows[0]["ce"], abs=1e-4)
+    assert n == sum(b.n_scored for b in batches)
+
+
+def test_pruning_matches_a_hand_made_skip(tiny_model):
+    """Identity pruning of block 2 = feeding blocks.2.hook_resid_pre straight to the final norm."""
+    batches = random_token_batches(1, 4, 12, 40, seed=6)
+    stats = collect(tiny_model, batches, [tuple(resid_hooks(3))], progress=False)[0]
+    pruning, _ = evaluate_pruning(tiny_model, {"identity": block_maps(tiny_model, stats, identity=True)}, [2],
+                                  batches, max_k=1, progress=False)
+    b = batches[0]
+    cache = {}
+    hooks = [("blocks.2.hook_resid_pre", lambda act, hook: cache.update(x=act)),
+             ("blocks.2.hook_resid_post", lambda act, hook: cache["x"])]
+    logits = tiny_model.run_with_hooks(b.tokens, fwd_hooks=hooks)[b.score_mask]
+    full = tiny_model(b.tokens)[b.score_mask]
+    p1 = float((logits.argmax(-1) == full.argmax(-1)).double().mean())
+    assert pruning["identity"][1]["precision@1"] == pytest.approx(p1)
+    assert p1 < 1.0  # a random block matters, so the check above is not vacuous
