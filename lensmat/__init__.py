@@ -18,6 +18,7 @@ from lensmat.linearity import evaluate_pruning, linearity, linearity_profile, li
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import ModelInfo, describe, load_model
 from lensmat.pipeline import fit_maps, tokenized
+from lensmat.saturation import saturation, saturation_layers
 from lensmat.submodules import evaluate_swaps, fit_submodule_maps, submodules
 from lensmat.swap import SUBMODULE_KINDS, swap, swap_hooks
 from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
@@ -33,5 +34,5 @@ __all__ = [
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
     "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
     "swap_hooks", "JLens", "fit_jlens", "TunedLens", "TunedLensConfig", "train_tuned_lens",
-    "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
+    "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
 ]

@@ -138,6 +138,27 @@ def cmd_linearity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_saturation(args: argparse.Namespace) -> int:
+    from lensmat.saturation import saturation
+
+    args.out = out = args.out or "runs/saturation"
+    r = saturation(_load(args), args.dataset, lens=args.lens, k=args.k, max_fit_tokens=args.max_fit_tokens,
+                   max_eval_tokens=args.max_eval_tokens, n_permutations=args.permutations, max_pairs=args.pairs,
+                   batch_size=args.batch_size, max_length=args.max_length, out=out, force=args.force,
+                   progress=not args.quiet)
+    print(f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out tokens with s_1 <= {r['frac']}·L")
+    print("k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)))
+    print("mean s_k   " + " ".join(f"{v:>6.2f}" for v in r["mean_layer"]))
+    print("mean rank  " + " ".join(f"{v:>6.2f}" for v in r["mean_rank"]))
+    print(f"strict Kendall tau {r['kendall_tau']} (p = {r['p_value']}, {r['n_order_tokens']} tokens with k' >= 3)")
+    fmt = lambda xs: " ".join("  -  " if v is None else f"{v:.3f}" for v in xs)  # noqa: E731
+    print(f"probe balanced accuracy per layer: {fmt(r['probe_accuracy'])}")
+    print(f"noise control:                     {fmt(r['probe_control'])}")
+    print(f"intervention success {r['intervention_success']} over {r['intervention_trials']} implants")
+    print(f"report and plots in {out}/")
+    return 0
+
+
 def cmd_import_maps(args: argparse.Namespace) -> int:
     from lensmat import io
     from lensmat.importers import import_paper_maps
@@ -207,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
     p.add_argument("--max-k", type=int, default=None, help="prune up to K blocks (default: half of them)")
     p.set_defaults(func=cmd_linearity)
+
+    p = sub.add_parser("saturation", help="order in which the top-k tokens saturate across layers, probe, intervention")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--lens", default="logit", choices=("logit", "mat", "mat-affine", "tuned"))
+    p.add_argument("--k", type=int, default=5, help="ranks followed (default 5)")
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for mat/tuned (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=5_000, help="heldout tokens (default 5000)")
+    p.add_argument("--permutations", type=int, default=1000, help="shuffles in the permutation test")
+    p.add_argument("--pairs", type=int, default=100, help="token pairs in the intervention")
+    p.set_defaults(func=cmd_saturation)
 
     p = sub.add_parser("import-maps", help="convert the paper's released i_j.pickle matrices (safely) to lensmat maps")
     _add_model_args(p)

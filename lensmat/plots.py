@@ -130,3 +130,22 @@ def linearity_plots(report: dict, out=None) -> list:
     fig.tight_layout()
     figs.append(_save(fig, out, "pruning.png"))
     return _close(figs, out)
+
+
+def saturation_plots(report: dict, out=None) -> list:
+    """Mean saturation layer per rank k, and the task probe's balanced accuracy per layer against
+    its Gaussian-noise control."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ks = range(1, len(report["mean_layer"]) + 1)
+    axes[0].bar(ks, report["mean_layer"], color="tab:blue")
+    for k, layer, rank in zip(ks, report["mean_layer"], report["mean_rank"]):
+        axes[0].text(k, layer, f"rank {rank:.2f}", ha="center", va="bottom", fontsize=8)
+    tau = report["kendall_tau"]
+    axes[0].set_title(f"{report['lens']} lens: mean s_k (τ = {'n/a' if tau is None else f'{tau:.3f}'}, "
+                      f"p = {report['p_value']})", fontsize=9)
+    axes[0].set_xlabel("rank k")
+    axes[0].set_ylabel("mean saturation layer")
+    per_layer({"probe": report["probe_accuracy"], "noise control": report["probe_control"]},
+              "balanced accuracy", "task probe (5-fold CV)", axes[1])
+    fig.tight_layout()
+    return _close([_save(fig, out, "saturation.png")], out)

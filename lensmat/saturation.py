@@ -1,0 +1,277 @@
+"""In which order do the top-k tokens settle? ("Looking Beyond the Top-1", Lioubashevski et al. 2024,
+arXiv 2410.20210), under any lens.
+
+Saturation layer ``s_k`` of a token (``k = 1..K``): the earliest residual layer ``l`` from which
+the lens's rank-k token equals the model's final rank-k token at every layer ``l..L``. Layer ``L``
+is always read as the model's own output (every lens agrees with it there), so ``s_k ≤ L``, and
+``s_k = L`` means "not saturated before the final layer".
+
+The protocol: keep tokens with ``s_1 ≤ 0.85·L``; mean rank of ``s_k`` among ``s_1..s_K`` per k; strict
+Kendall τ between ``(1..k′)`` and ``(s_1..s_k′)``, ``k′`` = the number of leading ranks saturated
+before layer L (tokens with ``k′ ≥ 3``; tied layers count as discordant), averaged over tokens, with
+a permutation test; a probe that reads the current "task" from the residual stream; and an
+intervention that implants an early-saturating token's state into a late one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from lensmat import data
+from lensmat.collect import resid_hook, resid_hooks, run_capture
+from lensmat.models import describe, load_model
+
+
+@dataclass
+class Rankings:
+    """Per-token top-K ids under a lens at every residual layer, on scored positions.
+
+    ``lens_topk`` is ``[L+1, n, K]`` (layer ``L`` = the model's output), ``final_topk`` ``[n, K]``;
+    ``resid`` ``[L+1, n, d_model]`` (float32, CPU) when kept; ``origin[i] = (line index, position)``.
+    """
+
+    lens_topk: Int[torch.Tensor, "layers n k"]
+    final_topk: Int[torch.Tensor, "n k"]
+    resid: Float[torch.Tensor, "layers n d"] | None
+    origin: list[tuple[int, int]]
+
+
+@torch.no_grad()
+def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_size: int = 16,
+                     max_tokens: int | None = None, keep_resid: bool = True, progress: bool = True) -> Rankings:
+    """Run ``seqs`` (token-id lines, BOS first) and record the lens's top-``k`` at every layer."""
+    from tqdm.auto import tqdm
+
+    n_layers = int(model.cfg.n_layers)
+    hooks = resid_hooks(n_layers)
+    tops, finals, resids, origin = [], [], [], []
+    total = data.count_tokens(seqs) if max_tokens is None else min(max_tokens, data.count_tokens(seqs))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="rankings", disable=not progress)
+    line = 0
+    for batch in data.batches(seqs, batch_size, max_tokens):
+        captured, logits = run_capture(model, batch, hooks, logits=True)
+        final = logits.float().topk(k, dim=-1).indices.cpu()
+        per_layer = [lens(captured[h], layer).float().topk(k, dim=-1).indices.cpu() if lens.covers(layer) else final
+                     for layer, h in enumerate(hooks[:-1])]
+        tops.append(torch.stack([*per_layer, final]))
+        finals.append(final)
+        if keep_resid:
+            resids.append(torch.stack([captured[h].float().cpu() for h in hooks]))
+        rows, cols = batch.score_mask.nonzero(as_tuple=True)
+        origin += [(line + int(r), int(c)) for r, c in zip(rows, cols)]
+        line += batch.tokens.shape[0]
+        bar.update(batch.n_scored)
+    bar.close()
+    if not tops:
+        raise ValueError("No tokens to rank: the corpus split is empty.")
+    return Rankings(torch.cat(tops, 1), torch.cat(finals), torch.cat(resids, 1) if keep_resid else None, origin)
+
+
+def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"]
+                      ) -> Int[torch.Tensor, "n k"]:
+    """``s_k`` per token and rank: the first layer of the trailing run of layers whose rank-k
+    token equals ``final_topk``; ``layers`` (one past the last) where even the last layer differs."""
+    match = lens_topk == final_topk[None]
+    trailing = match.flip(0).to(torch.int64).cumprod(0).sum(0)
+    return lens_topk.shape[0] - trailing
+
+
+def kept_tokens(s: Int[torch.Tensor, "n k"], n_layers: int, frac: float = 0.85) -> torch.Tensor:
+    """Boolean mask of tokens with ``s_1 ≤ frac·L`` (the paper's filter)."""
+    return s[:, 0] <= frac * n_layers
+
+
+def mean_ranks(s: Int[torch.Tensor, "n k"]) -> list[float]:
+    """Mean over tokens of the rank of ``s_k`` among the token's ``s_1..s_K`` (1 = earliest; ties share
+    the average rank)."""
+    less = (s[:, None, :] < s[:, :, None]).sum(-1).double()
+    ties = (s[:, None, :] == s[:, :, None]).sum(-1).double() - 1
+    return (1 + less + ties / 2).mean(0).tolist()
+
+
+def leading_saturated(s: Int[torch.Tensor, "n k"], n_layers: int) -> Int[torch.Tensor, "n"]:
+    """``k′`` per token: how many leading ranks ``1..k′`` saturate before layer ``L``."""
+    return (s < n_layers).to(torch.int64).cumprod(1).sum(1)
+
+
+def strict_kendall_tau(s: Int[torch.Tensor, "n m"]) -> Float[torch.Tensor, "n"]:
+    """Kendall τ between ``(1..m)`` and each row of ``s``: (concordant − discordant) / C(m, 2), a
+    pair ``i < j`` concordant only when ``s_i < s_j`` strictly (ties are discordant)."""
+    m = s.shape[1]
+    i, j = torch.triu_indices(m, m, offset=1)
+    concordant = (s[:, i] < s[:, j]).double().sum(1)
+    pairs = m * (m - 1) / 2
+    return (2 * concordant - pairs) / pairs
+
+
+def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, min_k: int = 3, n_permutations: int = 1000,
+               seed: int = 0) -> dict:
+    """Mean strict τ over tokens with ``k′ ≥ min_k`` (each on its ranks ``1..k′``) and a one-sided
+    permutation p-value: ranks shuffled within each token, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``."""
+    kp = leading_saturated(s, n_layers)
+    groups = [s[kp == m, :m] for m in range(min_k, s.shape[1] + 1) if int((kp == m).sum())]
+    n = sum(len(g) for g in groups)
+    if n == 0:
+        return {"kendall_tau": None, "p_value": None, "n_tokens": 0}
+    observed = float(sum(strict_kendall_tau(g).sum() for g in groups)) / n
+    gen = torch.Generator().manual_seed(seed)
+    as_large = 0
+    for _ in range(n_permutations):
+        total = 0.0
+        for g in groups:
+            perm = torch.rand(g.shape, generator=gen).argsort(1)
+            total += float(strict_kendall_tau(g.gather(1, perm)).sum())
+        as_large += total / n >= observed - 1e-12
+    return {"kendall_tau": observed, "p_value": (1 + as_large) / (1 + n_permutations), "n_tokens": n}
+
+
+def task_labels(s: Int[torch.Tensor, "n k"], n_layers: int) -> Int[torch.Tensor, "layers n"]:
+    """Task at ``(layer, token)``: ``i`` (1-based) where ``s_{i−1} < l ≤ s_i`` (``s_0 = −1``), 0 after
+    ``s_K`` (every rank settled; not used by the probe)."""
+    layers = torch.arange(n_layers + 1)[:, None, None]
+    return (layers > s[None]).sum(-1).add(1).masked_fill((layers > s[None]).all(-1), 0)
+
+
+def probe_accuracy(resid: Float[torch.Tensor, "layers n d"], labels: Int[torch.Tensor, "layers n"], *,
+                   folds: int = 5, seed: int = 0, control: bool = False) -> list[float | None]:
+    """Balanced accuracy per layer of a standardised, class-balanced logistic regression predicting
+    the task from ``h_l`` (``folds``-fold stratified cross-validation); ``control=True`` replaces
+    the features by Gaussian noise. ``None`` at layers with fewer than two classes of ``folds`` tokens."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    out: list[float | None] = []
+    for layer in range(resid.shape[0]):
+        y = labels[layer].numpy()
+        classes, counts = np.unique(y[y > 0], return_counts=True)
+        keep = np.isin(y, classes[counts >= folds])
+        if len(classes[counts >= folds]) < 2:
+            out.append(None)
+            continue
+        x = resid[layer].numpy()[keep].astype(np.float64)
+        if control:
+            x = rng.standard_normal(x.shape)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
+        pred = cross_val_predict(clf, x, y[keep], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+        out.append(float(balanced_accuracy_score(y[keep], pred)))
+    return out
+
+
+@torch.no_grad()
+def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int, state: Float[torch.Tensor, "d"]
+                   ) -> Int[torch.Tensor, "layers"]:
+    """The lens's top-1 at ``pos`` at every layer ``0..L`` (``L`` = the model) after replacing
+    ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``)."""
+    n_layers = int(model.cfg.n_layers)
+    device = model.W_U.device
+    state = state.to(device, model.W_U.dtype)
+    hooks = resid_hooks(n_layers)
+
+    def put(act, hook):
+        act[0, pos] = state
+        return act
+
+    captured = {}
+    capture = [(h, lambda act, hook, h=h: captured.__setitem__(h, act[0, pos].clone())) for h in hooks]
+    logits = model.run_with_hooks(torch.tensor([tokens], device=device),
+                                  fwd_hooks=[(resid_hook(layer), put), *capture])[0, pos]
+    top1 = [lens(captured[h][None], i)[0].argmax() if lens.covers(i) else logits.argmax()
+            for i, h in enumerate(hooks[:-1])]
+    return torch.stack([*top1, logits.argmax()]).cpu()
+
+
+@torch.no_grad()
+def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
+            min_gap: int = 3, offsets: tuple[int, ...] = (0,), max_pairs: int = 100, seed: int = 0) -> dict:
+    """Implant an early token's residual state into a late token's stream and re-measure ``s_1``.
+
+    Pairs ``(early, late)`` share the final top-1 and ``s_1(late) − s_1(early) ≥ min_gap``. For each
+    implant layer ``j = s_1(early) + offset`` (``0 ≤ j < s_1(late)``), ``h_j`` of the late token is
+    replaced (hook at ``blocks.{j}.hook_resid_pre``) by the early token's ``h_j``. Success: the late
+    token's new ``s_1 ≤ j`` and its final top-1 is unchanged. Returns ``{"success", "n_trials", "n_pairs"}``.
+    """
+    if rankings.resid is None:
+        raise ValueError("The intervention needs residual states: collect rankings with keep_resid=True.")
+    n_layers = int(model.cfg.n_layers)
+    top1 = rankings.final_topk[:, 0]
+    rng = random.Random(seed)
+    by_top1: dict[int, list[int]] = {}
+    for i, t in enumerate(top1.tolist()):
+        by_top1.setdefault(t, []).append(i)
+    pairs = []
+    for late in rng.sample(range(len(top1)), len(top1)):  # random late tokens, each with a random early partner
+        earlies = [e for e in by_top1[int(top1[late])] if int(s1[late] - s1[e]) >= min_gap]
+        if earlies:
+            pairs.append((rng.choice(earlies), late))
+        if len(pairs) == max_pairs:
+            break
+    successes = trials = 0
+    for early, late in pairs:
+        line, pos = rankings.origin[late]
+        for j in sorted({int(s1[early]) + o for o in offsets}):
+            if not 0 <= j < min(int(s1[late]), n_layers):
+                continue
+            new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, j, rankings.resid[j, early])
+            new_s1 = int(saturation_layers(new_top1[:, None, None], new_top1[-1:, None])[0, 0])
+            successes += int(new_s1 <= j and int(new_top1[-1]) == int(top1[late]))
+            trials += 1
+    return {"success": successes / trials if trials else None, "n_trials": trials, "n_pairs": len(pairs)}
+
+
+def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
+               max_fit_tokens: int | None = None, max_eval_tokens: int | None = 5_000, frac: float = 0.85,
+               n_permutations: int = 1000, max_pairs: int = 100, batch_size: int = 16,
+               max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
+               force: bool = False, progress: bool = True, seed: int = 0) -> dict:
+    """The saturation protocol on ``heldout`` under one lens (``logit``, ``mat``, ``mat-affine`` or
+    ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report."""
+    from lensmat import plots
+    from lensmat.compare import build_lenses, write_report
+    from lensmat.pipeline import tokenized
+
+    if lens not in ("logit", "mat", "mat-affine", "tuned"):
+        raise ValueError(f"Unknown lens {lens!r} for saturation; valid: logit, mat, mat-affine, tuned.")
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    n_layers = int(model.cfg.n_layers)
+    train = tokenized(model, dataset, "train", max_length)
+    lenses, _, _ = build_lenses(model, [lens], train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
+                                progress=progress)
+    heldout = tokenized(model, dataset, "heldout", max_length)
+    rankings = collect_rankings(model, lenses[lens], heldout.seqs, k=k, batch_size=batch_size,
+                                max_tokens=max_eval_tokens, progress=progress)
+    s = saturation_layers(rankings.lens_topk, rankings.final_topk)
+    keep = kept_tokens(s, n_layers, frac)
+    sk = s[keep]
+    order = order_test(sk, n_layers, n_permutations=n_permutations, seed=seed)
+    labels = task_labels(sk, n_layers)
+    resid = rankings.resid[:, keep]
+    kept = Rankings(rankings.lens_topk[:, keep], rankings.final_topk[keep], resid,
+                    [o for o, m in zip(rankings.origin, keep.tolist()) if m])
+    report = {
+        "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k,
+        "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac,
+        "mean_layer": sk.double().mean(0).tolist(), "mean_rank": mean_ranks(sk),
+        "kendall_tau": order["kendall_tau"], "p_value": order["p_value"], "n_order_tokens": order["n_tokens"],
+        "probe_accuracy": probe_accuracy(resid, labels, seed=seed),
+        "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
+    }
+    result = implant(model, lenses[lens], heldout.seqs, kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
+    report.update(intervention_success=result["success"], intervention_trials=result["n_trials"])
+    if out is not None:
+        write_report(report, out)
+        plots.saturation_plots(report, out)
+    return report
