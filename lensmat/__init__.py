@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from lensmat.collect import GramStats, collect, resid_hook, resid_hooks
 from lensmat.compare import compare
 from lensmat.data import Batch, batches, load_lines, tokenize
+from lensmat.early_exit import early_exit, generate
 from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
 from lensmat.io import load_maps, save_maps
 from lensmat.jlens import JLens, fit_jlens
@@ -34,5 +35,5 @@ __all__ = [
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
     "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
     "swap_hooks", "JLens", "fit_jlens", "TunedLens", "TunedLensConfig", "train_tuned_lens",
-    "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
+    "early_exit", "generate", "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
 ]

@@ -159,6 +159,26 @@ def cmd_saturation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_early_exit(args: argparse.Namespace) -> int:
+    from lensmat.early_exit import early_exit
+
+    args.out = out = args.out or "runs/early_exit"
+    r = early_exit(_load(args), args.dataset, lenses=args.lenses, retention=args.retention,
+                   max_fit_tokens=args.max_fit_tokens, max_eval_tokens=args.max_eval_tokens,
+                   max_probe_tokens=args.max_probe_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                   out=out, force=args.force, progress=not args.quiet)
+    print(f"confidence exit on {r['n_eval_tokens']} held-out tokens ({r['n_layers']} blocks); "
+          "lambda: mean blocks / Precision@1 / accuracy")
+    for lens, rows in r["curves"].items():
+        print(f"  {lens:<10} saves {r['savings'][lens]:.1%} of the blocks at Precision@1 >= {r['retention']}")
+        print("    " + "  ".join(f"{row['lambda']:g}: {row['mean_layers']:.2f}/{row['precision@1']:.3f}" for row in rows))
+    print(f"saturation exit ({r['saturation_lens']} lens): threshold -> accuracy @ speed-up")
+    for method, rows in r["saturation"].items():
+        print(f"  {method:<7} " + "  ".join(f"{row['threshold']}: {row['accuracy']:.3f}@{row['speedup']:.2f}x" for row in rows))
+    print(f"report and plots in {out}/")
+    return 0
+
+
 def cmd_import_maps(args: argparse.Namespace) -> int:
     from lensmat import io
     from lensmat.importers import import_paper_maps
@@ -239,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permutations", type=int, default=1000, help="shuffles in the permutation test")
     p.add_argument("--pairs", type=int, default=100, help="token pairs in the intervention")
     p.set_defaults(func=cmd_saturation)
+
+    p = sub.add_parser("early-exit", help="confidence exit per lens (layers saved) and saturation-based exit")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine, tuned")
+    p.add_argument("--retention", type=float, default=0.95, help="Precision@1 kept when counting layers saved")
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for mat/tuned (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=10_000, help="heldout tokens (default 10000)")
+    p.add_argument("--max-probe-tokens", type=int, default=5_000, help="train tokens for the saturation probe")
+    p.set_defaults(func=cmd_early_exit)
 
     p = sub.add_parser("import-maps", help="convert the paper's released i_j.pickle matrices (safely) to lensmat maps")
     _add_model_args(p)

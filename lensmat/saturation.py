@@ -33,14 +33,26 @@ from lensmat.models import describe, load_model
 class Rankings:
     """Per-token top-K ids under a lens at every residual layer, on scored positions.
 
-    ``lens_topk`` is ``[L+1, n, K]`` (layer ``L`` = the model's output), ``final_topk`` ``[n, K]``;
-    ``resid`` ``[L+1, n, d_model]`` (float32, CPU) when kept; ``origin[i] = (line index, position)``.
+    ``lens_topk`` is ``[L+1, n, K]`` (layer ``L`` = the model's output) and ``lens_topp`` their
+    probabilities under the lens; ``final_topk`` ``[n, K]``; ``resid`` ``[L+1, n, d_model]``
+    (float32, CPU) when kept; ``origin[i] = (line index, position)``.
     """
 
     lens_topk: Int[torch.Tensor, "layers n k"]
+    lens_topp: Float[torch.Tensor, "layers n k"]
     final_topk: Int[torch.Tensor, "n k"]
     resid: Float[torch.Tensor, "layers n d"] | None
     origin: list[tuple[int, int]]
+
+    def select(self, keep: torch.Tensor) -> "Rankings":
+        """The tokens where the boolean mask ``keep`` ``[n]`` is true."""
+        return Rankings(self.lens_topk[:, keep], self.lens_topp[:, keep], self.final_topk[keep],
+                        None if self.resid is None else self.resid[:, keep],
+                        [o for o, m in zip(self.origin, keep.tolist()) if m])
+
+    def targets(self, seqs: list[list[int]]) -> Int[torch.Tensor, "n"]:
+        """The actual next token of each ranked position (−1 at the end of a line)."""
+        return torch.tensor([seqs[line][pos + 1] if pos + 1 < len(seqs[line]) else -1 for line, pos in self.origin])
 
 
 @torch.no_grad()
@@ -51,17 +63,18 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
 
     n_layers = int(model.cfg.n_layers)
     hooks = resid_hooks(n_layers)
-    tops, finals, resids, origin = [], [], [], []
+    tops, probs, finals, resids, origin = [], [], [], [], []
     total = data.count_tokens(seqs) if max_tokens is None else min(max_tokens, data.count_tokens(seqs))
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="rankings", disable=not progress)
     line = 0
     for batch in data.batches(seqs, batch_size, max_tokens):
         captured, logits = run_capture(model, batch, hooks, logits=True)
-        final = logits.float().topk(k, dim=-1).indices.cpu()
-        per_layer = [lens(captured[h], layer).float().topk(k, dim=-1).indices.cpu() if lens.covers(layer) else final
+        per_layer = [torch.softmax((lens(captured[h], layer) if lens.covers(layer) else logits).float(), -1).topk(k, -1)
                      for layer, h in enumerate(hooks[:-1])]
-        tops.append(torch.stack([*per_layer, final]))
-        finals.append(final)
+        final = torch.softmax(logits.float(), -1).topk(k, -1)
+        tops.append(torch.stack([t.indices.cpu() for t in (*per_layer, final)]))
+        probs.append(torch.stack([t.values.cpu() for t in (*per_layer, final)]))
+        finals.append(final.indices.cpu())
         if keep_resid:
             resids.append(torch.stack([captured[h].float().cpu() for h in hooks]))
         rows, cols = batch.score_mask.nonzero(as_tuple=True)
@@ -71,7 +84,8 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
     bar.close()
     if not tops:
         raise ValueError("No tokens to rank: the corpus split is empty.")
-    return Rankings(torch.cat(tops, 1), torch.cat(finals), torch.cat(resids, 1) if keep_resid else None, origin)
+    return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(finals), torch.cat(resids, 1) if keep_resid else None,
+                    origin)
 
 
 def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"]
@@ -257,10 +271,9 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     keep = kept_tokens(s, n_layers, frac)
     sk = s[keep]
     order = order_test(sk, n_layers, n_permutations=n_permutations, seed=seed)
+    kept = rankings.select(keep)
     labels = task_labels(sk, n_layers)
-    resid = rankings.resid[:, keep]
-    kept = Rankings(rankings.lens_topk[:, keep], rankings.final_topk[keep], resid,
-                    [o for o, m in zip(rankings.origin, keep.tolist()) if m])
+    resid = kept.resid
     report = {
         "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k,
         "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac,

@@ -59,3 +59,34 @@ def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab:
             seqs.append([0] + torch.randint(1, d_vocab, (n - 1,), generator=g).tolist())
         out.append(pad(seqs))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A random 3-block Hugging Face GPT-2 with a 49-word vocabulary (``w0``..``w47``, BOS 48),
+    saved as a local folder and loaded through :func:`lensmat.load_model`, plus a local corpus of
+    ``w`` words whose next word is mostly predictable. Returns ``(model, folder, corpus path)``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    import lensmat
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    vocab = {f"w{i}": i for i in range(48)} | {"<|endoftext|>": 48}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="w0").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=49, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=48,
+                     eos_token_id=48, initializer_range=0.2)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    lines = []
+    for _ in range(120):
+        start = int(torch.randint(0, 48, (1,), generator=g))
+        n = int(torch.randint(4, 20, (1,), generator=g))
+        lines.append(" ".join(f"w{(start + 3 * i) % 48}" for i in range(n)))
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    return lensmat.load_model(str(folder), device="cpu"), folder, corpus

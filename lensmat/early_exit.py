@@ -1,0 +1,282 @@
+"""Early exit with lenses: stop computing at the layer where a lens is confident enough.
+
+Confidence exit ("Jump to Conclusions", Yom Din et al. 2023): at each residual layer ``l ≥ 1``
+read the lens distribution; confidence = ``p(1) − p(2)`` (top-two gap); exit at the first layer
+where confidence > ``θ(t) = 0.9·λ + 0.1·exp(−τ·t/N)``, ``t`` the 0-based position of the token in
+its line (the first token after BOS is ``t = 0``), ``τ = 4``, ``N`` = mean of ``t + 1`` over the
+evaluation tokens. Exiting at layer ``l`` costs ``l`` blocks and emits the lens's top-1 there; a
+token that never exits costs ``L`` blocks and emits the model's top-1. Precision@1 compares the
+emitted token with the full model's top-1; accuracy compares it with the actual next token. The
+lens's own cost (a map and the unembedding per layer) is not counted in ``mean_layers``.
+
+Saturation exit ("Looking Beyond the Top-1", Lioubashevski et al. 2024): ``s_1`` is the first
+layer from which the lens's top-1 equals the model's final top-1 at every later layer. Exit rules,
+each over layers ``l ≥ 1`` (``L`` if never): ``probe`` (a logistic regression on ``h_l``, trained on
+``train``, predicting ``l ≥ s_1``; exit when P > threshold), ``gap`` (top-two gap > threshold),
+``cosine`` (``cos(h_l, h_{l−1})`` > threshold) and ``oracle`` (exit at ``max(s_1, 1)``). Speed-up =
+``L · tokens / blocks run``.
+
+:func:`generate` is the real thing: greedy decoding that stops running blocks at the exit layer
+and fills the skipped layers' key/value cache from the exit layer's hidden state (CALM's state
+propagation, Schuster et al. 2022). It drives the Hugging Face GPT-2 blocks under the bridge
+directly, so it supports GPT-2-architecture models (the bundled model, ``gpt2*``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+
+from lensmat import data
+from lensmat.models import describe, load_model
+from lensmat.saturation import Rankings, collect_rankings, saturation_layers
+
+LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
+TAU = 4.0
+THRESHOLDS = {
+    "gap": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "cosine": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999),
+    "probe": (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+}
+
+
+def exit_threshold(lam: float, t: Int[torch.Tensor, "n"], n_mean: float, tau: float = TAU) -> Float[torch.Tensor, "n"]:
+    """``θ(t) = 0.9·λ + 0.1·exp(−τ·t/N)``."""
+    return 0.9 * lam + 0.1 * torch.exp(-tau * t.double() / n_mean)
+
+
+def first_exit(signal: Float[torch.Tensor, "layers n"], threshold: Float[torch.Tensor, "n"] | float) -> Int[torch.Tensor, "n"]:
+    """First layer ``l`` in ``1..L-1`` with ``signal[l] > threshold`` (``L`` = ``layers − 1`` if none)."""
+    n_layers = signal.shape[0] - 1
+    above = signal[1:n_layers] > torch.as_tensor(threshold, dtype=signal.dtype)
+    exits = torch.full((signal.shape[1],), n_layers, dtype=torch.int64)
+    hit = above.any(0)
+    exits[hit] = above.to(torch.int64).argmax(0)[hit] + 1
+    return exits
+
+
+def exit_scores(exits: Int[torch.Tensor, "n"], top1: Int[torch.Tensor, "layers n"], final_top1: Int[torch.Tensor, "n"],
+                targets: Int[torch.Tensor, "n"]) -> dict:
+    """Mean blocks run, Precision@1 against the model and accuracy against the text (positions
+    with a next token) for given exit layers."""
+    emitted = top1.gather(0, exits[None])[0]
+    has = targets >= 0
+    return {"mean_layers": float(exits.double().mean()),
+            "precision@1": float((emitted == final_top1).double().mean()),
+            "accuracy": float((emitted[has] == targets[has]).double().mean()) if bool(has.any()) else None}
+
+
+def positions(rankings: Rankings) -> Int[torch.Tensor, "n"]:
+    """0-based position ``t`` of each ranked token in its line (BOS excluded)."""
+    return torch.tensor([pos - 1 for _, pos in rankings.origin])
+
+
+def confidence_curve(rankings: Rankings, targets: Int[torch.Tensor, "n"], lambdas=LAMBDAS, tau: float = TAU) -> list[dict]:
+    """The paper's confidence exit for each λ: ``[{lambda, mean_layers, precision@1, accuracy}]``."""
+    t = positions(rankings)
+    n_mean = float((t + 1).double().mean())
+    gap = (rankings.lens_topp[..., 0] - rankings.lens_topp[..., 1]).double()
+    top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
+    return [{"lambda": lam, **exit_scores(first_exit(gap, exit_threshold(lam, t, n_mean, tau)), top1, final, targets)}
+            for lam in lambdas]
+
+
+def layers_saved(curve: list[dict], n_layers: int, retention: float = 0.95) -> float:
+    """``1 − cost/L`` at the lowest cost whose Precision@1 ≥ ``retention``, interpolating linearly
+    between neighbouring points of the curve sorted by cost."""
+    pts = sorted((p["mean_layers"], p["precision@1"]) for p in curve)
+    costs = [c for c, p in pts if p >= retention]
+    for (c0, p0), (c1, p1) in zip(pts, pts[1:]):
+        if (p0 - retention) * (p1 - retention) < 0:
+            costs.append(c0 + (retention - p0) * (c1 - c0) / (p1 - p0))
+    if not costs:
+        raise ValueError(f"No point of the curve reaches Precision@1 ≥ {retention}; include a λ that never exits.")
+    return 1.0 - min(costs) / n_layers
+
+
+def cosine_signal(resid: Float[torch.Tensor, "layers n d"]) -> Float[torch.Tensor, "layers n"]:
+    """``cos(h_l, h_{l−1})`` per layer (0 at layer 0)."""
+    cos = torch.nn.functional.cosine_similarity(resid[1:].double(), resid[:-1].double(), dim=-1)
+    return torch.cat([torch.zeros_like(cos[:1]), cos])
+
+
+class SaturationProbe:
+    """Logistic regression on ``h_l`` (standardised) predicting whether the top-1 has saturated
+    (``l ≥ s_1``), pooled over layers ``1..L-1``, class-balanced."""
+
+    def __init__(self, seed: int = 0) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
+                                                                      random_state=seed))
+
+    def fit(self, resid: Float[torch.Tensor, "layers n d"], s1: Int[torch.Tensor, "n"]) -> "SaturationProbe":
+        n_layers = resid.shape[0] - 1
+        layers = torch.arange(1, n_layers)[:, None]
+        y = (layers >= s1[None]).reshape(-1).numpy()
+        if y.all() or not y.any():
+            raise ValueError("The probe needs saturated and unsaturated (token, layer) pairs; use more tokens.")
+        self.clf.fit(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy(), y)
+        return self
+
+    def signal(self, resid: Float[torch.Tensor, "layers n d"]) -> Float[torch.Tensor, "layers n"]:
+        """P(saturated) per layer (0 at layers 0 and L, which the exit rule never reads)."""
+        n_layers = resid.shape[0] - 1
+        p = self.clf.predict_proba(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy())[:, 1]
+        out = torch.zeros(resid.shape[:2], dtype=torch.float64)
+        out[1:n_layers] = torch.from_numpy(p).reshape(n_layers - 1, -1)
+        return out
+
+
+def saturation_curves(rankings: Rankings, probe: SaturationProbe | None = None, thresholds=THRESHOLDS) -> dict:
+    """``{method: [{threshold, accuracy, speedup, mean_layers}]}``; accuracy = the emitted token is
+    the model's final top-1."""
+    n_layers = rankings.lens_topk.shape[0] - 1
+    top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
+    s1 = saturation_layers(top1[..., None], final[:, None])[:, 0]
+
+    def row(threshold, exits):
+        emitted = top1.gather(0, exits[None])[0]
+        return {"threshold": threshold, "accuracy": float((emitted == final).double().mean()),
+                "speedup": n_layers * len(exits) / max(int(exits.sum()), 1), "mean_layers": float(exits.double().mean())}
+
+    signals = {"gap": (rankings.lens_topp[..., 0] - rankings.lens_topp[..., 1]).double()}
+    if rankings.resid is not None:
+        signals["cosine"] = cosine_signal(rankings.resid)
+        if probe is not None:
+            signals["probe"] = probe.signal(rankings.resid)
+    out = {m: [row(th, first_exit(sig, th)) for th in thresholds[m]] for m, sig in signals.items()}
+    out["oracle"] = [row(None, s1.clamp(min=1))]
+    return out
+
+
+def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"), retention: float = 0.95,
+               max_fit_tokens: int | None = None, max_eval_tokens: int | None = 10_000,
+               max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
+               max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True, seed: int = 0) -> dict:
+    """Confidence-exit curves and savings per lens, and saturation-exit curves per method and lens.
+
+    Lenses are fitted on ``train`` (``mat`` maps on up to ``max_fit_tokens``; ``tuned`` trained
+    with its defaults), the saturation probe on ``max_probe_tokens`` train tokens, everything is
+    scored on ``heldout``. Returns (and with ``out``, writes) the ``early-exit`` report; the
+    top-level ``saturation`` holds the first lens's curves, ``saturation_by_lens`` all of them.
+    """
+    from lensmat import plots
+    from lensmat.compare import build_lenses, parse_lenses, write_report
+    from lensmat.pipeline import tokenized
+
+    names = parse_lenses(lenses)
+    bad = [n for n in names if n == "jacobian"]
+    if bad:
+        raise ValueError("Early exit supports the logit, mat, mat-affine and tuned lenses.")
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    n_layers = int(model.cfg.n_layers)
+    train = tokenized(model, dataset, "train", max_length)
+    built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
+                                  progress=progress)
+    heldout = tokenized(model, dataset, "heldout", max_length)
+    curves, savings, sat = {}, {}, {}
+    n_eval = 0
+    for name in names:
+        probe_data = collect_rankings(model, built[name], train.seqs, k=2, batch_size=batch_size,
+                                      max_tokens=max_probe_tokens, progress=progress)
+        s1 = saturation_layers(probe_data.lens_topk[..., :1], probe_data.final_topk[:, :1])[:, 0]
+        probe = SaturationProbe(seed).fit(probe_data.resid, s1)
+        r = collect_rankings(model, built[name], heldout.seqs, k=2, batch_size=batch_size,
+                             max_tokens=max_eval_tokens, progress=progress)
+        n_eval = len(r.origin)
+        curves[name] = confidence_curve(r, r.targets(heldout.seqs), lambdas)
+        savings[name] = layers_saved(curves[name], n_layers, retention)
+        sat[name] = saturation_curves(r, probe)
+    report = {
+        "model": describe(model).name, "n_layers": n_layers, "n_eval_tokens": n_eval, "retention": retention,
+        "tau": TAU, "curves": curves, "savings": savings, "saturation": sat[names[0]],
+        "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost,
+    }
+    if out is not None:
+        write_report(report, out)
+        plots.early_exit_plots(report, out)
+    return report
+
+
+def _gpt2_parts(model):
+    hf = getattr(model, "original_model", None)
+    core = getattr(hf, "transformer", None)
+    if core is None or not hasattr(core, "h") or not hasattr(core, "wpe"):
+        raise NotImplementedError(
+            "The real early-exit loop drives Hugging Face GPT-2 blocks (transformer.h, wte, wpe) directly; "
+            f"{describe(model).name} is not a GPT-2-architecture model. Use the simulated curves (early_exit) instead.")
+    return core
+
+
+@torch.no_grad()
+def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
+             tau: float = TAU) -> dict:
+    """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model).
+
+    Each new token runs blocks one at a time with a key/value cache; after block ``l−1`` (residual
+    layer ``l``, ``1 ≤ l < L``) the lens reads ``h_l`` and, if its top-two gap exceeds ``θ(t)``,
+    emits its top-1 and skips blocks ``l..L-1``: their key/value entries for this position are
+    computed from ``h_l`` (state propagation), so later tokens can attend to it.
+
+    Returns ``{"tokens": new token ids, "exit_layers": per token, "seconds": wall time,
+    "kv_lengths": cached positions per layer at the end (all equal when propagation is complete)}``.
+    """
+    core = _gpt2_parts(model)
+    from transformers import DynamicCache
+
+    n_layers = len(core.h)
+    device = core.wte.weight.device
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.original_model.config)
+    ids = torch.tensor([prompt], device=device)
+    out = core(input_ids=ids, past_key_values=cache, use_cache=True)
+    logits = model.original_model.lm_head(out.last_hidden_state[:, -1])
+    token = int(logits.argmax(-1))
+    tokens, exits = [token], [n_layers]
+    for _ in range(max_new_tokens - 1):
+        pos = len(prompt) + len(tokens) - 1  # position of `token` in the sequence (BOS at 0)
+        x = core.wte(torch.tensor([[token]], device=device)) + core.wpe(torch.tensor([[pos]], device=device))
+        theta = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([pos]), n_mean, tau)[0])
+        exit_layer, emitted = n_layers, None
+        for i, block in enumerate(core.h):
+            x = block(x, cache, None, use_cache=True, position_ids=torch.tensor([[pos]], device=device))
+            x = x[0] if isinstance(x, tuple) else x
+            layer = i + 1
+            if layer < n_layers and theta < 1:
+                probs = torch.softmax(lens(x[0, -1], layer).float(), -1).topk(2)
+                if float(probs.values[0] - probs.values[1]) > theta:
+                    exit_layer, emitted = layer, int(probs.indices[0])
+                    for skipped in core.h[layer:]:  # CALM: the skipped layers' K/V from h_exit
+                        attn = skipped.attn
+                        _, k, v = attn.c_attn(skipped.ln_1(x)).split(attn.split_size, dim=2)
+                        shape = (*k.shape[:-1], -1, attn.head_dim)
+                        cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx)
+                    break
+        if emitted is None:
+            emitted = int(model.original_model.lm_head(core.ln_f(x[:, -1])).argmax(-1))
+        tokens.append(emitted)
+        exits.append(exit_layer)
+        token = emitted
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "exit_layers": exits, "seconds": seconds,
+            "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of the full bridge, recomputing the whole prefix each step (no cache)."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        ids.append(int(model(torch.tensor([ids], device=model.W_U.device))[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -1,0 +1,125 @@
+"""Early exit: the paper's confidence protocol on hand-built rankings, saturation exits, the
+real generation loop against the full model, and the report on a tiny GPT-2."""
+
+import json
+
+import pytest
+import torch
+
+from lensmat.early_exit import (LAMBDAS, SaturationProbe, confidence_curve, early_exit, exit_threshold, first_exit,
+                                generate, greedy_reference, layers_saved, saturation_curves)
+from lensmat.lenses import LogitLens
+from lensmat.saturation import Rankings, collect_rankings
+
+
+def random_rankings(n_layers=4, n=300, seed=0) -> tuple[Rankings, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    topk = torch.randint(0, 6, (n_layers + 1, n, 2), generator=g)
+    p1 = torch.rand(n_layers + 1, n, generator=g)
+    topp = torch.stack([p1, p1 * torch.rand(n_layers + 1, n, generator=g)], -1)
+    origin = [(i // 10, 1 + i % 10) for i in range(n)]
+    targets = torch.randint(-1, 6, (n,), generator=g)
+    return Rankings(topk, topp, topk[-1], torch.randn(n_layers + 1, n, 5, generator=g), origin), targets
+
+
+def test_threshold_follows_the_paper():
+    t = torch.tensor([0, 5, 10])
+    assert exit_threshold(0.5, t, 10.0).tolist() == pytest.approx([0.45 + 0.1, 0.45 + 0.1 * torch.exp(torch.tensor(-2.0)).item(),
+                                                                   0.45 + 0.1 * torch.exp(torch.tensor(-4.0)).item()])
+
+
+def test_first_exit_skips_layer_zero_and_defaults_to_the_last_layer():
+    signal = torch.tensor([[0.9, 0.9, 0.0], [0.1, 0.8, 0.2], [0.6, 0.1, 0.3], [1.0, 1.0, 1.0]])
+    assert first_exit(signal, 0.5).tolist() == [2, 1, 3]
+
+
+def test_never_and_always_exiting_lambdas():
+    r, targets = random_rankings()
+    curve = {row["lambda"]: row for row in confidence_curve(r, targets)}
+    never, always = curve[max(LAMBDAS)], curve[min(LAMBDAS)]
+    assert never["mean_layers"] == 4 and never["precision@1"] == 1.0
+    has = targets >= 0
+    assert never["accuracy"] == pytest.approx(float((r.final_topk[has, 0] == targets[has]).double().mean()))
+    layer1 = r.lens_topk[1, :, 0]
+    assert always["mean_layers"] == 1
+    assert always["precision@1"] == pytest.approx(float((layer1 == r.final_topk[:, 0]).double().mean()))
+    assert always["accuracy"] == pytest.approx(float((layer1[has] == targets[has]).double().mean()))
+
+
+def test_layers_saved_interpolates_the_retention_crossing():
+    curve = [{"mean_layers": 8, "precision@1": 1.0}, {"mean_layers": 4, "precision@1": 0.9},
+             {"mean_layers": 6, "precision@1": 0.96}, {"mean_layers": 1, "precision@1": 0.2}]
+    assert layers_saved(curve, 8, 0.95) == pytest.approx(1 - (4 + 2 * 0.05 / 0.06) / 8)
+    with pytest.raises(ValueError, match="never exits"):
+        layers_saved(curve[1:], 8, 0.99)
+
+
+def test_oracle_saturation_exit_reproduces_the_model_top1(tiny_model):
+    from conftest import random_token_batches
+
+    b = random_token_batches(1, 6, 14, 40, seed=3)[0]
+    seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist() for i in range(6)]
+    r = collect_rankings(tiny_model, LogitLens(tiny_model), seqs, k=2, progress=False)
+    s1 = torch.randint(0, 4, (len(r.origin),))
+    s1[:3] = torch.tensor([0, 3, 1])
+    probe = SaturationProbe().fit(r.resid, s1)
+    curves = saturation_curves(r, probe)
+    assert set(curves) == {"gap", "cosine", "probe", "oracle"}
+    assert curves["oracle"][0]["accuracy"] == 1.0 and curves["oracle"][0]["speedup"] >= 1.0
+    for rows in curves.values():
+        for row in rows:
+            assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_layers"] <= 3
+
+
+def test_generation_without_exit_is_the_full_models_greedy_decoding(tiny_gpt2):
+    model, _, _ = tiny_gpt2
+    prompt = [48, 3, 6, 9, 12]
+    full = generate(model, LogitLens(model), prompt, 12)
+    assert full["tokens"] == greedy_reference(model, prompt, 12)
+    assert full["exit_layers"] == [3] * 12
+    assert len(set(full["tokens"])) > 1  # a model that repeats one token would make this vacuous
+
+
+def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(tiny_gpt2):
+    model, _, _ = tiny_gpt2
+    prompt = [48, 1, 4, 7]
+    lens = LogitLens(model)
+    out = generate(model, lens, prompt, 8, lam=-1.0)
+    assert out["exit_layers"] == [3] + [1] * 7  # the first token comes from the full prefill
+    ids = list(prompt) + out["tokens"][:1]
+    for _ in range(7):  # independent: recompute h_1 for the whole prefix, read it with the lens
+        _, cache = model.run_with_cache(torch.tensor([ids]), names_filter="blocks.1.hook_resid_pre")
+        ids.append(int(lens(cache["blocks.1.hook_resid_pre"][0, -1], 1).argmax()))
+    assert out["tokens"] == ids[len(prompt):]
+    assert len(set(out["kv_lengths"])) == 1 and out["kv_lengths"][0] == len(prompt) + 7
+
+
+def test_mixed_exits_keep_every_layers_cache_complete(tiny_gpt2):
+    model, _, _ = tiny_gpt2
+    out = generate(model, LogitLens(model), [48, 2, 5, 8, 11], 16, lam=0.05, n_mean=8)
+    assert set(out["exit_layers"][1:]) == {1, 2, 3}  # exits after blocks 0 and 1, and full runs, interleaved
+    assert out["kv_lengths"] == [5 + 15] * 3  # skipped layers got the exited positions' K/V too
+
+
+def test_generation_refuses_non_gpt2_models(tiny_model):
+    with pytest.raises(NotImplementedError, match="GPT-2"):
+        generate(tiny_model, LogitLens(tiny_model), [0, 1], 2)
+
+
+def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
+    model, _, corpus = tiny_gpt2
+    report = early_exit(model, str(corpus), lenses="logit,mat", max_eval_tokens=400, max_probe_tokens=400,
+                        out=tmp_path / "ee", progress=False)
+    saved = json.loads((tmp_path / "ee" / "report.json").read_text())
+    assert (tmp_path / "ee" / "early_exit.png").is_file()
+    for lens in ("logit", "mat"):
+        rows = saved["curves"][lens]
+        assert [r["lambda"] for r in rows] == list(LAMBDAS)
+        assert set(rows[0]) == {"lambda", "mean_layers", "precision@1", "accuracy"}
+        assert rows[-1]["mean_layers"] == 3 and rows[-1]["precision@1"] == 1.0
+        assert 0.0 <= saved["savings"][lens] < 1.0
+    assert set(saved["saturation"]) == {"gap", "cosine", "probe", "oracle"}
+    assert set(saved["saturation"]["gap"][0]) >= {"threshold", "accuracy", "speedup"}
+    from lensmat.pipeline import tokenized
+
+    assert report["n_eval_tokens"] == tokenized(model, str(corpus), "heldout").n_tokens(400)
