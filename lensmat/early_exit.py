@@ -223,7 +223,8 @@ def _gpt2_parts(model):
 @torch.no_grad()
 def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
              tau: float = TAU) -> dict:
-    """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model).
+    """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model; ``lens`` may
+    then be None).
 
     Each new token runs blocks one at a time with a key/value cache; after block ``l−1`` (residual
     layer ``l``, ``1 ≤ l < L``) the lens reads ``h_l`` and, if its top-two gap exceeds ``θ(t)``,

@@ -84,3 +84,36 @@ class MatLens(Lens):
         if layer == self.n_layers:
             return h
         return self.maps.get(resid_hook(layer), resid_hook(self.n_layers))(h)
+
+
+@torch.no_grad()
+def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> dict:
+    """Top-``k`` next-token predictions of every lens at every layer, for one text (BOS prepended).
+
+    Returns ``{"tokens": [str], "lenses": {name: {"ids": [L+1, pos, k], "probs": [L+1, pos, k]}}}``
+    where ``pos`` counts the BOS; a lens that does not cover a layer (e.g. tuned at ``L``) shows
+    the model's own output there.
+    """
+    from lensmat.data import tokenize
+
+    n_layers = int(model.cfg.n_layers)
+    ids = torch.tensor(tokenize([text], model.tokenizer)).to(model.W_U.device)
+    hooks = [resid_hook(layer) for layer in range(n_layers + 1)]
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in hooks)
+    out = {}
+    for name, lens in lenses.items():
+        rows = [torch.softmax((lens(cache[h][0], layer) if lens.covers(layer) else logits[0]).float(), -1).topk(k)
+                for layer, h in enumerate(hooks)]
+        out[name] = {"ids": torch.stack([r.indices for r in rows]).cpu(), "probs": torch.stack([r.values for r in rows]).cpu()}
+    return {"tokens": [model.tokenizer.decode([t]) for t in ids[0].tolist()], "lenses": out}
+
+
+def predictions_table(model, predictions: dict, lens: str, position: int):
+    """A pandas table of one lens's top-k at one position: one row per layer, cells ``token (p)``."""
+    import pandas as pd
+
+    p = predictions["lenses"][lens]
+    rows = {f"layer {layer}": [f"{model.tokenizer.decode([int(i)])!r} ({float(q):.2f})"
+                               for i, q in zip(p["ids"][layer, position], p["probs"][layer, position])]
+            for layer in range(p["ids"].shape[0])}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"top-{j + 1}" for j in range(p["ids"].shape[2])])

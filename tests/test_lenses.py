@@ -133,3 +133,20 @@ def test_length_one_lines_are_scored_without_next_token(fitted):
     assert scores["mat"]["precision@1"][3] == 1.0 and scores["logit"]["kl"][3] == pytest.approx(0, abs=1e-5)
     assert all(v is None for v in scores["logit"]["ce"])
     assert all(v is not None and v == v for v in scores["logit"]["surprisal"])
+
+
+def test_top_predictions_and_table(tiny_gpt2):
+    import torch
+
+    from lensmat.lenses import LogitLens, predictions_table, top_predictions
+
+    model, _, _ = tiny_gpt2
+    preds = top_predictions(model, {"logit": LogitLens(model)}, "w1 w4 w7", k=5)
+    assert preds["tokens"] == ["<|endoftext|>", "w1", "w4", "w7"]
+    ids = preds["lenses"]["logit"]["ids"]
+    assert ids.shape == (4, 4, 5)
+    full = model(torch.tensor([[48, 1, 4, 7]]))[0].topk(5).indices
+    assert torch.equal(ids[-1], full)
+    table = predictions_table(model, preds, "logit", position=2)
+    assert table.shape == (4, 5) and list(table.index)[0] == "layer 0"
+    assert table.iloc[-1, 0].startswith(repr(model.tokenizer.decode([int(full[2, 0])])))
