@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lensmat
+from lensmat.pipeline import collect_layer_stats, maps_from_stats
 from lensmat.tuned import TunedLensConfig, train_tuned_lens
 
 pytestmark = pytest.mark.slow
@@ -91,3 +93,53 @@ def test_reports_are_deterministic_apart_from_wall_clock(compare_report, referen
                             max_eval_tokens=8_000, progress=False)
     strip = lambda r: json.dumps({k: v for k, v in r.items() if k != "fit_cost"}, sort_keys=True)  # noqa: E731
     assert strip(report) == strip(again)
+
+
+def test_bfloat16_model_gives_float64_statistics_and_maps_close_to_float32(reference_model):
+    """Statistics stay float64 and maps float32 when the model runs in bfloat16; the maps agree
+    with float32-collected ones up to bf16's activation noise and read the same tokens."""
+    bf16 = lensmat.load_model(dtype="bfloat16", device="cpu")
+    train = lensmat.tokenized(reference_model, split="train")
+    heldout = lensmat.tokenized(reference_model, split="heldout")
+    maps = {}
+    for name, model in (("fp32", reference_model), ("bf16", bf16)):
+        stats = collect_layer_stats(model, train, max_tokens=30_000, progress=False)
+        assert stats.gram.dtype == torch.float64
+        maps[name] = maps_from_stats(model, stats, train)
+    L = reference_model.cfg.n_layers
+    for (src, tgt), m in maps["fp32"].maps.items():
+        other = maps["bf16"].maps[(src, tgt)]
+        assert other.W.dtype == m.W.dtype == torch.float32
+        assert float((other.W - m.W).norm() / m.W.norm()) < 0.1, src
+    lenses = {name: lensmat.MatLens(reference_model, ms) for name, ms in maps.items()}
+    scores, _, _ = lensmat.evaluate_lenses(reference_model, lenses, heldout.batches(16, 3_000), progress=False)
+    for layer in range(L + 1):
+        assert abs(scores["bf16"]["precision@1"][layer] - scores["fp32"]["precision@1"][layer]) < 0.02
+
+
+def test_cli_analyses_write_their_report_contracts(tmp_path):
+    """lensmat linearity, saturation and early-exit on real text: the report fields other tools read."""
+    def run(*a):
+        res = subprocess.run([sys.executable, "-m", "lensmat", *a, "--quiet"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return json.loads((tmp_path / a[a.index("--out") + 1] / "report.json").read_text())
+
+    lin = run("linearity", "--max-fit-tokens", "20000", "--max-eval-tokens", "600", "--out", str(tmp_path / "lin"))
+    L = lin["n_layers"]
+    assert len(lin["linearity"]) == len(lin["linearity_no_residual"]) == L
+    assert all(0.0 <= v <= 1.0 for v in lin["linearity"] + lin["linearity_no_residual"])
+    for variant in ("identity", "linear"):
+        rows = lin["pruning"][variant]
+        assert [r["k"] for r in rows] == list(range(L // 2 + 1)) and rows[0]["precision@1"] == 1.0
+        assert set(rows[0]) == {"k", "ce", "precision@1"}
+    sat = run("saturation", "--max-eval-tokens", "1500", "--permutations", "100", "--pairs", "10", "--out", str(tmp_path / "sat"))
+    assert len(sat["mean_rank"]) == 5 and len(sat["probe_accuracy"]) == L + 1
+    assert -1.0 <= sat["kendall_tau"] <= 1.0 and 0.0 < sat["p_value"] <= 1.0
+    assert sat["intervention_success"] is None or 0.0 <= sat["intervention_success"] <= 1.0
+    ee = run("early-exit", "--max-fit-tokens", "20000", "--max-eval-tokens", "1500", "--max-probe-tokens", "1500",
+             "--out", str(tmp_path / "ee"))
+    for lens in ("logit", "mat"):
+        assert set(ee["curves"][lens][0]) == {"lambda", "mean_layers", "precision@1", "accuracy"}
+        assert 0.0 <= ee["savings"][lens] < 1.0
+    assert {"probe", "gap", "cosine", "oracle"} == set(ee["saturation"])
+    assert ee["saturation"]["oracle"][0]["accuracy"] == 1.0
