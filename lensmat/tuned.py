@@ -139,7 +139,7 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
                 opt.step()
                 sched.step()
                 seen += batch.n_scored
-                losses.append(float(loss) / L)
+                losses.append(float(loss.detach()) / L)
                 bar.update(batch.n_scored)
                 bar.set_postfix(kl_per_layer=f"{losses[-1]:.3f}")
     finally:
