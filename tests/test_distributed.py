@@ -1,8 +1,10 @@
 """Two gloo processes give the same maps as one (statistics all-reduced).
 
-Batches of one line make every line's float32 activations identical in both runs (batch
-composition changes float32 matmul blocking by ~1e-7, which is the model's noise, not the
-fit's), so what is compared is the all-reduce and the solve.
+Batches of one line and one thread in every process make each line's float32 activations the
+same in both runs up to float32 rounding (batch composition and thread count change matmul
+blocking by ~1e-7 relative, the model's noise, not the fit's). The tolerances sit a few orders
+above that noise and far below any real error: a lost or double-counted line moves the Gram by
+~1e-1.
 """
 
 import sys
@@ -42,10 +44,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     out = tmp_path / "rank0.pt"
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
-    stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     ref = fit_layer_maps(stats, all_pairs=True)
     assert got["n"] == stats.n
-    assert float((got["gram"] - stats.gram).norm() / stats.gram.norm()) <= 1e-12
+    assert float((got["gram"] - stats.gram).norm() / stats.gram.norm()) <= 1e-6
     for (s, t), m in ref.items():
         W = got["W"][f"{s}->{t}"]
-        assert float((W - m.W.double()).norm() / m.W.double().norm()) <= 1e-10, (s, t)
+        assert float((W - m.W.double()).norm() / m.W.double().norm()) <= 1e-5, (s, t)

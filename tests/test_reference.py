@@ -103,7 +103,7 @@ def test_bfloat16_model_gives_float64_statistics_and_maps_close_to_float32(refer
     heldout = lensmat.tokenized(reference_model, split="heldout")
     maps = {}
     for name, model in (("fp32", reference_model), ("bf16", bf16)):
-        stats = collect_layer_stats(model, train, max_tokens=30_000, progress=False)
+        stats = collect_layer_stats(model, train, max_tokens=6_000, progress=False)
         assert stats.gram.dtype == torch.float64
         maps[name] = maps_from_stats(model, stats, train)
     L = reference_model.cfg.n_layers
@@ -112,7 +112,7 @@ def test_bfloat16_model_gives_float64_statistics_and_maps_close_to_float32(refer
         assert other.W.dtype == m.W.dtype == torch.float32
         assert float((other.W - m.W).norm() / m.W.norm()) < 0.1, src
     lenses = {name: lensmat.MatLens(reference_model, ms) for name, ms in maps.items()}
-    scores, _, _ = lensmat.evaluate_lenses(reference_model, lenses, heldout.batches(16, 3_000), progress=False)
+    scores, _, _ = lensmat.evaluate_lenses(reference_model, lenses, heldout.batches(16, 1_500), progress=False)
     for layer in range(L + 1):
         assert abs(scores["bf16"]["precision@1"][layer] - scores["fp32"]["precision@1"][layer]) < 0.02
 
