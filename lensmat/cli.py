@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="'leipzig-wiki' (default, bundled), a local .txt (one document per line), or hf:name[:config][:split][:column]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device-map", default=None, type=_device_map,
+                   help="split a large model: 'auto', 'balanced' or a JSON {module: device} (instead of --device)")
+    p.add_argument("--n-devices", type=int, default=None, help="split a large model over this many CUDA devices")
     p.add_argument("--max-length", type=int, default=data.DEFAULT_MAX_LENGTH, help="tokens per line, BOS included")
 
 
@@ -26,7 +30,18 @@ def _load(args: argparse.Namespace):
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not getattr(args, "force", False):
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    return models.load_model(args.model, device=args.device, dtype=args.dtype)
+    return models.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                             n_devices=args.n_devices)
+
+
+def _device_map(text: str) -> str | dict:
+    """--device-map: a Hugging Face directive ('auto', 'balanced', ...) or a JSON object."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--device-map is not valid JSON ({err.msg}); e.g. '{{\"\": \"cpu\"}}'.") from err
 
 
 def cmd_info(args: argparse.Namespace) -> int:

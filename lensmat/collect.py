@@ -27,6 +27,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lensmat.data import Batch
+from lensmat.models import input_device
 
 
 class ActivationError(RuntimeError):
@@ -142,21 +143,20 @@ def run_capture(
 
     Raises :class:`ActivationError` when a captured activation holds NaN/Inf.
     """
-    device = model.W_U.device
-    mask = batch.score_mask.to(device)
+    mask = batch.score_mask
     captured: dict[str, torch.Tensor] = {}
 
     def capture_into(name: str):
         def capture(act: torch.Tensor, hook) -> None:
-            rows = act[mask]
+            rows = act[mask.to(act.device)]  # blocks may sit on different devices (device_map)
             _check_finite(name, rows)
             captured[name] = rows
 
         return capture
 
-    out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[(h, capture_into(h)) for h in dict.fromkeys(hooks)],
+    out = model.run_with_hooks(batch.tokens.to(input_device(model)), fwd_hooks=[(h, capture_into(h)) for h in dict.fromkeys(hooks)],
                                return_type="logits" if logits else None)
-    return captured, (out[mask] if logits else None)
+    return captured, (out[mask.to(out.device)] if logits else None)
 
 
 @torch.no_grad()
@@ -251,5 +251,5 @@ def update_stats(
     if stats is None:
         stats = [GramStats(tuple(g), tuple(captured[h].shape[-1] for h in g), device=str(stats_device)) for g in groups]
     for st, g in zip(stats, groups):
-        st.update(torch.cat([captured[h] for h in g], dim=-1))
+        st.update(torch.cat([captured[h].to(st.gram.device) for h in g], dim=-1))
     return stats

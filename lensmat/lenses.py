@@ -49,6 +49,7 @@ class Lens(ABC):
         from transformer_lens.tools.analysis.logit_lens import logit_readout
 
         layer = check_layer(layer, self.n_layers)
+        h = h.to(self.model.W_U.device)  # a no-op unless the model is split across devices
         with torch.no_grad():
             return logit_readout(self.model, self.transform(h, layer), return_type="logits",
                                  chunk_size=self.readout_chunk).values

@@ -72,6 +72,9 @@ def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
 ):
     """A ``TransformerBridge`` in eval mode.
 
@@ -80,11 +83,23 @@ def load_model(
             (loaded offline), or a hub name such as ``"gpt2"`` (needs the network or the HF cache).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``"float16"``, ...
+        device_map: for models larger than one device, a Hugging Face device map (``"auto"``,
+            ``"balanced"``, or ``{module: device}``) passed to the bridge; excludes ``device``.
+        n_devices: split the model over this many CUDA devices (the bridge's balanced map).
+
+    Split models: token ids go to the embedding's device, each captured activation is moved to
+    the statistics' device, and lens readouts happen on the unembedding's device.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     dtype = _resolve_dtype(dtype)
-    device = resolve_device(device)
+    split = device_map is not None or (n_devices or 1) > 1
+    if split and device is not None:
+        raise ValueError("Pass either device or device_map/n_devices, not both: a split model has no single device.")
+    if n_devices is not None and n_devices > 1 and not (torch.cuda.is_available() and torch.cuda.device_count() >= n_devices):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"n_devices={n_devices} needs that many CUDA devices; {found} found. Use device= instead.")
+    placement = {"device_map": device_map, "n_devices": n_devices} if split else {"device": str(resolve_device(device))}
     spec_str = REFERENCE if spec is None else os.fspath(spec)
     path = reference_model_path() if spec_str == REFERENCE else Path(spec_str).expanduser()
     is_local = spec_str == REFERENCE or path.exists()
@@ -100,11 +115,11 @@ def load_model(
                 "with save_pretrained(), or a hub name."
             )
         with _hub_offline():
-            model = TransformerBridge.boot_transformers(str(path), device=str(device), dtype=dtype)
+            model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement)
         model.cfg.model_name = "reference" if spec_str == REFERENCE else str(path)
     else:
         try:
-            model = TransformerBridge.boot_transformers(spec_str, device=str(device), dtype=dtype)
+            model = TransformerBridge.boot_transformers(spec_str, dtype=dtype, **placement)
         except Exception as err:
             raise ModelLoadError(
                 f"Could not load {spec_str!r} from the Hugging Face hub ({type(err).__name__}); "
@@ -202,6 +217,12 @@ def _same_unembedding(saved: dict, info: ModelInfo) -> bool:
 def model_device(model) -> torch.device:
     """The device of the model's unembedding (where lens readouts happen)."""
     return model.W_U.device
+
+
+def input_device(model) -> torch.device:
+    """The device of the token embedding (where input ids go); differs from :func:`model_device`
+    when the model is split across devices with ``device_map``."""
+    return model.W_E.device
 
 
 def model_dtype(model) -> torch.dtype:

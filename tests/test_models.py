@@ -22,6 +22,42 @@ def test_describe_tiny_model(tiny_model):
     assert info == models.describe(tiny_model)  # hashes are deterministic
 
 
+def test_device_map_reaches_the_bridge_instead_of_device(tiny_gpt2, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    seen = {}
+    real = TransformerBridge.boot_transformers
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", spy)
+    lensmat.load_model(str(tiny_gpt2[1]), device_map="auto")
+    assert seen["device_map"] == "auto" and "device" not in seen
+
+
+def test_a_device_mapped_model_fits_the_same_maps_as_a_plain_one(tiny_gpt2):
+    """The split-model path end to end. Only CPU targets exist on a CPU machine (where Hugging Face
+    places everything on the CPU without dispatching), so this checks it against the plain load."""
+    plain, folder, corpus = tiny_gpt2
+    mapped = lensmat.load_model(str(folder), device_map={"": "cpu"})
+    fits = [lensmat.fit_maps(m, str(corpus), progress=False, all_pairs=False) for m in (plain, mapped)]
+    for key, m in fits[0].maps.items():
+        assert torch.equal(m.W, fits[1].maps[key].W), key
+    h = torch.randn(5, plain.cfg.d_model)
+    assert torch.equal(lensmat.MatLens(mapped, fits[1])(h, 1), lensmat.MatLens(plain, fits[0])(h, 1))
+
+
+def test_split_placement_errors_name_the_fix(tiny_gpt2):
+    _, folder, _ = tiny_gpt2
+    with pytest.raises(ValueError, match="either device or device_map"):
+        lensmat.load_model(str(folder), device="cpu", device_map="auto")
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValueError, match="n_devices=64 needs that many CUDA devices"):
+            lensmat.load_model(str(folder), n_devices=64)
+
+
 @pytest.mark.slow
 def test_reference_model_matches_hf_logits(reference_model):
     from transformers import AutoModelForCausalLM

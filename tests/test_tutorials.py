@@ -27,3 +27,8 @@ def test_tutorial_runs(path, tmp_path):
     assert not errors
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "each tutorial shows its plots inline"
+    if any("import circuitsvis" in c.source for c in nb.cells if c.cell_type == "code"):
+        html = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+        views = [h for h in html if "circuitsvis" in h.lower() or "<script" in h]
+        assert views, "the circuitsvis view rendered no HTML"
+        assert not any("unpkg.com" in h for h in views), "offline, circuitsvis must inline its bundled JavaScript"
