@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe, load_model
-from lensmat.saturation import Rankings, collect_rankings, saturation_layers
+from lensmat.saturation import Rankings, collect_rankings, saturation_layers, single_blas_thread
 
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
 TAU = 4.0
@@ -123,13 +123,15 @@ class SaturationProbe:
         y = (layers >= s1[None]).reshape(-1).numpy()
         if y.all() or not y.any():
             raise ValueError("The probe needs saturated and unsaturated (token, layer) pairs; use more tokens.")
-        self.clf.fit(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy(), y)
+        with single_blas_thread():
+            self.clf.fit(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy(), y)
         return self
 
     def signal(self, resid: Float[torch.Tensor, "layers n d"]) -> Float[torch.Tensor, "layers n"]:
         """P(saturated) per layer (0 at layers 0 and L, which the exit rule never reads)."""
         n_layers = resid.shape[0] - 1
-        p = self.clf.predict_proba(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy())[:, 1]
+        with single_blas_thread():
+            p = self.clf.predict_proba(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy())[:, 1]
         out = torch.zeros(resid.shape[:2], dtype=torch.float64)
         out[1:n_layers] = torch.from_numpy(p).reshape(n_layers - 1, -1)
         return out

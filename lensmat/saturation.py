@@ -153,33 +153,45 @@ def task_labels(s: Int[torch.Tensor, "n k"], n_layers: int) -> Int[torch.Tensor,
     return (layers > s[None]).sum(-1).add(1).masked_fill((layers > s[None]).all(-1), 0)
 
 
+def single_blas_thread():
+    """A context for scikit-learn's small solves: BLAS threads running beside torch's OpenMP pool
+    made the probes here ~18× slower than one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def probe_accuracy(resid: Float[torch.Tensor, "layers n d"], labels: Int[torch.Tensor, "layers n"], *,
                    folds: int = 5, seed: int = 0, control: bool = False) -> list[float | None]:
     """Balanced accuracy per layer of a standardised, class-balanced logistic regression predicting
     the task from ``h_l`` (``folds``-fold stratified cross-validation); ``control=True`` replaces
     the features by Gaussian noise. ``None`` at layers with fewer than two classes of ``folds`` tokens."""
+    rng = np.random.default_rng(seed)
+    out: list[float | None] = []
+    with single_blas_thread():
+        for layer in range(resid.shape[0]):
+            out.append(_probe_layer(resid[layer], labels[layer], folds, seed, rng if control else None))
+    return out
+
+
+def _probe_layer(resid, labels, folds: int, seed: int, noise: np.random.Generator | None) -> float | None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    rng = np.random.default_rng(seed)
-    out: list[float | None] = []
-    for layer in range(resid.shape[0]):
-        y = labels[layer].numpy()
-        classes, counts = np.unique(y[y > 0], return_counts=True)
-        keep = np.isin(y, classes[counts >= folds])
-        if len(classes[counts >= folds]) < 2:
-            out.append(None)
-            continue
-        x = resid[layer].numpy()[keep].astype(np.float64)
-        if control:
-            x = rng.standard_normal(x.shape)
-        clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
-        pred = cross_val_predict(clf, x, y[keep], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
-        out.append(float(balanced_accuracy_score(y[keep], pred)))
-    return out
+    y = labels.numpy()
+    classes, counts = np.unique(y[y > 0], return_counts=True)
+    keep = np.isin(y, classes[counts >= folds])
+    if len(classes[counts >= folds]) < 2:
+        return None
+    x = resid.numpy()[keep].astype(np.float64)
+    if noise is not None:
+        x = noise.standard_normal(x.shape)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
+    pred = cross_val_predict(clf, x, y[keep], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    return float(balanced_accuracy_score(y[keep], pred))
 
 
 @torch.no_grad()
