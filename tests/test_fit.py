@@ -36,7 +36,16 @@ def test_counts_and_sums_match_stacked(setup):
     assert stats.n == sum(b.n_scored for b in batches) == acts[hooks[0]].shape[0]
     z = torch.cat([acts[h] for h in hooks], dim=-1)
     assert rel_err(stats.gram, z.T @ z) < 1e-12
+    assert rel_err(stats.gram, stats.gram.T) < 1e-14
     assert rel_err(stats.sum, z.sum(0)) < 1e-12
+
+
+def test_gram_of_hooks_of_different_widths_is_the_full_product():
+    z = torch.randn(37, 3 + 8 + 5, dtype=torch.float64)
+    st = GramStats(("a", "b", "c"), (3, 8, 5))
+    for chunk in z.split(10):
+        st.update(chunk)
+    assert rel_err(st.gram, z.T @ z) < 1e-12 and rel_err(st.gram, st.gram.T) < 1e-14
 
 
 @pytest.mark.parametrize("intercept", [False, True])
