@@ -113,3 +113,16 @@ def test_bad_kinds_and_blocks(model):
         submodule_pair(model, "ffn", 0)
     with pytest.raises(IndexError, match="blocks 0..2"):
         submodule_pair(model, "attn", 3)
+
+
+def test_parallel_and_attention_only_architectures_get_the_substitute_or_a_clear_error(monkeypatch):
+    model = make_tiny_model()
+    assert submodule_pair(model, "ln2", 1)[0] == "blocks.1.hook_resid_mid"
+    monkeypatch.setattr(model.cfg, "parallel_attn_mlp", True, raising=False)
+    assert submodule_pair(model, "ln2", 1) == ("blocks.1.hook_resid_pre", "blocks.1.ln2.hook_out")
+    monkeypatch.setattr(model.cfg, "parallel_attn_mlp", False, raising=False)
+    monkeypatch.setattr(model.cfg, "attn_only", True, raising=False)
+    for kind in ("ln2", "mlp"):
+        with pytest.raises(ValueError, match="attention-only"):
+            submodule_pair(model, kind, 0)
+    assert submodule_pair(model, "attn", 0) == ("blocks.0.ln1.hook_out", "blocks.0.hook_attn_out")
