@@ -241,6 +241,10 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
 
     n_layers = len(core.h)
     device = core.wte.weight.device
+
+    def readout(h):  # the model's own final norm and head; lenses contribute only their transform here,
+        return model.original_model.lm_head(core.ln_f(h))  # as the checked batch readout costs ~4 ms a call
+
     start = time.perf_counter()
     cache = DynamicCache(config=model.original_model.config)
     ids = torch.tensor([prompt], device=device)
@@ -258,7 +262,7 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
             x = x[0] if isinstance(x, tuple) else x
             layer = i + 1
             if layer < n_layers and theta < 1:
-                probs = torch.softmax(lens(x[0, -1], layer).float(), -1).topk(2)
+                probs = torch.softmax(readout(lens.transform(x[0, -1], layer)).float(), -1).topk(2)
                 if float(probs.values[0] - probs.values[1]) > theta:
                     exit_layer, emitted = layer, int(probs.indices[0])
                     for skipped in core.h[layer:]:  # CALM: the skipped layers' K/V from h_exit
@@ -268,7 +272,7 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
                         cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx)
                     break
         if emitted is None:
-            emitted = int(model.original_model.lm_head(core.ln_f(x[:, -1])).argmax(-1))
+            emitted = int(readout(x[:, -1]).argmax(-1))
         tokens.append(emitted)
         exits.append(exit_layer)
         token = emitted

@@ -80,10 +80,13 @@ def test_generation_without_exit_is_the_full_models_greedy_decoding(tiny_gpt2):
     assert len(set(full["tokens"])) > 1  # a model that repeats one token would make this vacuous
 
 
-def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(tiny_gpt2):
-    model, _, _ = tiny_gpt2
+@pytest.mark.parametrize("kind", ["logit", "mat"])
+def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(tiny_gpt2, kind):
+    import lensmat
+
+    model, _, corpus = tiny_gpt2
     prompt = [48, 1, 4, 7]
-    lens = LogitLens(model)
+    lens = LogitLens(model) if kind == "logit" else lensmat.MatLens(model, lensmat.fit_maps(model, str(corpus), progress=False))
     out = generate(model, lens, prompt, 8, lam=-1.0)
     assert out["exit_layers"] == [3] + [1] * 7  # the first token comes from the full prefill
     ids = list(prompt) + out["tokens"][:1]
