@@ -85,10 +85,12 @@ def main() -> None:
     scores, _, n = evaluate_lenses(bridge, {"lensmat": ours, "package": PackageLens(bridge), "logit": lensmat.LogitLens(bridge)},
                                    heldout.batches(args.batch_size, args.eval_tokens), progress=False)
     print(f"held-out KL(p_final || p_lens), nats/token, {n} tokens; both trained on {args.tokens} tokens")
-    print(f"{'layer':>5} {'logit':>8} {'lensmat tuned':>14} {'package tuned':>14}")
+    print(f"{'layer':>5} {'logit':>8} {'lensmat tuned':>14} {'package tuned':>14} {'|diff|':>9}")
     for layer in range(L + 1):
-        print(f"{layer:>5} {scores['logit']['kl'][layer]:>8.4f} {scores['lensmat']['kl'][layer]:>14.4f} "
-              f"{scores['package']['kl'][layer]:>14.4f}")
+        a, b = scores["lensmat"]["kl"][layer], scores["package"]["kl"][layer]
+        print(f"{layer:>5} {scores['logit']['kl'][layer]:>8.4f} {a:>14.6f} {b:>14.6f} {abs(a - b):>9.1e}")
+    gap = max((ours.W[l] - theirs[l].weight.T).abs().max().item() for l in range(L))  # ours: h @ W; nn.Linear: h @ Wᵀ
+    print(f"largest |W_lensmat − W_package| over layers: {gap:.1e} (both start at zero)")
 
 
 if __name__ == "__main__":
