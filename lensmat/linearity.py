@@ -26,7 +26,7 @@ import torch
 from lensmat import data
 from lensmat.collect import GramStats, resid_hook
 from lensmat.fit import LinearMap, MapSet, centred, fit_map, solve_spd
-from lensmat.metrics import TOP_K, LensScores
+from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe, load_model
 from lensmat.pipeline import collect_layer_stats, tokenized
 from lensmat.swap import submodule_pair, swap_hooks
@@ -95,16 +95,12 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
     for batch in batches:
         tokens, mask = batch.tokens.to(device), batch.score_mask.to(device)
         logits = model(tokens)[mask]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        p_topk = logp.topk(max(TOP_K), dim=-1).indices
-        nxt = torch.zeros_like(batch.tokens)
-        nxt[:, :-1] = batch.tokens[:, 1:]
-        args = (logp, p_topk, nxt[batch.score_mask].to(device), batch.target_mask[batch.score_mask].to(device))
+        ref = Reference(logits, batch)
         for name, maps in variants.items():
-            scores[name].update(0, logits, *args)
+            scores[name].update(0, logits, ref)
             for k in range(1, max_k + 1):
                 pruned = model.run_with_hooks(tokens, fwd_hooks=swap_hooks(model, maps, ["block"], order[:k]))
-                scores[name].update(k, pruned[mask], *args)
+                scores[name].update(k, pruned[mask], ref)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()

@@ -43,6 +43,22 @@ METRICS = ("precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce"
 TOP_K = (1, 5, 10)
 
 
+class Reference:
+    """What every lens is scored against at one batch's scored positions, computed once per batch:
+    the full model's ``logp`` and ``p`` (``[n, vocab]``), its top-``max(TOP_K)`` ids, ``neg_entropy``
+    = Σ p log p per position, and the next-token ``targets`` with ``has_target`` (False at a line's last token)."""
+
+    def __init__(self, logits: Float[torch.Tensor, "n vocab"], batch: Batch) -> None:
+        self.logp = torch.log_softmax(logits.float(), dim=-1)
+        self.p = self.logp.exp()
+        self.topk = self.logp.topk(max(TOP_K), dim=-1).indices
+        self.neg_entropy = (self.p * self.logp).nan_to_num().sum(-1)  # [n]; 0·log 0 = 0
+        next_tokens = torch.zeros_like(batch.tokens)
+        next_tokens[:, :-1] = batch.tokens[:, 1:]
+        self.targets = next_tokens[batch.score_mask].to(logits.device)
+        self.has_target = batch.target_mask[batch.score_mask].to(logits.device)
+
+
 class LensScores:
     """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE.
 
@@ -58,20 +74,23 @@ class LensScores:
         self.n_ce = torch.zeros(n_layers + 1, dtype=torch.float64)
 
     def update(
-        self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], logp: Float[torch.Tensor, "n vocab"],
-        p_topk: Int[torch.Tensor, "n k"], targets: Int[torch.Tensor, "n"], has_target: torch.Tensor,
-    ) -> None:
-        logq = torch.log_softmax(lens_logits.float(), dim=-1)
-        top1 = logq.argmax(-1)
+        self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
+        """Add one batch at ``layer``. With ``z`` the lens logits and ``log q = z − lse(z)``:
+        KL(p‖q) = Σ p log p − Σ p z + lse(z) (as Σ p = 1), CE = lse(z) − z[target]; so ``log q``
+        itself is never materialised."""
+        z = lens_logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        top1 = z.argmax(-1)
         for k in TOP_K:
-            self.sums[f"precision@{k}"][layer] += float((p_topk[:, :k] == top1[:, None]).any(-1).sum())
-        self.sums["surprisal"][layer] += float(-logp.gather(-1, top1[:, None]).sum())
-        self.sums["kl"][layer] += float((logp.exp() * (logp - logq)).sum())
-        if has_target.any():
-            ce = -logq[has_target].gather(-1, targets[has_target][:, None])
+            self.sums[f"precision@{k}"][layer] += float((ref.topk[:, :k] == top1[:, None]).any(-1).sum())
+        self.sums["surprisal"][layer] += float(-ref.logp.gather(-1, top1[:, None]).sum())
+        self.sums["kl"][layer] += float((ref.neg_entropy - (ref.p * z).sum(-1) + lse).double().sum())
+        if ref.has_target.any():
+            hit = ref.has_target
+            ce = lse[hit] - z[hit].gather(-1, ref.targets[hit][:, None])[:, 0]
             self.sums["ce"][layer] += float(ce.sum())
-        self.n[layer] += logq.shape[0]
-        self.n_ce[layer] += float(has_target.sum())
+        self.n[layer] += z.shape[0]
+        self.n_ce[layer] += float(ref.has_target.sum())
 
     def result(self) -> dict[str, list[float | None]]:
         """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored)."""
@@ -119,16 +138,11 @@ def evaluate_lenses(
         captured, logits = run_capture(model, batch, hooks + extra, logits=True)
         if stats_groups:
             stats = update_stats(stats, stats_groups, captured)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        p_topk = logp.topk(max(TOP_K), dim=-1).indices
-        next_tokens = torch.zeros_like(batch.tokens)
-        next_tokens[:, :-1] = batch.tokens[:, 1:]
-        targets = next_tokens[batch.score_mask].to(logp.device)
-        has_target = batch.target_mask[batch.score_mask].to(logp.device)
+        ref = Reference(logits, batch)
         for layer, hook in zip(layers, hooks):
             for name, lens in lenses.items():
                 if lens.covers(layer):
-                    scores[name].update(layer, lens(captured[hook], layer), logp, p_topk, targets, has_target)
+                    scores[name].update(layer, lens(captured[hook], layer), ref)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()

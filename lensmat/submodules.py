@@ -22,7 +22,7 @@ from lensmat import data
 from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
-from lensmat.metrics import TOP_K, LensScores
+from lensmat.metrics import LensScores, Reference
 from lensmat.models import load_model
 from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
 from lensmat.swap import SUBMODULE_KINDS, expand_kinds, submodule_pair, swap_hooks
@@ -85,24 +85,18 @@ def evaluate_swaps(model, sub_maps: MapSet, layer_maps: MapSet | None, batches, 
     n_tokens = 0
     for batch in batches:
         captured, logits = run_capture(model, batch, hooks, logits=True)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        p_topk = logp.topk(max(TOP_K), dim=-1).indices
-        nxt = torch.zeros_like(batch.tokens)
-        nxt[:, :-1] = batch.tokens[:, 1:]
-        targets = nxt[batch.score_mask].to(logp.device)
-        has_target = batch.target_mask[batch.score_mask].to(logp.device)
-        args = (logp, p_topk, targets, has_target)
+        ref = Reference(logits, batch)
         for layer in range(n_layers + 1):
             for name, lens in lenses.items():
                 if name in proto:
-                    proto[name].update(layer, lens(captured[resid_hook(layer)], layer), *args)
+                    proto[name].update(layer, lens(captured[resid_hook(layer)], layer), ref)
             for v in swap_variants:
                 swapped = logits if layer == n_layers else _swapped_logits(
                     model, batch, swap_hooks(model, sub_maps, [v], range(layer, n_layers)))
-                proto[v].update(layer, swapped, *args)
+                proto[v].update(layer, swapped, ref)
         for kind in single_kinds:
             for block in range(n_layers):
-                single[kind].update(block, _swapped_logits(model, batch, swap_hooks(model, sub_maps, [kind], [block])), *args)
+                single[kind].update(block, _swapped_logits(model, batch, swap_hooks(model, sub_maps, [kind], [block])), ref)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()
