@@ -84,7 +84,8 @@ class LensScores:
         for k in TOP_K:
             self.sums[f"precision@{k}"][layer] += float((ref.topk[:, :k] == top1[:, None]).any(-1).sum())
         self.sums["surprisal"][layer] += float(-ref.logp.gather(-1, top1[:, None]).sum())
-        self.sums["kl"][layer] += float((ref.neg_entropy - (ref.p * z).sum(-1) + lse).double().sum())
+        kl = (ref.neg_entropy - (ref.p * z).sum(-1) + lse).clamp_min(0)  # ≥ 0; rounding can dip below at q = p
+        self.sums["kl"][layer] += float(kl.double().sum())
         if ref.has_target.any():
             hit = ref.has_target
             ce = lse[hit] - z[hit].gather(-1, ref.targets[hit][:, None])[:, 0]
