@@ -27,9 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """The model named by --model on --device in --dtype (refusing an existing --out first)."""
-    out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not getattr(args, "force", False):
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+    from lensmat.compare import refuse_existing
+
+    refuse_existing(getattr(args, "out", None), getattr(args, "force", False))
     return models.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                              n_devices=args.n_devices)
 

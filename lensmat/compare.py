@@ -127,10 +127,7 @@ def compare(
     from lensmat import plots
 
     names = parse_lenses(lenses)
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length)
@@ -157,6 +154,19 @@ def compare(
         write_report(report, out)
         plots.compare_plots(report, out)
     return report
+
+
+def refuse_existing(out: str | os.PathLike | None, force: bool) -> None:
+    """Refuse an existing output folder before any work starts (unless ``force``)."""
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
+
+
+def start_run(model, out: str | os.PathLike | None, force: bool):
+    """The common start of a reporting command: refuse an existing ``out`` (unless ``force``), then
+    return ``model`` as a bridge (a spec or ``None`` is loaded with :func:`load_model`)."""
+    refuse_existing(out, force)
+    return load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
 
 
 def write_report(report: dict, out: str | os.PathLike) -> Path:

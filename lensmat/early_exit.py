@@ -27,13 +27,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
 
 from lensmat import data
-from lensmat.models import describe, load_model
+from lensmat.models import describe
 from lensmat.saturation import Rankings, collect_rankings, saturation_layers, single_blas_thread
 
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
@@ -172,17 +171,13 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     top-level ``saturation`` holds the first lens's curves, ``saturation_by_lens`` all of them.
     """
     from lensmat import plots
-    from lensmat.compare import build_lenses, parse_lenses, write_report
+    from lensmat.compare import build_lenses, parse_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
     names = parse_lenses(lenses)
-    bad = [n for n in names if n == "jacobian"]
-    if bad:
+    if "jacobian" in names:
         raise ValueError("Early exit supports the logit, mat, mat-affine and tuned lenses.")
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
     built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,7 @@ from lensmat import data
 from lensmat.collect import GramStats, resid_hook
 from lensmat.fit import LinearMap, MapSet, centred, fit_map, solve_spd
 from lensmat.metrics import LensScores, Reference
-from lensmat.models import describe, load_model
+from lensmat.models import describe
 from lensmat.pipeline import collect_layer_stats, tokenized
 from lensmat.swap import submodule_pair, swap_hooks
 
@@ -123,12 +122,9 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     (default ``L // 2``).
     """
     from lensmat import plots
-    from lensmat.compare import write_report
+    from lensmat.compare import start_run, write_report
 
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     max_k = n_layers // 2 if max_k is None else max_k
     if not 0 <= max_k <= n_layers:

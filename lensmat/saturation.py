@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.collect import resid_hook, resid_hooks, run_capture
-from lensmat.models import describe, load_model
+from lensmat.models import describe
 
 
 @dataclass
@@ -263,15 +262,12 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     """The saturation protocol on ``heldout`` under one lens (``logit``, ``mat``, ``mat-affine`` or
     ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report."""
     from lensmat import plots
-    from lensmat.compare import build_lenses, write_report
+    from lensmat.compare import build_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
     if lens not in ("logit", "mat", "mat-affine", "tuned"):
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: logit, mat, mat-affine, tuned.")
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
     lenses, _, _ = build_lenses(model, [lens], train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,

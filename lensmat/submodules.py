@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +22,6 @@ from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
-from lensmat.models import load_model
 from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
 from lensmat.swap import SUBMODULE_KINDS, expand_kinds, submodule_pair, swap_hooks
 
@@ -110,16 +108,13 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     """Fit sub-module and block maps on ``train``, run the paper's protocol and single-block swaps
     on ``heldout``, and return (and with ``out``, write) the ``submodules`` report."""
     from lensmat import plots
-    from lensmat.compare import write_report
+    from lensmat.compare import start_run, write_report
 
     kinds = list(kinds)
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
     if bad:
         raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     train: Tokenized = tokenized(model, dataset, "train", max_length)
     pairs = submodule_pairs(model, kinds)
