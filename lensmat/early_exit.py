@@ -59,11 +59,16 @@ def first_exit(signal: Float[torch.Tensor, "layers n"], threshold: Float[torch.T
     return exits
 
 
+def emitted_tokens(top1: Int[torch.Tensor, "layers n"], exits: Int[torch.Tensor, "n"]) -> Int[torch.Tensor, "n"]:
+    """The lens's top-1 at each token's exit layer."""
+    return top1.gather(0, exits[None])[0]
+
+
 def exit_scores(exits: Int[torch.Tensor, "n"], top1: Int[torch.Tensor, "layers n"], final_top1: Int[torch.Tensor, "n"],
                 targets: Int[torch.Tensor, "n"]) -> dict:
     """Mean blocks run, Precision@1 against the model and accuracy against the text (positions
     with a next token) for given exit layers."""
-    emitted = top1.gather(0, exits[None])[0]
+    emitted = emitted_tokens(top1, exits)
     has = targets >= 0
     return {"mean_layers": float(exits.double().mean()),
             "precision@1": float((emitted == final_top1).double().mean()),
@@ -79,7 +84,7 @@ def confidence_curve(rankings: Rankings, targets: Int[torch.Tensor, "n"], lambda
     """The paper's confidence exit for each λ: ``[{lambda, mean_layers, precision@1, accuracy}]``."""
     t = positions(rankings)
     n_mean = float((t + 1).double().mean())
-    gap = (rankings.lens_topp[..., 0] - rankings.lens_topp[..., 1]).double()
+    gap = rankings.top_two_gap
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
     return [{"lambda": lam, **exit_scores(first_exit(gap, exit_threshold(lam, t, n_mean, tau)), top1, final, targets)}
             for lam in lambdas]
@@ -144,11 +149,10 @@ def saturation_curves(rankings: Rankings, probe: SaturationProbe | None = None, 
     s1 = saturation_layers(top1[..., None], final[:, None])[:, 0]
 
     def row(threshold, exits):
-        emitted = top1.gather(0, exits[None])[0]
-        return {"threshold": threshold, "accuracy": float((emitted == final).double().mean()),
+        return {"threshold": threshold, "accuracy": float((emitted_tokens(top1, exits) == final).double().mean()),
                 "speedup": n_layers * len(exits) / max(int(exits.sum()), 1), "mean_layers": float(exits.double().mean())}
 
-    signals = {"gap": (rankings.lens_topp[..., 0] - rankings.lens_topp[..., 1]).double()}
+    signals = {"gap": rankings.top_two_gap}
     if rankings.resid is not None:
         signals["cosine"] = cosine_signal(rankings.resid)
         if probe is not None:

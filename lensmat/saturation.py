@@ -33,21 +33,30 @@ class Rankings:
     """Per-token top-K ids under a lens at every residual layer, on scored positions.
 
     ``lens_topk`` is ``[L+1, n, K]`` (layer ``L`` = the model's output) and ``lens_topp`` their
-    probabilities under the lens; ``final_topk`` ``[n, K]``; ``resid`` ``[L+1, n, d_model]``
-    (float32, CPU) when kept; ``origin[i] = (line index, position)``.
+    probabilities under the lens; ``resid`` ``[L+1, n, d_model]`` (float32, CPU) when kept;
+    ``origin[i] = (line index, position)``.
     """
 
     lens_topk: Int[torch.Tensor, "layers n k"]
     lens_topp: Float[torch.Tensor, "layers n k"]
-    final_topk: Int[torch.Tensor, "n k"]
     resid: Float[torch.Tensor, "layers n d"] | None
     origin: list[tuple[int, int]]
 
     def select(self, keep: torch.Tensor) -> "Rankings":
         """The tokens where the boolean mask ``keep`` ``[n]`` is true."""
-        return Rankings(self.lens_topk[:, keep], self.lens_topp[:, keep], self.final_topk[keep],
+        return Rankings(self.lens_topk[:, keep], self.lens_topp[:, keep],
                         None if self.resid is None else self.resid[:, keep],
                         [o for o, m in zip(self.origin, keep.tolist()) if m])
+
+    @property
+    def final_topk(self) -> Int[torch.Tensor, "n k"]:
+        """The model's own top-K (layer ``L``)."""
+        return self.lens_topk[-1]
+
+    @property
+    def top_two_gap(self) -> Float[torch.Tensor, "layers n"]:
+        """The lens's confidence ``p(1) − p(2)`` at every layer (float64)."""
+        return (self.lens_topp[..., 0] - self.lens_topp[..., 1]).double()
 
     def targets(self, seqs: list[list[int]]) -> Int[torch.Tensor, "n"]:
         """The actual next token of each ranked position (−1 at the end of a line)."""
@@ -62,7 +71,7 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
 
     n_layers = int(model.cfg.n_layers)
     hooks = resid_hooks(n_layers)
-    tops, probs, finals, resids, origin = [], [], [], [], []
+    tops, probs, resids, origin = [], [], [], []
     total = data.count_tokens(seqs) if max_tokens is None else min(max_tokens, data.count_tokens(seqs))
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="rankings", disable=not progress)
     line = 0
@@ -73,7 +82,6 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
         final = torch.softmax(logits.float(), -1).topk(k, -1)
         tops.append(torch.stack([t.indices.cpu() for t in (*per_layer, final)]))
         probs.append(torch.stack([t.values.cpu() for t in (*per_layer, final)]))
-        finals.append(final.indices.cpu())
         if keep_resid:
             resids.append(torch.stack([captured[h].float().cpu() for h in hooks]))
         rows, cols = batch.score_mask.nonzero(as_tuple=True)
@@ -83,8 +91,7 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
     bar.close()
     if not tops:
         raise ValueError("No tokens to rank: the corpus split is empty.")
-    return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(finals), torch.cat(resids, 1) if keep_resid else None,
-                    origin)
+    return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(resids, 1) if keep_resid else None, origin)
 
 
 def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"]

@@ -19,7 +19,7 @@ def random_rankings(n_layers=4, n=300, seed=0) -> tuple[Rankings, torch.Tensor]:
     topp = torch.stack([p1, p1 * torch.rand(n_layers + 1, n, generator=g)], -1)
     origin = [(i // 10, 1 + i % 10) for i in range(n)]
     targets = torch.randint(-1, 6, (n,), generator=g)
-    return Rankings(topk, topp, topk[-1], torch.randn(n_layers + 1, n, 5, generator=g), origin), targets
+    return Rankings(topk, topp, torch.randn(n_layers + 1, n, 5, generator=g), origin), targets
 
 
 def test_threshold_follows_the_paper():
