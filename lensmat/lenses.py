@@ -20,6 +20,7 @@ from jaxtyping import Float
 
 from lensmat.collect import check_layer, resid_hook
 from lensmat.fit import MapSet
+from lensmat.models import input_device, model_device
 
 
 class Lens(ABC):
@@ -49,7 +50,7 @@ class Lens(ABC):
         from transformer_lens.tools.analysis.logit_lens import logit_readout
 
         layer = check_layer(layer, self.n_layers)
-        h = h.to(self.model.W_U.device)  # a no-op unless the model is split across devices
+        h = h.to(model_device(self.model))  # a no-op unless the model is split across devices
         with torch.no_grad():
             return logit_readout(self.model, self.transform(h, layer), return_type="logits",
                                  chunk_size=self.readout_chunk).values
@@ -98,7 +99,7 @@ def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> di
     from lensmat.data import tokenize
 
     n_layers = int(model.cfg.n_layers)
-    ids = torch.tensor(tokenize([text], model.tokenizer)).to(model.W_U.device)
+    ids = torch.tensor(tokenize([text], model.tokenizer)).to(input_device(model))
     hooks = [resid_hook(layer) for layer in range(n_layers + 1)]
     logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in hooks)
     out = {}

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.collect import resid_hook, resid_hooks, run_capture
-from lensmat.models import describe
+from lensmat.models import describe, input_device
 
 
 @dataclass
@@ -206,17 +206,15 @@ def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int, state: 
     """The lens's top-1 at ``pos`` at every layer ``0..L`` (``L`` = the model) after replacing
     ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``)."""
     n_layers = int(model.cfg.n_layers)
-    device = model.W_U.device
-    state = state.to(device, model.W_U.dtype)
     hooks = resid_hooks(n_layers)
 
     def put(act, hook):
-        act[0, pos] = state
+        act[0, pos] = state.to(act.device, act.dtype)
         return act
 
     captured = {}
     capture = [(h, lambda act, hook, h=h: captured.__setitem__(h, act[0, pos].clone())) for h in hooks]
-    logits = model.run_with_hooks(torch.tensor([tokens], device=device),
+    logits = model.run_with_hooks(torch.tensor([tokens], device=input_device(model)),
                                   fwd_hooks=[(resid_hook(layer), put), *capture])[0, pos]
     top1 = [lens(captured[h][None], i)[0].argmax() if lens.covers(i) else logits.argmax()
             for i, h in enumerate(hooks[:-1])]
