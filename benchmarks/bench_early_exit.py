@@ -12,8 +12,8 @@ disagreement the prefixes differ, so "prefix" also gives the mean length of the 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+
+from machine import machine
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = lensmat.load_model(args.model, device="cpu")
     n_layers = int(model.cfg.n_layers)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model: {args.model or 'reference'} ({n_layers} blocks)")
+    print(f"{machine()}; model: {args.model or 'reference'} ({n_layers} blocks)")
     lenses = {}
     for name in args.lenses.split(","):
         lenses[name] = (lensmat.LogitLens(model) if name == "logit" else

@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
+
+from machine import machine
 
 
 def timed(fn):
@@ -40,8 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = lensmat.load_model(args.model, device="cpu")
     L = int(model.cfg.n_layers)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model: {args.model or 'reference'} ({L} blocks, d_vocab {model.cfg.d_vocab})")
+    print(f"{machine()}; model: {args.model or 'reference'} ({L} blocks, d_vocab {model.cfg.d_vocab})")
     train = lensmat.tokenized(model, split="train")
     heldout = lensmat.tokenized(model, split="heldout")
     batches = list(heldout.batches(args.batch_size, args.eval_tokens))

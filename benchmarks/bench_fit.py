@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from machine import machine
 
 
 def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict:
@@ -72,10 +72,8 @@ def main() -> None:
         kind, tokens = args.job.split(":")
         print(json.dumps(job(kind, int(tokens), args.model, args.batch_size)))
         return
-    import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model: {args.model or 'reference'}")
+    print(f"{machine()}; model: {args.model or 'reference'}")
     results = {}
     for tokens in args.tokens:
         for kind in args.kinds.split(","):
