@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
-from lensmat.saturation import Rankings, collect_rankings, saturation_layers, single_blas_thread
+from lensmat.saturation import Rankings, balanced_probe, collect_rankings, saturation_layers, single_blas_thread
 
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
 TAU = 4.0
@@ -114,12 +114,7 @@ class SaturationProbe:
     (``l ≥ s_1``), pooled over layers ``1..L-1``, class-balanced."""
 
     def __init__(self, seed: int = 0) -> None:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        self.clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
-                                                                      random_state=seed))
+        self.clf = balanced_probe(max_iter=2000, seed=seed)
 
     def fit(self, resid: Float[torch.Tensor, "layers n d"], s1: Int[torch.Tensor, "n"]) -> "SaturationProbe":
         n_layers = resid.shape[0] - 1

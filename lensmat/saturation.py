@@ -180,12 +180,20 @@ def probe_accuracy(resid: Float[torch.Tensor, "layers n d"], labels: Int[torch.T
     return out
 
 
-def _probe_layer(resid, labels, folds: int, seed: int, noise: np.random.Generator | None) -> float | None:
+def balanced_probe(max_iter: int = 1000, seed: int | None = None):
+    """The probe both papers' protocols use here: standardise, then a class-balanced logistic
+    regression (scikit-learn pipeline)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=max_iter,
+                                                              random_state=seed))
+
+
+def _probe_layer(resid, labels, folds: int, seed: int, noise: np.random.Generator | None) -> float | None:
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     y = labels.numpy()
     classes, counts = np.unique(y[y > 0], return_counts=True)
@@ -195,8 +203,7 @@ def _probe_layer(resid, labels, folds: int, seed: int, noise: np.random.Generato
     x = resid.numpy()[keep].astype(np.float64)
     if noise is not None:
         x = noise.standard_normal(x.shape)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
-    pred = cross_val_predict(clf, x, y[keep], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    pred = cross_val_predict(balanced_probe(), x, y[keep], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     return float(balanced_accuracy_score(y[keep], pred))
 
 
