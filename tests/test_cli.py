@@ -31,3 +31,13 @@ def test_info_on_bundled_defaults():
 def test_unknown_submodule_kind_on_cli(capsys):
     assert cli.main(["submodules", "--kinds", "attn,ffn"]) == 2
     assert "valid kinds: attn, mlp, ln" in capsys.readouterr().err
+
+
+def test_device_map_is_a_directive_or_json(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["info", "--device-map", "auto"]).device_map == "auto"
+    assert parser.parse_args(["info", "--device-map", '{"": "cpu"}']).device_map == {"": "cpu"}
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["info", "--device-map", "{bad"])
+    assert exc.value.code == 2
+    assert "--device-map is not valid JSON" in capsys.readouterr().err
