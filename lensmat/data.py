@@ -21,12 +21,20 @@ right-padded; :class:`Batch` carries the masks that every later statistic and me
   ``has_bos=False``). Lens-vs-model metrics and all fitted statistics use these positions.
 - ``target_mask[b, t]``: ``score_mask`` and a next token exists, so cross-entropy against
   ``tokens[b, t + 1]`` is defined.
+
+Masked language models (BERT family) use the *masked protocol* instead (:class:`Masking`):
+lines are tokenized with the tokenizer's own special tokens (``[CLS] … [SEP]``), ``n_mask``
+random non-special positions per line are replaced by ``[MASK]``, and those positions alone
+are scored: ``score_mask`` = ``target_mask`` = the masked positions, and the target there is
+the original token (``Batch.labels``). The positions depend only on the seed and the line's
+tokens, so they are the same whatever the batch size, order or sharding.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -123,14 +131,25 @@ def load_lines(spec: str | os.PathLike | None = None, split: str = "train") -> l
 
 @dataclass
 class Batch:
-    """A right-padded batch of tokenized lines (see module docstring for the masks)."""
+    """A right-padded batch of tokenized lines (see module docstring for the masks).
+
+    A masked-protocol batch also has ``labels``: the original tokens, ``-100`` everywhere but at
+    the masked positions (whose ``tokens`` hold the ``[MASK]`` id).
+    """
 
     tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Bool[torch.Tensor, "batch pos"]
     has_bos: bool = True  # False: position 0 is a real token and is scored too
+    labels: Int[torch.Tensor, "batch pos"] | None = None
+
+    @property
+    def is_masked(self) -> bool:
+        return self.labels is not None
 
     @property
     def score_mask(self) -> Bool[torch.Tensor, "batch pos"]:
+        if self.is_masked:
+            return (self.labels != IGNORE) & self.attention_mask
         mask = self.attention_mask.clone()
         if self.has_bos:
             mask[:, 0] = False
@@ -138,16 +157,69 @@ class Batch:
 
     @property
     def target_mask(self) -> Bool[torch.Tensor, "batch pos"]:
+        if self.is_masked:
+            return self.score_mask
         nxt = torch.zeros_like(self.attention_mask)
         nxt[:, :-1] = self.attention_mask[:, 1:]
         return self.score_mask & nxt
+
+    @property
+    def targets(self) -> Int[torch.Tensor, "batch pos"]:
+        """The token each position is scored against: the original token at a masked position
+        (masked protocol), else the next token (0 where there is none; see ``target_mask``)."""
+        if self.is_masked:
+            return self.labels.clamp_min(0)
+        nxt = torch.zeros_like(self.tokens)
+        nxt[:, :-1] = self.tokens[:, 1:]
+        return nxt
 
     @property
     def n_scored(self) -> int:
         return int(self.score_mask.sum())
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos)
+        labels = None if self.labels is None else self.labels.to(device)
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos, labels)
+
+
+IGNORE = -100  # label of an unmasked position (the Hugging Face convention)
+
+
+@dataclass(frozen=True)
+class Masking:
+    """The masked protocol: ``n_mask`` random non-special positions per line become ``mask_id``.
+
+    ``special_ids`` are never masked (``[CLS]``, ``[SEP]``, ``[PAD]``, ...). A line with fewer
+    maskable tokens than ``n_mask`` has all of them masked; one with none is skipped.
+    """
+
+    mask_id: int
+    special_ids: frozenset[int]
+    n_mask: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_mask < 1:
+            raise CorpusError(f"n_mask must be at least 1 masked position per line, got {self.n_mask}.")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, n_mask: int = 1, seed: int = 0) -> "Masking":
+        """The masking of a Hugging Face tokenizer's ``[MASK]`` token and special tokens."""
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise CorpusError("The tokenizer has no mask token, so the masked protocol cannot run; "
+                              "set tokenizer.mask_token (e.g. '[MASK]') or use a causal model.")
+        return cls(int(tokenizer.mask_token_id), frozenset(int(i) for i in tokenizer.all_special_ids), n_mask, seed)
+
+    def positions(self, seq: Sequence[int], limit: int | None = None) -> list[int]:
+        """Sorted positions of ``seq`` to mask (at most ``limit``): a function of the seed and the tokens."""
+        candidates = [t for t, tok in enumerate(seq) if tok not in self.special_ids]
+        k = min(self.n_mask, len(candidates), self.n_mask if limit is None else limit)
+        rng = random.Random(hash((self.seed, tuple(seq))))  # hash of ints is not salted: reproducible
+        return sorted(rng.sample(candidates, k))
+
+    def count(self, seqs: Sequence[Sequence[int]]) -> int:
+        """Scored (masked) positions over ``seqs``."""
+        return sum(len(self.positions(s)) for s in seqs)
 
 
 def bos_token_id(tokenizer) -> int:
@@ -182,42 +254,92 @@ def tokenize(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENG
     return out
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, has_bos: bool = True) -> Batch:
-    """Right-pad token sequences into a :class:`Batch` (``has_bos=False``: position 0 is scored too)."""
+def tokenize_with_specials(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
+    """Token ids per line in the masked-LM layout ``[CLS] line [SEP]`` (``<s> … </s>`` for RoBERTa),
+    at most ``max_length`` in all: the masked protocol's tokenization (:func:`tokenize` is the
+    causal one). The ids come from ``tokenizer.cls_token_id`` / ``sep_token_id``, not from the
+    tokenizer's post-processor, which TransformerBridge may have changed."""
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is None or sep is None:
+        raise CorpusError("The masked protocol needs the tokenizer's [CLS] and [SEP] tokens, but "
+                          f"cls_token_id={cls} and sep_token_id={sep}; set tokenizer.cls_token / sep_token.")
+    if max_length < 3:
+        raise CorpusError(f"max_length must be at least 3 ([CLS], one token, [SEP]), got {max_length}.")
+    encoded = tokenizer(list(lines), add_special_tokens=False)["input_ids"]
+    out, n_cut = [], 0
+    for ids in encoded:
+        n_cut += len(ids) > max_length - 2
+        out.append([int(cls)] + list(ids[: max_length - 2]) + [int(sep)])
+    if n_cut:
+        warnings.warn(f"{n_cut} of {len(out)} lines were longer than max_length={max_length} tokens and were "
+                      "truncated.", stacklevel=2)
+    return out
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, has_bos: bool = True,
+        masked: Sequence[Sequence[int]] | None = None, mask_id: int | None = None) -> Batch:
+    """Right-pad token sequences into a :class:`Batch` (``has_bos=False``: position 0 is scored too).
+
+    ``masked[i]`` lists positions of line ``i`` to replace by ``mask_id`` (the masked protocol;
+    the batch then carries ``labels``).
+    """
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = True
-    return Batch(tokens, mask, has_bos)
+    if masked is None:
+        return Batch(tokens, mask, has_bos)
+    labels = torch.full_like(tokens, IGNORE)
+    for i, positions in enumerate(masked):
+        labels[i, positions] = tokens[i, positions]
+        tokens[i, positions] = mask_id
+    return Batch(tokens, mask, False, labels)
 
 
 def batches(
     seqs: Sequence[Sequence[int]],
     batch_size: int,
     max_tokens: int | None = None,
+    masking: Masking | None = None,
+    pad_id: int = 0,
 ) -> Iterator[Batch]:
     """Batches of ``batch_size`` sequences in corpus order, stopping once ``max_tokens`` scored
-    positions (non-BOS, non-padding) have been yielded; the last sequence may be cut to fit."""
+    positions have been yielded: non-BOS, non-padding tokens (the last sequence may be cut to fit),
+    or with ``masking`` the masked positions (the last line may get fewer of them)."""
     if batch_size < 1:
         raise CorpusError(f"batch_size must be at least 1, got {batch_size}.")
     budget = math.inf if max_tokens is None else max_tokens
     chunk: list[Sequence[int]] = []
+    masked: list[list[int]] = []
     for seq in seqs:
         if budget <= 0:
             break
-        if len(seq) - 1 > budget:
-            seq = seq[: int(budget) + 1]
-        budget -= len(seq) - 1
+        if masking is not None:
+            positions = masking.positions(seq, None if math.isinf(budget) else int(budget))
+            if not positions:
+                continue
+            masked.append(positions)
+            budget -= len(positions)
+        else:
+            if len(seq) - 1 > budget:
+                seq = seq[: int(budget) + 1]
+            budget -= len(seq) - 1
         chunk.append(seq)
         if len(chunk) == batch_size:
-            yield pad(chunk)
-            chunk = []
+            yield _padded(chunk, masked, masking, pad_id)
+            chunk, masked = [], []
     if chunk:
-        yield pad(chunk)
+        yield _padded(chunk, masked, masking, pad_id)
 
 
-def count_tokens(seqs: Sequence[Sequence[int]]) -> int:
-    """Scored positions (every token but the BOS) in tokenized lines."""
-    return sum(len(s) - 1 for s in seqs)
+def _padded(chunk, masked, masking: Masking | None, pad_id: int) -> Batch:
+    if masking is None:
+        return pad(chunk, pad_id)
+    return pad(chunk, pad_id, masked=masked, mask_id=masking.mask_id)
+
+
+def count_tokens(seqs: Sequence[Sequence[int]], masking: Masking | None = None) -> int:
+    """Scored positions in tokenized lines: every token but the BOS, or the masked positions."""
+    return masking.count(seqs) if masking is not None else sum(len(s) - 1 for s in seqs)

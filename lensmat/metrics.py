@@ -39,6 +39,28 @@ def next_token_quality(logits_fn: LogitsFn, batches: Iterable[Batch]) -> dict:
     return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
 
 
+@torch.no_grad()
+def masked_token_quality(logits_fn: Callable, batches: Iterable[Batch]) -> dict:
+    """Masked-LM quality under the masked protocol: ``{"ce", "top1_accuracy", "tokens"}`` at the
+    masked positions of masked batches (:class:`~lensmat.data.Masking`), against the original tokens.
+
+    ``logits_fn(tokens, attention_mask)`` returns ``[batch, pos, vocab]`` logits.
+    """
+    loss_sum = correct = n = 0.0
+    for batch in batches:
+        if not batch.is_masked:
+            raise ValueError("masked_token_quality needs masked batches: pass masking= to lensmat.data.batches.")
+        logits = logits_fn(batch.tokens, batch.attention_mask)
+        mask = batch.score_mask.to(logits.device)
+        rows, targets = logits[mask].float(), batch.targets.to(logits.device)[mask]
+        loss_sum += float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
+        correct += float((rows.argmax(-1) == targets).sum())
+        n += float(mask.sum())
+    if n == 0:
+        raise ValueError("No masked tokens to score: no line has a maskable (non-special) token.")
+    return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+
+
 METRICS = ("precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce")
 TOP_K = (1, 5, 10)
 
@@ -46,16 +68,15 @@ TOP_K = (1, 5, 10)
 class Reference:
     """What every lens is scored against at one batch's scored positions, computed once per batch:
     the full model's ``logp`` and ``p`` (``[n, vocab]``), its top-``max(TOP_K)`` ids, ``neg_entropy``
-    = Σ p log p per position, and the next-token ``targets`` with ``has_target`` (False at a line's last token)."""
+    = Σ p log p per position, and the ``targets`` (the next token; the original token at a masked
+    position) with ``has_target`` (False at a line's last token)."""
 
     def __init__(self, logits: Float[torch.Tensor, "n vocab"], batch: Batch) -> None:
         self.logp = torch.log_softmax(logits.float(), dim=-1)
         self.p = self.logp.exp()
         self.topk = self.logp.topk(max(TOP_K), dim=-1).indices
         self.neg_entropy = (self.p * self.logp).nan_to_num().sum(-1)  # [n]; 0·log 0 = 0
-        next_tokens = torch.zeros_like(batch.tokens)
-        next_tokens[:, :-1] = batch.tokens[:, 1:]
-        self.targets = next_tokens[batch.score_mask].to(logits.device)
+        self.targets = batch.targets[batch.score_mask].to(logits.device)
         self.has_target = batch.target_mask[batch.score_mask].to(logits.device)
 
 
