@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from lensmat.collect import GramStats, collect, resid_hook, resid_hooks
 from lensmat.compare import compare
-from lensmat.data import Batch, batches, load_lines, tokenize
+from lensmat.data import Batch, Masking, batches, load_lines, tokenize
 from lensmat.early_exit import early_exit, generate
 from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
 from lensmat.io import load_maps, save_maps
@@ -17,7 +17,7 @@ from lensmat.jlens import JLens, fit_jlens
 from lensmat.lenses import Lens, LogitLens, MatLens, predictions_table, top_predictions
 from lensmat.linearity import evaluate_pruning, linearity, linearity_profile, linearity_score
 from lensmat.metrics import evaluate_lenses
-from lensmat.models import ModelInfo, describe, load_model
+from lensmat.models import ModelInfo, describe, is_masked_lm, load_model
 from lensmat.pipeline import fit_maps, tokenized
 from lensmat.saturation import saturation, saturation_layers
 from lensmat.submodules import evaluate_swaps, fit_submodule_maps, submodules
@@ -35,5 +35,5 @@ __all__ = [
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
     "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
     "swap_hooks", "JLens", "fit_jlens", "TunedLens", "TunedLensConfig", "train_tuned_lens",
-    "predictions_table", "top_predictions", "early_exit", "generate", "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
+    "predictions_table", "top_predictions", "Masking", "is_masked_lm", "early_exit", "generate", "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
 ]

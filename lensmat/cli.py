@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import lensmat
-from lensmat import data, models
+from lensmat import data, models, pipeline
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="'reference' (default, bundled), a local HF folder, or a hub name")
+    p.add_argument("--model", default=None,
+                   help="'reference' (default, bundled GPT-2), 'masked-lm' (bundled BERT), a local HF folder, or a hub name")
     p.add_argument("--dataset", default=None,
                    help="'leipzig-wiki' (default, bundled), a local .txt (one document per line), or hf:name[:config][:split][:column]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -54,12 +55,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"context     {info.n_ctx}")
     print(f"basis       {info.basis} ({'HF weights, no LayerNorm folding' if info.basis == 'raw' else 'folded/centred'})")
     print(f"dtype       {models.model_dtype(model)}   device {models.model_device(model)}")
+    masked = models.is_masked_lm(model)
+    print(f"protocol    {'masked (one [MASK] per line by default; --n-mask)' if masked else 'causal (next token)'}")
     spec = args.dataset or data.DEFAULT_CORPUS
     print(f"corpus      {spec}")
     for split in ("train", "heldout"):
-        lines = data.load_lines(spec, split)
-        seqs = data.tokenize(lines, model.tokenizer, args.max_length)
-        print(f"  {split:<9} {len(lines):>7} lines {data.count_tokens(seqs):>9} tokens (BOS excluded)")
+        corpus = pipeline.tokenized(model, spec, split, args.max_length)
+        what = "masked tokens" if masked else "tokens (BOS excluded)"
+        print(f"  {split:<9} {len(corpus.seqs):>7} lines {corpus.n_tokens():>9} {what}")
     return 0
 
 
@@ -70,8 +73,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-mask", type=int, default=1, help="masked LMs: positions masked per line (default 1, as in the paper)")
+    p.add_argument("--mask-seed", type=int, default=0, help="masked LMs: seed that picks the masked positions")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    from lensmat import distributed, io, pipeline
+    from lensmat import distributed, io
 
     if args.distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise ValueError("--distributed needs a launcher that starts the ranks: torchrun --nproc_per_node=N -m lensmat fit ...")
@@ -85,7 +93,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+                             checkpoint_every=args.checkpoint_every, resume=args.resume, n_mask=args.n_mask,
+                             mask_seed=args.mask_seed)
     if rank == 0:
         path = io.save_maps(maps, args.out, force=args.force)
         print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
@@ -107,9 +116,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report = compare(_load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
-                     jlens_prompts=args.jlens_prompts, out=out, force=args.force, progress=not args.quiet)
-    print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} tokens, "
-          f"evaluated on {report['n_eval_tokens']} held-out tokens")
+                     jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed, out=out,
+                     force=args.force, progress=not args.quiet)
+    what = "masked tokens" if report["protocol"] == "masked" else "tokens"
+    print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
+          f"evaluated on {report['n_eval_tokens']} held-out {what}")
     print(format_table(report))
     print(f"report and plots in {out}/")
     return 0
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save the statistics to OUT.checkpoint every N batches (default 50)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from OUT.checkpoint")
+    _add_mask_args(p)
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over torchrun's ranks (implied when WORLD_SIZE > 1); rank 0 writes")
     p.set_defaults(func=cmd_fit)
@@ -245,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-lr", type=float, default=None, help="default 0.1 (sgd) or 1e-3 (adam)")
     p.add_argument("--jlens", default=None, help="reuse a saved J-lens (lensmat folder or TransformerLens .pt)")
     p.add_argument("--jlens-prompts", type=int, default=20, help="train lines the J-lens is fitted on")
+    _add_mask_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("submodules", help="swap attn/mlp/ln for linear maps: the paper's protocol and single-block swaps")

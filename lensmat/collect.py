@@ -27,7 +27,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lensmat.data import Batch
-from lensmat.models import input_device
+from lensmat.models import input_device, is_masked_lm
 
 
 class ActivationError(RuntimeError):
@@ -142,7 +142,8 @@ def run_capture(
     model, batch: Batch, hooks: Sequence[str], *, logits: bool = False,
 ) -> tuple[dict[str, Float[torch.Tensor, "n d"]], Float[torch.Tensor, "n vocab"] | None]:
     """One forward pass; returns the activations at ``hooks`` and (optionally) the model's logits,
-    each restricted to the batch's scored positions (rows in ``batch.score_mask`` order).
+    each restricted to the batch's scored positions (rows in ``batch.score_mask`` order). A masked
+    LM also gets the batch's attention mask, so padding never leaks into real positions.
 
     Raises :class:`ActivationError` when a captured activation holds NaN/Inf.
     """
@@ -157,8 +158,10 @@ def run_capture(
 
         return capture
 
-    out = model.run_with_hooks(batch.tokens.to(input_device(model)), fwd_hooks=[(h, capture_into(h)) for h in dict.fromkeys(hooks)],
-                               return_type="logits" if logits else None)
+    device = input_device(model)
+    extra = {"attention_mask": batch.attention_mask.to(device)} if is_masked_lm(model) else {}
+    out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[(h, capture_into(h)) for h in dict.fromkeys(hooks)],
+                               return_type="logits" if logits else None, **extra)
     return captured, (out[mask.to(out.device)] if logits else None)
 
 

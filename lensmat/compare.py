@@ -3,7 +3,13 @@
 The report (``report.json``) follows the contract in DESIGN.md: ``model``, ``n_layers``,
 ``layers``, ``n_fit_tokens``, ``n_eval_tokens``, ``lenses.{name}.{metric}`` (L+1 floats
 indexed by residual layer) and ``r2.{mat,id}`` ((L+1)×(L+1), ``null`` where ``l ≥ l'``), plus
-``fit_cost.{lens}`` (seconds and tokens spent fitting).
+``fit_cost.{lens}`` (seconds and tokens spent fitting), ``protocol`` (``"causal"`` or
+``"masked"``) and, for a masked LM, ``masking`` (``n_mask`` per line, ``seed``).
+
+A masked LM (BERT family) runs the masked protocol of "Jump to Conclusions": maps fitted on the
+masked positions of ``train``, lenses read through the model's masked-LM head and scored at the
+masked positions of ``heldout`` against the full model's distribution there (``ce``: against the
+original token). The ``logit`` lens is then the paper's ``id`` baseline.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from lensmat.collect import resid_hooks
 from lensmat.fit import MapSet, r2_matrices
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
-from lensmat.models import describe, load_model
+from lensmat.models import describe, is_masked_lm, load_model, require_causal
 from lensmat.pipeline import collect_layer_stats, maps_from_stats, tokenized
 
 LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "jacobian")
+MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # tuned and jacobian are trained on next-token prediction
 
 
 def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -103,6 +110,8 @@ def compare(
     jlens=None,
     tuned_config=None,
     jlens_prompts: int = 20,
+    n_mask: int = 1,
+    mask_seed: int = 0,
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
@@ -119,6 +128,8 @@ def compare(
             else only ``l -> L`` is shown.
         tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
             :class:`~lensmat.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
+        n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
+            seed that picks them (ignored for causal models).
         out: folder for ``report.json`` and plots (refused if it exists, unless ``force``).
 
     Every lens is scored on the same held-out tokens; ``fit_cost.{lens}`` records the seconds and
@@ -128,10 +139,14 @@ def compare(
 
     names = parse_lenses(lenses)
     model = start_run(model, out, force)
+    masked = is_masked_lm(model)
+    if masked and set(names) - set(MASKED_LM_LENSES):
+        raise ValueError(f"Lens(es) {sorted(set(names) - set(MASKED_LM_LENSES))} are trained on next-token prediction "
+                         f"and do not apply to the masked LM {model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
-    train = tokenized(model, dataset, "train", max_length)
-    heldout = tokenized(model, dataset, "heldout", max_length)
+    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, progress=progress)
@@ -149,7 +164,10 @@ def compare(
         "lenses": scores,
         "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names},
+        "protocol": "masked" if masked else "causal",
     }
+    if masked:
+        report["masking"] = heldout.provenance()["masking"]
     if out is not None:
         write_report(report, out)
         plots.compare_plots(report, out)
@@ -162,11 +180,15 @@ def refuse_existing(out: str | os.PathLike | None, force: bool) -> None:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
 
 
-def start_run(model, out: str | os.PathLike | None, force: bool):
+def start_run(model, out: str | os.PathLike | None, force: bool, causal_only: str | None = None):
     """The common start of a reporting command: refuse an existing ``out`` (unless ``force``), then
-    return ``model`` as a bridge (a spec or ``None`` is loaded with :func:`load_model`)."""
+    return ``model`` as a bridge (a spec or ``None`` is loaded with :func:`load_model`); a command
+    named in ``causal_only`` refuses a masked LM."""
     refuse_existing(out, force)
-    return load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+    model = load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+    if causal_only is not None:
+        require_causal(model, causal_only)
+    return model
 
 
 def write_report(report: dict, out: str | os.PathLike) -> Path:

@@ -176,7 +176,7 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     names = parse_lenses(lenses)
     if "jacobian" in names:
         raise ValueError("Early exit supports the logit, mat, mat-affine and tuned lenses.")
-    model = start_run(model, out, force)
+    model = start_run(model, out, force, causal_only="Early exit")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
     built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,

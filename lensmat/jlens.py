@@ -19,7 +19,7 @@ from pathlib import Path
 from lensmat import data
 from lensmat.collect import check_layer
 from lensmat.lenses import Lens
-from lensmat.models import check_same_model, describe
+from lensmat.models import check_same_model, describe, require_causal
 
 
 class JLens(Lens):
@@ -81,6 +81,7 @@ def fit_jlens(model, dataset: str | None = None, *, n_prompts: int = 100, max_le
     """
     from transformer_lens.tools.analysis import JacobianLens
 
+    require_causal(model, "The J-lens")
     spec = str(dataset or data.DEFAULT_CORPUS)
     lines = data.load_lines(spec, "train")[:n_prompts]
     start = time.perf_counter()

@@ -4,7 +4,9 @@ Every lens implements one interface, :class:`Lens`: ``transform(h, layer)`` move
 the basis of the last residual layer ``h_L`` and ``lens(h, layer)`` reads the result through
 the model's own final norm and unembedding (TransformerLens's ``logit_readout``: the norm is
 recomputed on the vector itself, never a cached scale from another layer; logits are produced
-in row chunks).
+in row chunks). For a masked LM (BERT family) the readout is the model's own masked-LM head
+(:func:`~lensmat.models.mlm_head`: dense → activation → LayerNorm → decoder) and the logits
+predict the token at the position itself; the logit lens is then the paper's ``id`` baseline.
 
 - :class:`LogitLens`: ``transform`` is the identity (nostalgebraist's logit lens).
 - :class:`MatLens`: ``transform(h, l) = h @ A_{l→L} (+ b)``, the least-squares map of
@@ -20,7 +22,7 @@ from jaxtyping import Float
 
 from lensmat.collect import check_layer, resid_hook
 from lensmat.fit import MapSet
-from lensmat.models import input_device, model_device
+from lensmat.models import input_device, is_masked_lm, mlm_head, model_device
 
 
 class Lens(ABC):
@@ -47,16 +49,25 @@ class Lens(ABC):
 
     def __call__(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits (``[..., d_vocab]``) of residual activations ``h`` taken at layer ``layer`` (0..L)."""
-        from transformer_lens.tools.analysis.logit_lens import logit_readout
-
         layer = check_layer(layer, self.n_layers)
         h = h.to(model_device(self.model))  # a no-op unless the model is split across devices
         with torch.no_grad():
-            return logit_readout(self.model, self.transform(h, layer), return_type="logits",
-                                 chunk_size=self.readout_chunk).values
+            return readout(self.model, self.transform(h, layer), self.readout_chunk)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n_layers={self.n_layers})"
+
+
+def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024) -> Float[torch.Tensor, "... d_vocab"]:
+    """The model's own prediction from a last-layer residual vector: final norm and unembedding
+    (``logit_readout``), or the masked-LM head for a masked LM; ``chunk_size`` rows at a time."""
+    if not is_masked_lm(model):
+        from transformer_lens.tools.analysis.logit_lens import logit_readout
+
+        return logit_readout(model, h, return_type="logits", chunk_size=chunk_size).values
+    head, rows = mlm_head(model), h.reshape(-1, h.shape[-1])
+    out = torch.cat([head(rows[i: i + chunk_size]) for i in range(0, rows.shape[0], chunk_size)])
+    return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 class LogitLens(Lens):
@@ -90,16 +101,18 @@ class MatLens(Lens):
 
 @torch.no_grad()
 def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> dict:
-    """Top-``k`` next-token predictions of every lens at every layer, for one text (BOS prepended).
+    """Top-``k`` next-token predictions of every lens at every layer, for one text (BOS prepended;
+    for a masked LM: predictions of the token at each position of ``[CLS] text [SEP]``, where
+    ``text`` may hold ``[MASK]`` tokens).
 
     Returns ``{"tokens": [str], "lenses": {name: {"ids": [L+1, pos, k], "probs": [L+1, pos, k]}}}``
     where ``pos`` counts the BOS; a lens that does not cover a layer (e.g. tuned at ``L``) shows
     the model's own output there.
     """
-    from lensmat.data import tokenize
+    from lensmat.pipeline import encode
 
     n_layers = int(model.cfg.n_layers)
-    ids = torch.tensor(tokenize([text], model.tokenizer)).to(input_device(model))
+    ids = torch.tensor(encode(model, [text], int(model.cfg.n_ctx))).to(input_device(model))
     hooks = [resid_hook(layer) for layer in range(n_layers + 1)]
     logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in hooks)
     out = {}

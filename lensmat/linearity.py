@@ -124,7 +124,7 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     from lensmat import plots
     from lensmat.compare import start_run, write_report
 
-    model = start_run(model, out, force)
+    model = start_run(model, out, force, causal_only="The linearity analysis")
     n_layers = int(model.cfg.n_layers)
     max_k = n_layers // 2 if max_k is None else max_k
     if not 0 <= max_k <= n_layers:

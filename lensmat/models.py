@@ -1,7 +1,12 @@
 """Load a :class:`TransformerBridge` and describe it.
 
 ``load_model()`` is the one entry point: no spec (or ``"reference"``) gives the bundled
-reference model, a local Hugging Face folder loads offline, any other name goes to the hub.
+reference model (a GPT-2), ``"masked-lm"`` the bundled masked-LM reference (a BERT), a local
+Hugging Face folder loads offline, any other name goes to the hub.
+
+Masked language models (BERT family: bidirectional attention, a masked-LM head) are read with
+the masked protocol (:class:`lensmat.data.Masking`); :func:`is_masked_lm` tells them apart and
+:func:`mlm_head` is the model's own head (dense → activation → LayerNorm → decoder).
 
 Layer convention used across lensmat: an ``L``-block model has residual layers ``0..L``;
 ``h_0 = blocks.0.hook_resid_pre`` (the embeddings), ``h_l = blocks.{l-1}.hook_resid_post``,
@@ -26,15 +31,17 @@ from pathlib import Path
 import torch
 
 REFERENCE = "reference"
+MASKED_REFERENCE = "masked-lm"
 
 
 class ModelLoadError(RuntimeError):
     """A model spec that cannot be loaded."""
 
 
-def reference_model_path() -> Path:
-    """Folder of the bundled reference model (a Hugging Face GPT-2 folder)."""
-    return Path(str(resources.files("lensmat") / "assets" / "reference"))
+def reference_model_path(name: str = REFERENCE) -> Path:
+    """Folder of a bundled reference model: ``"reference"`` (GPT-2) or ``"masked-lm"`` (BERT)."""
+    folder = {REFERENCE: "reference", MASKED_REFERENCE: "masked_lm"}[name]
+    return Path(str(resources.files("lensmat") / "assets" / folder))
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -79,8 +86,9 @@ def load_model(
     """A ``TransformerBridge`` in eval mode.
 
     Args:
-        spec: ``None`` or ``"reference"`` (the bundled model), a local Hugging Face folder
-            (loaded offline), or a hub name such as ``"gpt2"`` (needs the network or the HF cache).
+        spec: ``None`` or ``"reference"`` (the bundled GPT-2), ``"masked-lm"`` (the bundled BERT),
+            a local Hugging Face folder (loaded offline), or a hub name such as ``"gpt2"`` (needs
+            the network or the HF cache).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``"float16"``, ...
         device_map: for models larger than one device, a Hugging Face device map (``"auto"``,
@@ -101,14 +109,16 @@ def load_model(
         raise ValueError(f"n_devices={n_devices} needs that many CUDA devices; {found} found. Use device= instead.")
     placement = {"device_map": device_map, "n_devices": n_devices} if split else {"device": str(resolve_device(device))}
     spec_str = REFERENCE if spec is None else os.fspath(spec)
-    path = reference_model_path() if spec_str == REFERENCE else Path(spec_str).expanduser()
-    is_local = spec_str == REFERENCE or path.exists()
+    bundled = spec_str in (REFERENCE, MASKED_REFERENCE)
+    path = reference_model_path(spec_str) if bundled else Path(spec_str).expanduser()
+    is_local = bundled or path.exists()
     if is_local:
         if not (path / "config.json").is_file():
-            if spec_str == REFERENCE:
+            if bundled:
+                script = "train_reference_model.py" if spec_str == REFERENCE else "train_masked_lm.py"
                 raise ModelLoadError(
-                    f"The bundled reference model is missing from {path}; reinstall lensmat or run "
-                    "scripts/train_reference_model.py to rebuild it."
+                    f"The bundled {spec_str!r} model is missing from {path}; reinstall lensmat or run "
+                    f"scripts/{script} to rebuild it."
                 )
             raise ModelLoadError(
                 f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
@@ -116,7 +126,7 @@ def load_model(
             )
         with _hub_offline():
             model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement)
-        model.cfg.model_name = "reference" if spec_str == REFERENCE else str(path)
+        model.cfg.model_name = spec_str if bundled else str(path)
     else:
         try:
             model = TransformerBridge.boot_transformers(spec_str, dtype=dtype, **placement)
@@ -223,6 +233,32 @@ def input_device(model) -> torch.device:
     """The device of the token embedding (where input ids go); differs from :func:`model_device`
     when the model is split across devices with ``device_map``."""
     return model.W_E.device
+
+
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` attends in both directions (BERT family) and is read with the masked protocol."""
+    return getattr(model.cfg, "attention_dir", "causal") == "bidirectional"
+
+
+def mlm_head(model) -> torch.nn.Module:
+    """The masked-LM head of an encoder bridge: the Hugging Face module that holds the decoder
+    (``cls.predictions`` for BERT, ``lm_head`` for RoBERTa), i.e. dense → activation → LayerNorm →
+    decoder, so ``mlm_head(model)(h_L)`` is exactly the model's logits."""
+    unembed = getattr(model, "unembed", None)
+    name = getattr(unembed, "name", None)
+    if not is_masked_lm(model) or not name or "." not in name:
+        raise ValueError(f"{getattr(model.cfg, 'model_name', 'This model')} has no masked-LM head to read through "
+                         "(it needs bidirectional attention and an unembed inside a head module, as in "
+                         "BertForMaskedLM); load the *ForMaskedLM variant of the model.")
+    return model.original_model.get_submodule(name.rpartition(".")[0])
+
+
+def require_causal(model, what: str) -> None:
+    """Refuse a masked LM in an analysis that is defined for next-token prediction only."""
+    if is_masked_lm(model):
+        raise ValueError(f"{what} is defined for causal (next-token) language models, and "
+                         f"{getattr(model.cfg, 'model_name', 'this model')} is a masked LM. For masked LMs use "
+                         "`lensmat compare` or `lensmat fit` (the masked protocol).")
 
 
 def model_dtype(model) -> torch.dtype:

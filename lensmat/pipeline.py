@@ -4,48 +4,73 @@
 float64 statistics of the residual layers ``h_0..h_L`` and solves the maps; the result is a
 :class:`~lensmat.fit.MapSet` with its provenance, ready for :class:`~lensmat.lenses.MatLens`
 or :func:`lensmat.io.save_maps`.
+
+A masked LM (:func:`~lensmat.models.is_masked_lm`) gets the masked protocol throughout: lines
+are ``[CLS] line [SEP]``, ``n_mask`` random positions per line become ``[MASK]``
+(:class:`~lensmat.data.Masking`) and only those positions are collected, fitted and scored.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lensmat import data
 from lensmat.collect import GramStats, collect, resid_hooks
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
-from lensmat.models import describe
+from lensmat.models import describe, is_masked_lm
 
 
 @dataclass
 class Tokenized:
-    """Token sequences of one corpus split, with where they came from."""
+    """Token sequences of one corpus split, with where they came from; ``masking`` is set for the
+    masked protocol (then only masked positions are scored)."""
 
     seqs: list[list[int]]
     dataset: str
     split: str
     max_length: int
+    masking: data.Masking | None = None
+    pad_id: int = 0
 
     def batches(self, batch_size: int, max_tokens: int | None = None):
-        return data.batches(self.seqs, batch_size, max_tokens)
+        return data.batches(self.seqs, batch_size, max_tokens, self.masking, self.pad_id)
 
     def shard(self, rank: int, world_size: int) -> "Tokenized":
         """Lines ``rank::world_size``: this rank's share of a data-parallel run."""
-        return Tokenized(self.seqs[rank::world_size], self.dataset, self.split, self.max_length)
+        return replace(self, seqs=self.seqs[rank::world_size])
 
     def n_tokens(self, max_tokens: int | None = None) -> int:
-        total = data.count_tokens(self.seqs)
+        total = data.count_tokens(self.seqs, self.masking)
         return total if max_tokens is None else min(total, max_tokens)
+
+    def provenance(self) -> dict:
+        """Where the tokens came from, for artifacts and reports (the masking too, when used)."""
+        out = {"dataset": self.dataset, "split": self.split, "max_length": self.max_length}
+        if self.masking is not None:
+            out["masking"] = {"n_mask": self.masking.n_mask, "seed": self.masking.seed}
+        return out
+
+
+def encode(model, lines, max_length: int) -> list[list[int]]:
+    """Token ids of ``lines`` as the model reads them: BOS + line (causal), ``[CLS] line [SEP]`` (masked LM)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("The model has no tokenizer; pass token batches to the lower-level API instead.")
+    tokenize = data.tokenize_with_specials if is_masked_lm(model) else data.tokenize
+    return tokenize(lines, model.tokenizer, max_length)
 
 
 def tokenized(model, dataset: str | None = None, split: str = "train",
-              max_length: int = data.DEFAULT_MAX_LENGTH) -> Tokenized:
-    """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended)."""
-    if getattr(model, "tokenizer", None) is None:
-        raise ValueError("The model has no tokenizer; pass token batches to the lower-level API instead.")
+              max_length: int = data.DEFAULT_MAX_LENGTH, *, n_mask: int = 1, mask_seed: int = 0) -> Tokenized:
+    """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended); for a
+    masked LM, with the masked protocol (``n_mask`` positions per line, chosen with ``mask_seed``)."""
     max_length = min(max_length, int(model.cfg.n_ctx))
     spec = str(dataset or data.DEFAULT_CORPUS)
-    return Tokenized(data.tokenize(data.load_lines(spec, split), model.tokenizer, max_length), spec, split, max_length)
+    seqs = encode(model, data.load_lines(spec, split), max_length)
+    if not is_masked_lm(model):
+        return Tokenized(seqs, spec, split, max_length)
+    masking = data.Masking.for_tokenizer(model.tokenizer, n_mask, mask_seed)
+    return Tokenized(seqs, spec, split, max_length, masking, int(model.tokenizer.pad_token_id or 0))
 
 
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
@@ -80,7 +105,7 @@ def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized
     start = time.perf_counter()
     maps = fit_pairs(stats, pairs, intercept=intercept, ridge=ridge)
     provenance = {
-        "dataset": corpus.dataset, "split": corpus.split, "max_length": corpus.max_length,
+        **corpus.provenance(),
         "n_tokens": stats[0].n, "groups": [list(st.hooks) for st in stats], "all_pairs": all_pairs,
         "fit_seconds": (seconds or 0.0) + time.perf_counter() - start,
     }
@@ -90,9 +115,10 @@ def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized
 def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tokens: int | None = None,
              batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
              ridge: float = 0.0, all_pairs: bool = False, progress: bool = True, checkpoint=None,
-             checkpoint_every: int = 50, resume: bool = False) -> MapSet:
+             checkpoint_every: int = 50, resume: bool = False, n_mask: int = 1, mask_seed: int = 0) -> MapSet:
     """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
 
+    A masked LM is fitted on its masked positions only (``n_mask`` per line, ``mask_seed``).
     With ``checkpoint`` (a folder) the statistics are saved every ``checkpoint_every`` batches;
     ``resume=True`` continues from it (same maps as an uninterrupted run).
 
@@ -102,7 +128,7 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
         maps = lensmat.fit_maps(model, max_tokens=50_000)
         lens = lensmat.MatLens(model, maps)
     """
-    corpus = tokenized(model, dataset, split, max_length)
+    corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
     start = time.perf_counter()
     stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size, progress=progress,
                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)

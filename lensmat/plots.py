@@ -39,12 +39,17 @@ def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax
     return ax
 
 
+def _subject(report: dict) -> str:
+    """The model, and for the masked protocol the positions scored: the titles' parenthesis."""
+    return report["model"] + (", [MASK] positions" if report.get("protocol") == "masked" else "")
+
+
 def precision_figure(report: dict, out=None):
     """Precision@1/5/10 per layer, one line per lens."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
     for ax, k in zip(axes, (1, 5, 10)):
         per_layer({n: s[f"precision@{k}"] for n, s in report["lenses"].items()}, f"Precision@{k}",
-                  f"Precision@{k} vs the model's top-1 ({report['model']})", ax)
+                  f"Precision@{k} vs the model's top-1 ({_subject(report)})", ax)
     fig.tight_layout()
     return _save(fig, out, "precision.png")
 
@@ -52,7 +57,7 @@ def precision_figure(report: dict, out=None):
 def metric_figure(report: dict, metric: str, ylabel: str, out=None):
     """One metric per layer, one line per lens (e.g. ``kl``, ``surprisal``, ``ce``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    per_layer({n: s[metric] for n, s in report["lenses"].items()}, ylabel, f"{metric} per layer ({report['model']})", ax)
+    per_layer({n: s[metric] for n, s in report["lenses"].items()}, ylabel, f"{metric} per layer ({_subject(report)})", ax)
     fig.tight_layout()
     return _save(fig, out, f"{metric}.png")
 

@@ -279,7 +279,7 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
 
     if lens not in ("logit", "mat", "mat-affine", "tuned"):
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: logit, mat, mat-affine, tuned.")
-    model = start_run(model, out, force)
+    model = start_run(model, out, force, causal_only="The top-k saturation analysis")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
     lenses, _, _ = build_lenses(model, [lens], train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,

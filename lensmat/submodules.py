@@ -114,7 +114,7 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
     if bad:
         raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
-    model = start_run(model, out, force)
+    model = start_run(model, out, force, causal_only="Sub-module swapping")
     n_layers = int(model.cfg.n_layers)
     train: Tokenized = tokenized(model, dataset, "train", max_length)
     pairs = submodule_pairs(model, kinds)

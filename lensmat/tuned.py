@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lensmat import data
 from lensmat.collect import check_layer, resid_hooks, run_capture
 from lensmat.lenses import Lens
-from lensmat.models import check_same_model, describe
+from lensmat.models import check_same_model, describe, require_causal
 from lensmat.pipeline import Tokenized, tokenized
 
 
@@ -103,6 +103,7 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
     The loss is the sum over layers of the mean ``KL(p_final ‖ p_lens)`` per token (nats); the
     corpus is cycled until ``config.tokens`` scored tokens have been used.
     """
+    require_causal(model, "The tuned lens")
     config = config or TunedLensConfig()
     if config.optimizer not in ("sgd", "adam"):
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'sgd' or 'adam'.")
