@@ -95,30 +95,34 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def pack_rows(docs: list[str], tok, seq_len: int, seed: int) -> torch.Tensor:
-    """Shuffle documents, join them with BOS separators, cut into rows of `seq_len` tokens that
-    each start with BOS (so position 0 is always BOS, as at evaluation)."""
+def pack_rows(docs: list[str], tok, seq_len: int, seed: int, first: int | None = None, sep: int | None = None,
+              last: int | None = None) -> torch.Tensor:
+    """Shuffle documents, join them into one stream with each document preceded by ``sep``, and
+    cut it into rows of ``seq_len`` tokens that start with ``first`` (and end with ``last`` when
+    given). GPT-2 (defaults): ``first = sep = BOS``, so position 0 is always BOS, as at evaluation;
+    BERT: ``[CLS] … [SEP]`` rows with ``[SEP]`` between documents."""
     rng = random.Random(seed)
     docs = docs[:]
     rng.shuffle(docs)
-    bos = tok.bos_token_id
+    first = tok.bos_token_id if first is None else first
+    sep = first if sep is None else sep
     stream: list[int] = []
     for ids in tok(docs, add_special_tokens=False)["input_ids"]:
-        stream.append(bos)
+        stream.append(sep)
         stream.extend(ids)
-    body = seq_len - 1
+    body = seq_len - 1 - (last is not None)
     n_rows = len(stream) // body
     rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
-    return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+    parts = [torch.full((n_rows, 1), first, dtype=torch.long), rows]
+    if last is not None:
+        parts.append(torch.full((n_rows, 1), last, dtype=torch.long))
+    return torch.cat(parts, dim=1)
 
 
 def evaluate(model, tok, lines: list[str], max_length: int = 128, batch_size: int = 64) -> dict:
     """Held-out metrics exactly as lensmat measures them (`lensmat.metrics.next_token_quality`)."""
-    model.eval()
     seqs = lm_data.tokenize(lines, tok, max_length)
-    result = next_token_quality(lambda t: model(t).logits, lm_data.batches(seqs, batch_size))
-    model.train()
-    return result
+    return next_token_quality(lambda t: model(t).logits, lm_data.batches(seqs, batch_size))
 
 
 def cosine_regulariser(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,72 @@ def cosine_regulariser(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tens
         cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1)
         total = total + ((1 - cos) * mask).sum() / mask.sum()
     return total
+
+
+def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, float, int]:
+    """AdamW (β = 0.9, 0.95; no weight decay on biases and norms), linear warm-up then cosine decay
+    to ``min_lr_frac``, gradient clipping at 1.0, over ``args.tokens`` tokens in batches of
+    ``args.batch_size`` rows from ``rows_for_epoch(epoch)``; ``step_loss(x)`` returns
+    ``(loss to minimise, loss to print)``; ``validate()`` returns ``{"ce", "top1_accuracy"}`` and
+    runs every ``args.eval_every`` steps. Returns ``(tokens seen, minutes, tokens per epoch)``."""
+    steps = math.ceil(args.tokens / (args.batch_size * args.seq_len))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, steps - args.warmup)
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    model.train()
+    epoch, rows, cursor = 0, rows_for_epoch(0), 0
+    tokens_per_epoch = rows.numel()
+    print(json.dumps({"steps": steps, "tokens_per_epoch": tokens_per_epoch}), flush=True)
+    start, seen = time.time(), 0
+    bar = tqdm(range(steps), desc="train", unit="step", mininterval=10)
+    for step in bar:
+        if cursor + args.batch_size > len(rows):
+            epoch += 1
+            rows, cursor = rows_for_epoch(epoch), 0
+        x = rows[cursor: cursor + args.batch_size]
+        cursor += args.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, shown = step_loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += x.numel()
+        bar.set_postfix(loss=f"{shown.item():.3f}", tok_s=f"{seen / (time.time() - start):.0f}", epoch=epoch)
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            model.eval()
+            val = validate()
+            model.train()
+            print(json.dumps({"step": step + 1, "tokens": seen, "train_loss": round(shown.item(), 4),
+                              "val_ce": round(val["ce"], 4), "val_top1": round(val["top1_accuracy"], 4),
+                              "minutes": round((time.time() - start) / 60, 1)}), flush=True)
+    return seen, (time.time() - start) / 60, tokens_per_epoch
+
+
+def add_training_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """The optimisation arguments both training scripts share (``defaults`` overrides)."""
+    d = dict(seq_len=128, batch_size=32, tokens=8e6, lr=2e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.1,
+             dropout=0.1, seed=0, threads=2, eval_every=500) | defaults
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="rows per step")
+    p.add_argument("--tokens", type=float, default=d["tokens"], help="training tokens seen in all")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--min-lr-frac", type=float, default=d["min_lr_frac"])
+    p.add_argument("--warmup", type=int, default=d["warmup"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--dropout", type=float, default=d["dropout"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--eval-every", type=int, default=d["eval_every"])
 
 
 def write_model_card(out: Path, summary: dict) -> Path:
@@ -184,21 +254,11 @@ def main(argv=None) -> dict:
     p.add_argument("--n-layer", type=int, default=8)
     p.add_argument("--d-model", type=int, default=192)
     p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-positions", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32, help="rows per step")
-    p.add_argument("--tokens", type=float, default=8e6, help="training tokens seen in all")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-frac", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--dropout", type=float, default=0.1)
+    add_training_args(p)
     p.add_argument("--cos-reg", type=float, default=0.0, help="λ of the cosine linearity regulariser (0 = off)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from a saved model folder (its tokenizer and weights) instead of starting from scratch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=500)
     args = p.parse_args(argv)
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -225,48 +285,18 @@ def main(argv=None) -> dict:
     model = GPT2LMHeadModel(config) if args.init_from is None else GPT2LMHeadModel.from_pretrained(
         args.init_from, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
-    steps = math.ceil(args.tokens / (args.batch_size * args.seq_len))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, steps - args.warmup)
-        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    print(json.dumps({"params": n_params, "steps": steps, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
-    model.train()
-    epoch, rows, cursor = 0, pack_rows(docs, tok, args.seq_len, args.seed), 0
-    print(json.dumps({"tokens_per_epoch": rows.numel()}), flush=True)
-    start, seen = time.time(), 0
-    bar = tqdm(range(steps), desc="train", unit="step", mininterval=10)
-    for step in bar:
-        if cursor + args.batch_size > len(rows):
-            epoch += 1
-            rows, cursor = pack_rows(docs, tok, args.seq_len, args.seed + epoch), 0
-        x = rows[cursor: cursor + args.batch_size]
-        cursor += args.batch_size
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+    def step_loss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x, labels=x, output_hidden_states=args.cos_reg > 0)
         loss = out.loss
         if args.cos_reg > 0:
             loss = loss + args.cos_reg * cosine_regulariser(out.hidden_states, torch.ones_like(x, dtype=torch.float))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        seen += x.numel()
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", tok_s=f"{seen / (time.time() - start):.0f}", epoch=epoch)
-        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            val = evaluate(model, tok, val_lines)
-            print(json.dumps({"step": step + 1, "tokens": seen, "train_loss": round(out.loss.item(), 4),
-                              "val_ce": round(val["ce"], 4), "val_top1": round(val["top1_accuracy"], 4),
-                              "minutes": round((time.time() - start) / 60, 1)}), flush=True)
-    train_minutes = (time.time() - start) / 60
+        return loss, out.loss
+
+    print(json.dumps({"params": n_params, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
+    seen, train_minutes, tokens_per_epoch = train_loop(
+        model, lambda epoch: pack_rows(docs, tok, args.seq_len, args.seed + epoch), step_loss,
+        lambda: evaluate(model, tok, val_lines), args)
 
     model.eval()
     result = evaluate(model, tok, heldout)
@@ -274,11 +304,11 @@ def main(argv=None) -> dict:
     tok.save_pretrained(args.out)
     summary = {
         "heldout_ce": result["ce"], "heldout_top1_accuracy": result["top1_accuracy"],
-        "heldout_tokens": result["tokens"], "train_tokens_seen": seen, "epochs": seen / rows.numel(),
+        "heldout_tokens": result["tokens"], "train_tokens_seen": seen, "epochs": seen / tokens_per_epoch,
         "params": n_params, "train_minutes": train_minutes, "hardware": f"{platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}", "args": {k: str(v) for k, v in vars(args).items()},
     }
-    summary.update(vocab=len(tok), tokens_per_epoch=rows.numel())
+    summary.update(vocab=len(tok), tokens_per_epoch=tokens_per_epoch)
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(args.out, summary)
     print(json.dumps(summary), flush=True)
