@@ -36,13 +36,14 @@ SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 
 
 def masked_lm_tokenizer(base: Path, max_length: int):
-    """The reference model's byte-level BPE with BERT's special tokens and ``[CLS] $A [SEP]`` template."""
-    from tokenizers import Tokenizer
+    """The reference model's byte-level BPE with BERT's special tokens and ``[CLS] $A [SEP]`` template.
+    ``[MASK]`` absorbs the space before it (``"the [MASK] was"``), as the masked BPE token ``" word"`` did."""
+    from tokenizers import AddedToken, Tokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer.from_file(str(base / "tokenizer.json"))
-    bpe.add_special_tokens(list(SPECIALS))
+    bpe.add_special_tokens([AddedToken(s, lstrip=s == "[MASK]", special=True) for s in SPECIALS])
     cls, sep = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
     bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                             special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
