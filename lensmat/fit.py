@@ -77,11 +77,16 @@ def solve_spd(
     lo, hi = float(evals[0]), float(evals[-1])
     if hi <= 0 or lo <= 0 or hi / lo > max_cond:
         extra = 1e-6 * max(float(evals.clamp(min=0).mean()), 1e-30)
+        rank = int((evals > max(hi, 0.0) / max_cond).sum())
+        if n_tokens is not None and n_tokens < 4 * d:
+            advice = f"Fit on more tokens than d (at least several times {d}) or pass ridge > 0 explicitly."
+        else:
+            advice = (f"The inputs span only about {rank} of {d} directions, so more tokens will not help (e.g. h_0 at "
+                      "[MASK] positions depends only on the position); the ridge gives the least-norm map on that span.")
         tokens = f"{n_tokens} fit tokens" if n_tokens is not None else "the data"
         warnings.warn(
-            f"The Gram matrix of {what} is singular or ill-conditioned (condition {hi / lo if lo > 0 else float('inf'):.3g}, "
-            f"d={d}, {tokens}); added a ridge of {extra:.3g}. Fit on more tokens than d (at least several "
-            f"times {d}) or pass ridge > 0 explicitly.",
+            f"The Gram matrix of the inputs of {what} is singular or ill-conditioned (condition "
+            f"{hi / lo if lo > 0 else float('inf'):.3g}, d={d}, {tokens}); added a ridge of {extra:.3g}. {advice}",
             IllConditionedWarning,
             stacklevel=3,
         )
@@ -103,7 +108,7 @@ def fit_map(stats: GramStats, source: str, target: str, *, intercept: bool = Fal
         A, B = centred(stats, source, source), centred(stats, source, target)
     else:
         A, B = stats.block(source, source), stats.block(source, target)
-    W = solve_spd(A, B, ridge, n_tokens=stats.n, what=f"{source} -> {target}")
+    W = solve_spd(A, B, ridge, n_tokens=stats.n, what=source)  # A depends on the source only: one warning per source
     b = stats.mean(target) - stats.mean(source) @ W if intercept else None
     return LinearMap(W.float(), None if b is None else b.float(), source, target)
 

@@ -44,7 +44,7 @@ def linearity_score(stats: GramStats, source: str, target: str, *, residual: boo
     total = float(torch.trace(cyy))
     if total <= 1e-12 * scale:
         return 1.0
-    explained = float((cxy * solve_spd(cxx, cxy, n_tokens=stats.n, what=f"{source} -> {target}")).sum())
+    explained = float((cxy * solve_spd(cxx, cxy, n_tokens=stats.n, what=source)).sum())
     return explained / total
 
 
