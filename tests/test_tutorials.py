@@ -8,8 +8,8 @@ import pytest
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.ipynb"))
 
 
-def test_there_are_four_tutorials():
-    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04"]
+def test_there_are_five_tutorials():
+    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.slow
