@@ -214,7 +214,7 @@ class Masking:
         """Sorted positions of ``seq`` to mask (at most ``limit``): a function of the seed and the tokens."""
         candidates = [t for t, tok in enumerate(seq) if tok not in self.special_ids]
         k = min(self.n_mask, len(candidates), self.n_mask if limit is None else limit)
-        rng = random.Random(hash((self.seed, tuple(seq))))  # hash of ints is not salted: reproducible
+        rng = random.Random(f"{self.seed}:{' '.join(map(str, seq))}")  # str seeds go through SHA-512: same everywhere
         return sorted(rng.sample(candidates, k))
 
     def count(self, seqs: Sequence[Sequence[int]]) -> int:
