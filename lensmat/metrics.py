@@ -17,6 +17,20 @@ from lensmat.data import Batch
 LogitsFn = Callable[[Int[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]]
 
 
+def _quality(rows_and_targets: Iterable[tuple[torch.Tensor, torch.Tensor]], empty: str) -> dict:
+    """``{"ce", "top1_accuracy", "tokens"}`` over ``(logits [n, vocab], targets [n])`` pairs
+    (``ValueError(empty)`` when there is no row at all)."""
+    loss_sum = correct = n = 0.0
+    for rows, targets in rows_and_targets:
+        rows = rows.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
+        correct += float((rows.argmax(-1) == targets).sum())
+        n += targets.numel()
+    if n == 0:
+        raise ValueError(empty)
+    return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+
+
 @torch.no_grad()
 def next_token_quality(logits_fn: LogitsFn, batches: Iterable[Batch]) -> dict:
     """Language-model quality on a corpus: ``{"ce", "top1_accuracy", "tokens"}``.
@@ -25,18 +39,13 @@ def next_token_quality(logits_fn: LogitsFn, batches: Iterable[Batch]) -> dict:
     padding never changes a causal model's outputs at real positions, so no attention mask is
     passed to ``logits_fn``.
     """
-    loss_sum = correct = n = 0.0
-    for batch in batches:
-        logits = logits_fn(batch.tokens)[:, :-1].float()
-        targets = batch.tokens[:, 1:].to(logits.device)
-        mask = batch.attention_mask[:, 1:].to(logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        loss_sum += float(loss[mask].sum())
-        correct += float((logits.argmax(-1) == targets)[mask].sum())
-        n += float(mask.sum())
-    if n == 0:
-        raise ValueError("No target tokens to score: every line is empty after BOS.")
-    return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+    def rows():
+        for batch in batches:
+            logits = logits_fn(batch.tokens)[:, :-1]
+            has_next = batch.attention_mask[:, 1:].to(logits.device)
+            yield logits[has_next], batch.tokens[:, 1:].to(logits.device)[has_next]
+
+    return _quality(rows(), "No target tokens to score: every line is empty after BOS.")
 
 
 @torch.no_grad()
@@ -46,19 +55,15 @@ def masked_token_quality(logits_fn: Callable, batches: Iterable[Batch]) -> dict:
 
     ``logits_fn(tokens, attention_mask)`` returns ``[batch, pos, vocab]`` logits.
     """
-    loss_sum = correct = n = 0.0
-    for batch in batches:
-        if not batch.is_masked:
-            raise ValueError("masked_token_quality needs masked batches: pass masking= to lensmat.data.batches.")
-        logits = logits_fn(batch.tokens, batch.attention_mask)
-        mask = batch.score_mask.to(logits.device)
-        rows, targets = logits[mask].float(), batch.targets.to(logits.device)[mask]
-        loss_sum += float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
-        correct += float((rows.argmax(-1) == targets).sum())
-        n += float(mask.sum())
-    if n == 0:
-        raise ValueError("No masked tokens to score: no line has a maskable (non-special) token.")
-    return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+    def rows():
+        for batch in batches:
+            if not batch.is_masked:
+                raise ValueError("masked_token_quality needs masked batches: pass masking= to lensmat.data.batches.")
+            logits = logits_fn(batch.tokens, batch.attention_mask)
+            masked = batch.score_mask.to(logits.device)
+            yield logits[masked], batch.targets.to(logits.device)[masked]
+
+    return _quality(rows(), "No masked tokens to score: no line has a maskable (non-special) token.")
 
 
 METRICS = ("precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from lensmat import data as lm_data
 from lensmat.metrics import masked_token_quality
 from lensmat.models import reference_model_path
-from train_reference_model import add_training_args, pack_rows, train_loop, training_documents
+from train_reference_model import add_training_args, pack_rows, save_run, train_loop, training_documents
 
 SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 
@@ -205,25 +204,10 @@ def main(argv=None) -> dict:
                          last=tok.sep_token_id)
 
     print(json.dumps({"params": n_params, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
-    seen, train_minutes, tokens_per_epoch = train_loop(model, rows_for_epoch, step_loss,
-                                                       lambda: evaluate(model, tok, val_lines, args.n_positions), args)
+    trained = train_loop(model, rows_for_epoch, step_loss, lambda: evaluate(model, tok, val_lines, args.n_positions), args)
     model.eval()
-    result = evaluate(model, tok, heldout, args.n_positions)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
-    summary = {
-        "heldout_ce": result["ce"], "heldout_top1_accuracy": result["top1_accuracy"],
-        "heldout_tokens": result["tokens"], "majority_baseline_accuracy": majority_baseline(rows_for_epoch(0), tok, heldout, args.n_positions),
-        "train_tokens_seen": seen, "epochs": seen / tokens_per_epoch, "tokens_per_epoch": tokens_per_epoch,
-        "params": n_params, "vocab": len(tok), "train_minutes": train_minutes,
-        "hardware": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_model_card(args.out, summary)
-    print(json.dumps(summary), flush=True)
-    return summary
-
+    return save_run(model, tok, args, evaluate(model, tok, heldout, args.n_positions), trained, write_model_card,
+                    majority_baseline_accuracy=majority_baseline(rows_for_epoch(0), tok, heldout, args.n_positions))
 
 if __name__ == "__main__":
     main()

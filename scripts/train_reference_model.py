@@ -183,6 +183,26 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, f
     return seen, (time.time() - start) / 60, tokens_per_epoch
 
 
+def save_run(model, tok, args, heldout: dict, trained: tuple[int, float, int], write_card, **extra) -> dict:
+    """Write the Hugging Face folder (weights, tokenizer), ``training_summary.json`` (the held-out
+    ``{"ce", "top1_accuracy", "tokens"}``, ``trained`` as returned by :func:`train_loop`, ``extra``
+    fields, hardware and arguments) and the model card ``write_card(out, summary)``; returns the summary."""
+    seen, minutes, tokens_per_epoch = trained
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    summary = {
+        "heldout_ce": heldout["ce"], "heldout_top1_accuracy": heldout["top1_accuracy"], "heldout_tokens": heldout["tokens"],
+        **extra, "train_tokens_seen": seen, "epochs": seen / tokens_per_epoch, "tokens_per_epoch": tokens_per_epoch,
+        "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok), "train_minutes": minutes,
+        "hardware": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_card(args.out, summary)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def add_training_args(p: argparse.ArgumentParser, **defaults) -> None:
     """The optimisation arguments both training scripts share (``defaults`` overrides)."""
     d = dict(seq_len=128, batch_size=32, tokens=8e6, lr=2e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.1,
@@ -294,25 +314,10 @@ def main(argv=None) -> dict:
         return loss, out.loss
 
     print(json.dumps({"params": n_params, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
-    seen, train_minutes, tokens_per_epoch = train_loop(
-        model, lambda epoch: pack_rows(docs, tok, args.seq_len, args.seed + epoch), step_loss,
-        lambda: evaluate(model, tok, val_lines), args)
-
+    trained = train_loop(model, lambda epoch: pack_rows(docs, tok, args.seq_len, args.seed + epoch), step_loss,
+                         lambda: evaluate(model, tok, val_lines), args)
     model.eval()
-    result = evaluate(model, tok, heldout)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
-    summary = {
-        "heldout_ce": result["ce"], "heldout_top1_accuracy": result["top1_accuracy"],
-        "heldout_tokens": result["tokens"], "train_tokens_seen": seen, "epochs": seen / tokens_per_epoch,
-        "params": n_params, "train_minutes": train_minutes, "hardware": f"{platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, torch {torch.__version__}", "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    summary.update(vocab=len(tok), tokens_per_epoch=tokens_per_epoch)
-    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_model_card(args.out, summary)
-    print(json.dumps(summary), flush=True)
-    return summary
+    return save_run(model, tok, args, evaluate(model, tok, heldout), trained, write_model_card)
 
 
 if __name__ == "__main__":
