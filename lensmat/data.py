@@ -237,21 +237,7 @@ def tokenize(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENG
     """
     if max_length < 2:
         raise CorpusError(f"max_length must be at least 2 (BOS and one token), got {max_length}.")
-    bos = bos_token_id(tokenizer)
-    encoded = tokenizer(list(lines), add_special_tokens=False)["input_ids"]
-    out, n_cut = [], 0
-    for ids in encoded:
-        seq = [bos] + list(ids)
-        if len(seq) > max_length:
-            n_cut += 1
-            seq = seq[:max_length]
-        out.append(seq)
-    if n_cut:
-        warnings.warn(
-            f"{n_cut} of {len(out)} lines were longer than max_length={max_length} tokens and were truncated.",
-            stacklevel=2,
-        )
-    return out
+    return _framed(lines, tokenizer, max_length, [bos_token_id(tokenizer)], [])
 
 
 def tokenize_with_specials(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
@@ -265,14 +251,20 @@ def tokenize_with_specials(lines: Sequence[str], tokenizer, max_length: int = DE
                           f"cls_token_id={cls} and sep_token_id={sep}; set tokenizer.cls_token / sep_token.")
     if max_length < 3:
         raise CorpusError(f"max_length must be at least 3 ([CLS], one token, [SEP]), got {max_length}.")
-    encoded = tokenizer(list(lines), add_special_tokens=False)["input_ids"]
+    return _framed(lines, tokenizer, max_length, [int(cls)], [int(sep)])
+
+
+def _framed(lines: Sequence[str], tokenizer, max_length: int, head: list[int], tail: list[int]) -> list[list[int]]:
+    """``head + line's tokens + tail`` per line, the tokens cut so that each is at most ``max_length``;
+    one warning (pointing at the caller's caller) counts the lines that were cut."""
+    body = max_length - len(head) - len(tail)
     out, n_cut = [], 0
-    for ids in encoded:
-        n_cut += len(ids) > max_length - 2
-        out.append([int(cls)] + list(ids[: max_length - 2]) + [int(sep)])
+    for ids in tokenizer(list(lines), add_special_tokens=False)["input_ids"]:
+        n_cut += len(ids) > body
+        out.append(head + list(ids[:body]) + tail)
     if n_cut:
         warnings.warn(f"{n_cut} of {len(out)} lines were longer than max_length={max_length} tokens and were "
-                      "truncated.", stacklevel=2)
+                      "truncated.", stacklevel=3)
     return out
 
 
