@@ -20,7 +20,7 @@ def main() -> None:
     import torch
 
     import lensmat
-    from lensmat.early_exit import generate
+    from lensmat.generation import generate
     from lensmat.pipeline import tokenized
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from lensmat.collect import GramStats, collect, resid_hook, resid_hooks
 from lensmat.compare import compare
 from lensmat.data import Batch, Masking, batches, load_lines, tokenize
-from lensmat.early_exit import early_exit, generate
+from lensmat.early_exit import early_exit
+from lensmat.generation import generate
 from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
 from lensmat.io import load_maps, save_maps
 from lensmat.jlens import JLens, fit_jlens

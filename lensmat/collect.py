@@ -9,6 +9,8 @@ collector keeps, over every scored position (non-padding, not BOS):
 with ``D = Σ d_i``. These are all a least-squares fit, an R² or a linearity score needs
 (see :mod:`lensmat.fit`); activations are never stored, so memory is ``O(D²)`` whatever the
 number of tokens. Statistics add: ``a + b`` merges runs (or processes: ``all_reduce``).
+A group may keep only the cross-products a computation needs (:func:`pair_pattern`): maps to the
+last layer need the ``(l, l)`` and ``(l, L)`` blocks, ``O(L·d²)`` floats instead of ``O(L²·d²)``.
 
 Residual layers: ``resid_hooks(L)`` = ``[h_0, ..., h_L]`` with
 ``h_0 = blocks.0.hook_resid_pre`` and ``h_l = blocks.{l-1}.hook_resid_post``.
@@ -55,26 +57,59 @@ def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
     return resolved
 
 
+PAIR_PATTERNS = ("to_last", "adjacent", "all")
+
+
+def pair_pattern(n_hooks: int, pattern: str) -> tuple[tuple[int, int], ...] | None:
+    """Index pairs ``(i, j)``, ``i ≤ j``, of a group of ``n_hooks`` hooks whose cross-products a
+    computation needs: ``"to_last"`` (maps ``h_l -> h_L``: ``(l, l)``, ``(l, L)``), ``"adjacent"``
+    (``h_l -> h_{l+1}``: ``(l, l)``, ``(l, l+1)``) or ``"all"`` (every pair; ``None``)."""
+    if pattern == "all":
+        return None
+    last = n_hooks - 1
+    if pattern == "to_last":
+        return tuple(sorted({(i, i) for i in range(n_hooks)} | {(i, last) for i in range(n_hooks)}))
+    if pattern == "adjacent":
+        return tuple(sorted({(i, i) for i in range(n_hooks)} | {(i, i + 1) for i in range(last)}))
+    raise ValueError(f"Unknown pair pattern {pattern!r}; use one of {', '.join(PAIR_PATTERNS)}.")
+
+
 @dataclass
 class GramStats:
-    """Sufficient statistics of one hook group (see module docstring).
+    """Sufficient statistics of one hook group (see module docstring), keeping only the blocks
+    ``Σ a_i a_jᵀ`` of the index pairs ``pairs`` (``i ≤ j``; every diagonal block is always kept;
+    ``None`` = all pairs, the joint Gram).
 
-    ``n`` counts tokens; ``sum`` is ``[D]`` and ``gram`` ``[D, D]``, both float64.
+    ``n`` counts tokens; ``sum`` is ``[D]``; ``panels[i]`` is ``[d_i, Σ_{j ∈ targets[i]} d_j]``,
+    the kept blocks of hook ``i`` side by side, all float64. Maps to the last layer need
+    ``O(L·d²)`` memory this way instead of the joint Gram's ``O(L²·d²)``.
     """
 
     hooks: tuple[str, ...]
     dims: tuple[int, ...]
     n: int = 0
     sum: Float[torch.Tensor, "D"] | None = None
-    gram: Float[torch.Tensor, "D D"] | None = None
+    panels: list[torch.Tensor] | None = None
+    pairs: tuple[tuple[int, int], ...] | None = None
     device: str = field(default="cpu", compare=False)
 
     def __post_init__(self) -> None:
-        size = sum(self.dims)
+        k = len(self.hooks)
+        if len(self.dims) != k:
+            raise ValueError(f"{k} hooks but {len(self.dims)} widths.")
+        if self.pairs is not None:
+            bad = [p for p in self.pairs if not (0 <= min(p) and max(p) < k)]
+            if bad:
+                raise ValueError(f"Pairs {bad} are out of range for a group of {k} hooks.")
+            kept = {(min(p), max(p)) for p in self.pairs} | {(i, i) for i in range(k)}
+            self.pairs = None if len(kept) == k * (k + 1) // 2 else tuple(sorted(kept))
+        kept = self.pairs or tuple((i, j) for i in range(k) for j in range(i, k))
+        self.targets = [tuple(j for a, j in kept if a == i) for i in range(k)]
         if self.sum is None:
-            self.sum = torch.zeros(size, dtype=torch.float64, device=self.device)
-        if self.gram is None:
-            self.gram = torch.zeros(size, size, dtype=torch.float64, device=self.device)
+            self.sum = torch.zeros(sum(self.dims), dtype=torch.float64, device=self.device)
+        if self.panels is None:
+            self.panels = [torch.zeros(d, sum(self.dims[j] for j in t), dtype=torch.float64, device=self.device)
+                           for d, t in zip(self.dims, self.targets)]
 
     @property
     def offsets(self) -> dict[str, slice]:
@@ -84,38 +119,69 @@ class GramStats:
             start += d
         return out
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the float64 tensors (sum and panels)."""
+        return 8 * (self.sum.numel() + sum(p.numel() for p in self.panels))
+
+    def _columns(self, z: torch.Tensor, i: int) -> torch.Tensor:
+        parts = list(self.offsets.values())
+        t = self.targets[i]
+        if list(t) == list(range(t[0], t[-1] + 1)):  # consecutive hooks: a view, no copy
+            return z[:, parts[t[0]].start: parts[t[-1]].stop]
+        return torch.cat([z[:, parts[j]] for j in t], dim=1)
+
     def update(self, z: Float[torch.Tensor, "n D"]) -> None:
         """Add the rows of ``z`` (one token per row, the group's hooks concatenated)."""
-        z = z.to(self.gram.device, torch.float64)
+        z = z.to(self.sum.device, torch.float64)
         self.n += z.shape[0]
         self.sum += z.sum(0)
-        # The upper block triangle only (hook i with hooks i..k), then mirrored: ~0.6x the flops of zᵀz.
-        for part in self.offsets.values():
-            self.gram[part, part.start:].addmm_(z[:, part].T, z[:, part.start:])
-            self.gram[part.stop:, part] = self.gram[part, part.stop:].T
+        for i, part in enumerate(self.offsets.values()):
+            self.panels[i].addmm_(z[:, part].T, self._columns(z, i))
 
     def mean(self, hook: str) -> torch.Tensor:
         return self.sum[self.offsets[hook]] / self.n
 
+    def has_block(self, hook_a: str, hook_b: str) -> bool:
+        i, j = sorted((self.hooks.index(hook_a), self.hooks.index(hook_b)))
+        return j in self.targets[i]
+
     def block(self, hook_a: str, hook_b: str) -> torch.Tensor:
         """``Σ a bᵀ`` over tokens: ``[d_a, d_b]`` (float64)."""
-        return self.gram[self.offsets[hook_a], self.offsets[hook_b]]
+        i, j = self.hooks.index(hook_a), self.hooks.index(hook_b)
+        if i > j:
+            return self.block(hook_b, hook_a).T
+        if j not in self.targets[i]:
+            raise KeyError(f"These statistics keep no cross-products of {hook_a!r} and {hook_b!r} (they were collected "
+                           "for fewer pairs, e.g. maps to the last layer only); collect them with all pairs "
+                           "(--all-pairs) to fit or score that map.")
+        start = sum(self.dims[t] for t in self.targets[i][: self.targets[i].index(j)])
+        return self.panels[i][:, start: start + self.dims[j]]
+
+    @property
+    def gram(self) -> Float[torch.Tensor, "D D"]:
+        """The joint Gram ``Σ z zᵀ`` (``[D, D]``), assembled; needs statistics of all pairs."""
+        return torch.cat([torch.cat([self.block(a, b) for b in self.hooks], 1) for a in self.hooks], 0)
+
+    def _check_same(self, other: "GramStats") -> None:
+        if (self.hooks, self.dims, self.pairs) != (other.hooks, other.dims, other.pairs):
+            raise ValueError(f"Cannot add statistics of different hook groups or pairs: {self.hooks} vs {other.hooks}.")
 
     def __add__(self, other: "GramStats") -> "GramStats":
-        if (self.hooks, self.dims) != (other.hooks, other.dims):
-            raise ValueError(f"Cannot add statistics of different hook groups: {self.hooks} vs {other.hooks}.")
+        self._check_same(other)
         return GramStats(self.hooks, self.dims, self.n + other.n, self.sum + other.sum.to(self.sum.device),
-                         self.gram + other.gram.to(self.gram.device), self.device)
+                         [a + b.to(a.device) for a, b in zip(self.panels, other.panels)], self.pairs, self.device)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Flat tensors for saving (safetensors)."""
-        return {f"{prefix}.sum": self.sum.cpu(), f"{prefix}.gram": self.gram.cpu(),
-                f"{prefix}.n": torch.tensor([self.n], dtype=torch.int64)}
+        """Flat tensors for saving (safetensors); the pairs go in the metadata."""
+        out = {f"{prefix}.sum": self.sum.cpu(), f"{prefix}.n": torch.tensor([self.n], dtype=torch.int64)}
+        return out | {f"{prefix}.panel.{i}": p.cpu() for i, p in enumerate(self.panels)}
 
     @classmethod
-    def from_tensors(cls, hooks, dims, tensors: dict[str, torch.Tensor], prefix: str) -> "GramStats":
+    def from_tensors(cls, hooks, dims, tensors: dict[str, torch.Tensor], prefix: str, pairs=None) -> "GramStats":
+        pairs = None if pairs is None else tuple(tuple(p) for p in pairs)
         return cls(tuple(hooks), tuple(dims), int(tensors[f"{prefix}.n"][0]), tensors[f"{prefix}.sum"].double(),
-                   tensors[f"{prefix}.gram"].double())
+                   [tensors[f"{prefix}.panel.{i}"].double() for i in range(len(hooks))], pairs)
 
 
 def _check_finite(name: str, act: torch.Tensor) -> None:
@@ -171,6 +237,7 @@ def collect(
     batches: Iterable[Batch],
     groups: Sequence[Sequence[str]],
     *,
+    pairs: Sequence[tuple[tuple[int, int], ...] | None] | None = None,
     stats: list[GramStats] | None = None,
     total_tokens: int | None = None,
     progress: bool = True,
@@ -186,6 +253,8 @@ def collect(
         batches: padded batches; only ``score_mask`` positions enter the statistics.
         groups: hook-name tuples, e.g. ``[resid_hooks(L)]`` for all layer pairs, or
             ``[("blocks.3.ln1.hook_out", "blocks.3.hook_attn_out")]`` for one sub-module.
+        pairs: per group, the index pairs whose cross-products to keep (:func:`pair_pattern`;
+            ``None`` = all pairs, the default).
         stats: statistics to continue from (e.g. another run's); new ones otherwise.
         total_tokens: scored tokens expected, for the progress bar.
         progress: show a progress bar with tokens/s.
@@ -198,6 +267,7 @@ def collect(
     Raises :class:`ActivationError` on NaN/Inf and ``KeyError`` on an unknown hook name.
     """
     groups = [tuple(g) for g in groups]
+    pairs = [None] * len(groups) if pairs is None else list(pairs)
     needed = [h for g in groups for h in g]
     check_hooks(model, needed)
     done = 0
@@ -205,7 +275,7 @@ def collect(
         if checkpoint is None:
             raise ValueError("resume=True needs the checkpoint folder to resume from.")
         if Path(checkpoint).exists():
-            stats, done = load_checkpoint(checkpoint, groups)
+            stats, done = load_checkpoint(checkpoint, groups, pairs)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress)
     start, seen = time.perf_counter(), 0
     try:
@@ -214,7 +284,7 @@ def collect(
                 bar.update(batch.n_scored)
                 continue
             captured, _ = run_capture(model, batch, needed)
-            stats = update_stats(stats, groups, captured, stats_device)
+            stats = update_stats(stats, groups, captured, stats_device, pairs)
             seen += batch.n_scored
             bar.update(batch.n_scored)
             bar.set_postfix(tok_s=f"{seen / (time.perf_counter() - start):.0f}")
@@ -233,29 +303,39 @@ def save_checkpoint(path: str | os.PathLike, stats: list[GramStats], n_batches: 
 
     tensors = {k: v for i, st in enumerate(stats) for k, v in st.tensors(str(i)).items()}
     meta = {"model": {}, "n_batches": n_batches, "groups": [list(st.hooks) for st in stats],
-            "dims": [list(st.dims) for st in stats]}
+            "dims": [list(st.dims) for st in stats],
+            "pairs": [None if st.pairs is None else [list(p) for p in st.pairs] for st in stats]}
     io.save_artifact(path, "stats", tensors, meta, force=True)
 
 
-def load_checkpoint(path: str | os.PathLike, groups: Sequence[Sequence[str]]) -> tuple[list[GramStats], int]:
-    """``(statistics, batches done)`` from a checkpoint, refusing one made for other hook groups."""
+def load_checkpoint(path: str | os.PathLike, groups: Sequence[Sequence[str]],
+                    pairs: Sequence | None = None) -> tuple[list[GramStats], int]:
+    """``(statistics, batches done)`` from a checkpoint, refusing one made for other hook groups or pairs."""
     from lensmat import io
 
     tensors, meta = io.load_artifact(path, "stats")
-    if [list(g) for g in groups] != meta["groups"]:
-        raise io.ArtifactError(f"The checkpoint in {path} was made for other hook groups ({meta['groups']}); "
+    saved_pairs = meta.get("pairs") or [None] * len(meta["groups"])
+    stats = [GramStats.from_tensors(g, d, tensors, str(i), p)
+             for i, (g, d, p) in enumerate(zip(meta["groups"], meta["dims"], saved_pairs))]
+    same = [list(g) for g in groups] == meta["groups"] and [
+        GramStats(tuple(g), tuple(st.dims), pairs=p).pairs == st.pairs
+        for g, st, p in zip(groups, stats, pairs or [None] * len(groups))] == [True] * len(stats)
+    if not same:
+        raise io.ArtifactError(f"The checkpoint in {path} was made for other hook groups or pairs ({meta['groups']}); "
                                "delete it or fit with the same settings.")
-    stats = [GramStats.from_tensors(g, d, tensors, str(i)) for i, (g, d) in enumerate(zip(meta["groups"], meta["dims"]))]
     return stats, int(meta["n_batches"])
 
 
 def update_stats(
     stats: list[GramStats] | None, groups: Sequence[Sequence[str]], captured: dict[str, torch.Tensor],
-    stats_device: str | torch.device = "cpu",
+    stats_device: str | torch.device = "cpu", pairs: Sequence | None = None,
 ) -> list[GramStats]:
-    """Add one batch of captured rows to the statistics of each group (creating them if ``None``)."""
+    """Add one batch of captured rows to the statistics of each group (creating them if ``None``,
+    keeping ``pairs[g]`` of group ``g``: see :func:`pair_pattern`)."""
     if stats is None:
-        stats = [GramStats(tuple(g), tuple(captured[h].shape[-1] for h in g), device=str(stats_device)) for g in groups]
+        pairs = [None] * len(groups) if pairs is None else pairs
+        stats = [GramStats(tuple(g), tuple(captured[h].shape[-1] for h in g), pairs=p, device=str(stats_device))
+                 for g, p in zip(groups, pairs)]
     for st, g in zip(stats, groups):
-        st.update(torch.cat([captured[h].to(st.gram.device) for h in g], dim=-1))
+        st.update(torch.cat([captured[h].to(st.sum.device) for h in g], dim=-1))
     return stats

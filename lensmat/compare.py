@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lensmat import data
-from lensmat.collect import resid_hooks
+from lensmat.collect import pair_pattern, resid_hooks
 from lensmat.fit import MapSet, r2_matrices
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
@@ -49,10 +49,11 @@ def _cost(provenance: dict | None, reused: bool) -> dict:
 
 def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
-                 jlens_prompts: int = 20, progress: bool = True) -> tuple[dict, dict, MapSet]:
+                 jlens_prompts: int = 20, all_pairs: bool = False, progress: bool = True) -> tuple[dict, dict, MapSet]:
     """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
 
-    The no-intercept mat maps are always returned (every pair ``l < l'``, for the R² heatmap).
+    The no-intercept mat maps are always returned (``h_l -> h_L``, and every pair ``l < l'`` for
+    the R² heatmap with ``all_pairs``, which needs ``O(L²·d²)`` statistics instead of ``O(L·d²)``).
     ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
     """
     from lensmat import io
@@ -69,11 +70,12 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
                                 ([] if "mat" in fitted else ["mat"])))
     if to_fit:
         start = time.perf_counter()
-        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress)
+        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
+                                    pairs="all" if all_pairs else "to_last", progress=progress)
         seconds = time.perf_counter() - start
         for name in to_fit:
             fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
-                                           all_pairs=name == "mat", seconds=seconds)
+                                           all_pairs=all_pairs and name == "mat", seconds=seconds)
             cost[name] = _cost(fitted[name].provenance, False)
     for name in names:
         if name == "logit":
@@ -112,6 +114,7 @@ def compare(
     jlens_prompts: int = 20,
     n_mask: int = 1,
     mask_seed: int = 0,
+    all_pairs: bool = False,
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
@@ -123,9 +126,9 @@ def compare(
         dataset: corpus spec (default: the bundled Leipzig sentences).
         lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``, ``tuned``, ``jacobian``.
         max_fit_tokens / max_eval_tokens: caps on scored tokens of ``train`` / ``heldout``.
-        maps: saved no-intercept maps (folder or :class:`MapSet`) to reuse instead of fitting;
-            with every pair ``l < l'`` (``lensmat fit --all-pairs``) the R² heatmap is complete,
-            else only ``l -> L`` is shown.
+        maps: saved no-intercept maps (folder or :class:`MapSet`) to reuse instead of fitting.
+        all_pairs: fit and score every pair ``l < l'`` for the full R² heatmap (statistics grow
+            as ``(L+1)²·d²``); by default only ``l -> L`` (``(L+1)·2·d²``).
         tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
             :class:`~lensmat.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
         n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
@@ -149,9 +152,12 @@ def compare(
     heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
-        batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, progress=progress)
+        batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
+        progress=progress)
+    hooks = resid_hooks(n_layers)
     scores, held_stats, n_eval = evaluate_lenses(
-        model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[resid_hooks(n_layers)],
+        model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[hooks],
+        stats_pairs=[pair_pattern(len(hooks), "all" if all_pairs else "to_last")],
         total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": info.name,

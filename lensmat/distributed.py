@@ -48,8 +48,8 @@ def all_reduce_stats(stats: list[GramStats]) -> list[GramStats]:
     if not is_distributed():
         return stats
     for st in stats:
-        n = torch.tensor([float(st.n)], dtype=torch.float64, device=st.gram.device)
-        for t in (n, st.sum, st.gram):
+        n = torch.tensor([float(st.n)], dtype=torch.float64, device=st.sum.device)
+        for t in (n, st.sum, *st.panels):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         st.n = int(n.item())
     return stats

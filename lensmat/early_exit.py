@@ -16,17 +16,14 @@ each over layers ``l ≥ 1`` (``L`` if never): ``probe`` (a logistic regression 
 ``cosine`` (``cos(h_l, h_{l−1})`` > threshold) and ``oracle`` (exit at ``max(s_1, 1)``). Speed-up =
 ``L · tokens / blocks run``.
 
-:func:`generate` is the real thing: greedy decoding that stops running blocks at the exit layer
-and fills the skipped layers' key/value cache from the exit layer's hidden state (CALM's state
-propagation, Schuster et al. 2022). It drives the Hugging Face GPT-2 blocks under the bridge
-directly, so it supports GPT-2-architecture models (the bundled model, ``gpt2*``).
+:func:`lensmat.generation.generate` is the real thing: greedy decoding that stops running blocks
+at the exit layer and fills the skipped layers' key/value cache from the exit layer's hidden
+state (CALM's state propagation, Schuster et al. 2022), on any causal architecture.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import time
 
 import torch
 from jaxtyping import Float, Int
@@ -204,80 +201,3 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
         write_report(report, out)
         plots.early_exit_plots(report, out)
     return report
-
-
-def _gpt2_parts(model):
-    hf = getattr(model, "original_model", None)
-    core = getattr(hf, "transformer", None)
-    if core is None or not hasattr(core, "h") or not hasattr(core, "wpe"):
-        raise NotImplementedError(
-            "The real early-exit loop drives Hugging Face GPT-2 blocks (transformer.h, wte, wpe) directly; "
-            f"{describe(model).name} is not a GPT-2-architecture model. Use the simulated curves (early_exit) instead.")
-    return core
-
-
-@torch.no_grad()
-def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
-             tau: float = TAU) -> dict:
-    """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model; ``lens`` may
-    then be None).
-
-    Each new token runs blocks one at a time with a key/value cache; after block ``l−1`` (residual
-    layer ``l``, ``1 ≤ l < L``) the lens reads ``h_l`` and, if its top-two gap exceeds ``θ(t)``,
-    emits its top-1 and skips blocks ``l..L-1``: their key/value entries for this position are
-    computed from ``h_l`` (state propagation), so later tokens can attend to it.
-
-    Returns ``{"tokens": new token ids, "exit_layers": per token, "seconds": wall time,
-    "kv_lengths": cached positions per layer at the end (all equal when propagation is complete)}``.
-    """
-    core = _gpt2_parts(model)
-    from transformers import DynamicCache
-
-    n_layers = len(core.h)
-    device = core.wte.weight.device
-
-    def readout(h):  # the model's own final norm and head; lenses contribute only their transform here,
-        return model.original_model.lm_head(core.ln_f(h))  # as the checked batch readout costs ~4 ms a call
-
-    start = time.perf_counter()
-    cache = DynamicCache(config=model.original_model.config)
-    ids = torch.tensor([prompt], device=device)
-    out = core(input_ids=ids, past_key_values=cache, use_cache=True)
-    logits = model.original_model.lm_head(out.last_hidden_state[:, -1])
-    token = int(logits.argmax(-1))
-    tokens, exits = [token], [n_layers]
-    for _ in range(max_new_tokens - 1):
-        pos = len(prompt) + len(tokens) - 1  # position of `token` in the sequence (BOS at 0)
-        x = core.wte(torch.tensor([[token]], device=device)) + core.wpe(torch.tensor([[pos]], device=device))
-        theta = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([pos]), n_mean, tau)[0])
-        exit_layer, emitted = n_layers, None
-        for i, block in enumerate(core.h):
-            x = block(x, cache, None, use_cache=True, position_ids=torch.tensor([[pos]], device=device))
-            x = x[0] if isinstance(x, tuple) else x
-            layer = i + 1
-            if layer < n_layers and theta < 1:
-                probs = torch.softmax(readout(lens.transform(x[0, -1], layer)).float(), -1).topk(2)
-                if float(probs.values[0] - probs.values[1]) > theta:
-                    exit_layer, emitted = layer, int(probs.indices[0])
-                    for skipped in core.h[layer:]:  # CALM: the skipped layers' K/V from h_exit
-                        attn = skipped.attn
-                        _, k, v = attn.c_attn(skipped.ln_1(x)).split(attn.split_size, dim=2)
-                        shape = (*k.shape[:-1], -1, attn.head_dim)
-                        cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx)
-                    break
-        if emitted is None:
-            emitted = int(readout(x[:, -1]).argmax(-1))
-        tokens.append(emitted)
-        exits.append(exit_layer)
-        token = emitted
-    seconds = time.perf_counter() - start
-    return {"tokens": tokens, "exit_layers": exits, "seconds": seconds,
-            "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
-
-
-def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens of the full bridge, recomputing the whole prefix each step (no cache)."""
-    ids = list(prompt)
-    for _ in range(max_new_tokens):
-        ids.append(int(model(torch.tensor([ids], device=model.W_U.device))[0, -1].argmax()))
-    return ids[len(prompt):]

@@ -118,11 +118,11 @@ def residual_sums(stats: GramStats, m: LinearMap | None, source: str, target: st
     yy = torch.diagonal(stats.block(target, target))
     if m is None:
         return yy - 2 * torch.diagonal(stats.block(source, target)) + torch.diagonal(stats.block(source, source))
-    W = m.W.to(stats.gram.device, torch.float64)
+    W = m.W.to(stats.sum.device, torch.float64)
     xy, xx = stats.block(source, target), stats.block(source, source)
     out = yy - 2 * (W * xy).sum(0) + (W * (xx @ W)).sum(0)
     if m.b is not None:
-        b = m.b.to(stats.gram.device, torch.float64)
+        b = m.b.to(stats.sum.device, torch.float64)
         resid_sum = stats.sum[stats.offsets[target]] - stats.sum[stats.offsets[source]] @ W  # Σ (y − xW)
         out = out - 2 * b * resid_sum + stats.n * b * b
     return out
@@ -160,9 +160,9 @@ class MapSet:
 
     def check_model(self, model) -> None:
         """Refuse a model that differs from the one these maps were fitted on."""
-        from lensmat.models import check_same_model, describe
+        from lensmat.models import check_same_model
 
-        check_same_model(self.model, describe(model), what="these maps")
+        check_same_model(self.model, model, what="these maps")
 
 
 def fit_pairs(
@@ -198,8 +198,9 @@ def r2_matrices(
 ) -> dict[str, list[list[float | None]]]:
     """R² of ``mat`` (the fitted map) and ``id`` (ŷ = x) for every residual pair ``l < l'``.
 
-    ``(L+1)×(L+1)`` nested lists indexed ``[l][l']``, ``None`` where ``l ≥ l'``; computed from
-    held-out statistics of the same hooks.
+    ``(L+1)×(L+1)`` nested lists indexed ``[l][l']``, ``None`` where ``l ≥ l'`` (and where the
+    held-out statistics keep no ``(l, l')`` block, e.g. ``l' < L`` without all pairs); computed
+    from held-out statistics of the same hooks.
     """
     hooks = heldout.hooks
     size = len(hooks)
@@ -207,6 +208,8 @@ def r2_matrices(
     ident = [[None] * size for _ in range(size)]
     for i in range(size):
         for j in range(i + 1, size):
+            if not heldout.has_block(hooks[i], hooks[j]):  # statistics kept for maps to the last layer only
+                continue
             ident[i][j] = r2(heldout, None, hooks[i], hooks[j])
             if (hooks[i], hooks[j]) in maps:
                 mat[i][j] = r2(heldout, maps[(hooks[i], hooks[j])], hooks[i], hooks[j])

@@ -66,7 +66,7 @@ class JLens(Lens):
         tensors, meta = io.load_artifact(path, "lens")
         if meta.get("lens") != "jacobian":
             raise io.ArtifactError(f"{path} does not hold a J-lens (lens={meta.get('lens')!r}).")
-        check_same_model(meta["model"], describe(model), what="this J-lens")
+        check_same_model(meta["model"], model, what="this J-lens")
         jac = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("J.")}
         return cls(model, JacobianLens(jac, n_prompts=meta["n_prompts"], d_model=meta["d_model"],
                                        metadata=meta.get("tl_metadata")), meta)

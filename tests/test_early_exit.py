@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lensmat.early_exit import (LAMBDAS, SaturationProbe, confidence_curve, early_exit, exit_threshold, first_exit,
-                                generate, greedy_reference, layers_saved, saturation_curves)
+                                layers_saved, saturation_curves)
+from lensmat.generation import generate, greedy_reference
 from lensmat.lenses import LogitLens
 from lensmat.saturation import Rankings, collect_rankings
 
@@ -71,21 +72,32 @@ def test_oracle_saturation_exit_reproduces_the_model_top1(tiny_model):
             assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_layers"] <= 3
 
 
-def test_generation_without_exit_is_the_full_models_greedy_decoding(tiny_gpt2):
-    model, _, _ = tiny_gpt2
-    prompt = [48, 3, 6, 9, 12]
-    full = generate(model, LogitLens(model), prompt, 12)
-    assert full["tokens"] == greedy_reference(model, prompt, 12)
-    assert full["exit_layers"] == [3] * 12
+FAMILIES = ["tiny_gpt2", "tiny_llama", "tiny_gemma3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_without_exit_is_the_full_models_greedy_decoding(family, request):
+    from transformers import AutoModelForCausalLM
+
+    model, folder, _ = request.getfixturevalue(family)
+    prompt = [48, 3, 6, 9, 12, 15, 18, 21, 24, 27]  # longer than Gemma's 6-position window
+    full = generate(model, LogitLens(model), prompt, 16)
+    assert full["tokens"] == greedy_reference(model, prompt, 16)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()  # Hugging Face's own cached greedy decoding
+    ids = torch.tensor([prompt])
+    assert full["tokens"] == hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                         pad_token_id=0)[0, len(prompt):].tolist()
+    assert full["exit_layers"] == [3] * 16
     assert len(set(full["tokens"])) > 1  # a model that repeats one token would make this vacuous
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["logit", "mat"])
-def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(tiny_gpt2, kind):
+def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(family, kind, request):
     import lensmat
 
-    model, _, corpus = tiny_gpt2
-    prompt = [48, 1, 4, 7]
+    model, _, corpus = request.getfixturevalue(family)
+    prompt = [48, 1, 4, 7, 10, 13, 16]
     lens = LogitLens(model) if kind == "logit" else lensmat.MatLens(model, lensmat.fit_maps(model, str(corpus), progress=False))
     out = generate(model, lens, prompt, 8, lam=-1.0)
     assert out["exit_layers"] == [3] + [1] * 7  # the first token comes from the full prefill
@@ -97,16 +109,78 @@ def test_always_exiting_after_block_0_is_the_one_block_models_greedy_decoding(ti
     assert len(set(out["kv_lengths"])) == 1 and out["kv_lengths"][0] == len(prompt) + 7
 
 
-def test_mixed_exits_keep_every_layers_cache_complete(tiny_gpt2):
-    model, _, _ = tiny_gpt2
-    out = generate(model, LogitLens(model), [48, 2, 5, 8, 11], 16, lam=0.05, n_mean=8)
-    assert set(out["exit_layers"][1:]) == {1, 2, 3}  # exits after blocks 0 and 1, and full runs, interleaved
-    assert out["kv_lengths"] == [5 + 15] * 3  # skipped layers got the exited positions' K/V too
+def mixed_run(model, prompt, n):
+    """Generation whose tokens exit after block 0 and run in full, interleaved (the first λ of a
+    few that gives such a mix: random models differ in how confident their layers are)."""
+    for lam in (0.05, 0.0, -0.05, -0.1):
+        out = generate(model, LogitLens(model), prompt, n, lam=lam, n_mean=8)
+        if {1, model.cfg.n_layers} <= set(out["exit_layers"][1:]):
+            return out
+    raise AssertionError(f"no λ mixes exits and full runs on {model.cfg.model_name}")
 
 
-def test_generation_refuses_non_gpt2_models(tiny_model):
-    with pytest.raises(NotImplementedError, match="GPT-2"):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_exits_keep_every_layers_cache_complete(family, request):
+    model, _, _ = request.getfixturevalue(family)
+    out = mixed_run(model, [48, 2, 5, 8, 11], 24)
+    assert out["kv_lengths"] == [5 + 23] * 3  # skipped layers got the exited positions' K/V too
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_exits_equal_a_no_cache_forward_with_the_exit_states_propagated(family, request):
+    """Independent check of state propagation: one forward over the whole generated sequence, no
+    cache, in which every block after a position's exit layer sees that position's exit state as its
+    input. The values each block cached during generation must equal that forward's, and each
+    emitted token must be its lens top-1 at the exit layer (or its final top-1 without an exit)."""
+    model, _, _ = request.getfixturevalue(family)
+    prompt, n = [48, 2, 5, 8, 11, 14, 17], 20
+    n_layers = model.cfg.n_layers
+    cached = {b: [] for b in range(n_layers)}
+
+    def keep(v, hook):
+        cached[int(hook.name.split(".")[1])].append(v[0].clone())
+
+    spies = [(f"blocks.{b}.attn.hook_v", keep) for b in range(n_layers)]
+    with model.hooks(fwd_hooks=spies):
+        out = mixed_run(model, prompt, n)
+    cached = {b: torch.cat(vs[-n:], 0) for b, vs in cached.items()}  # the last run's values, every position
+    ids = prompt + out["tokens"][:-1]
+    exit_at = {len(prompt) - 1 + i: e for i, e in enumerate(out["exit_layers"]) if e < n_layers}
+    states, values = {}, {}
+
+    def propagate(h, hook):
+        block = int(hook.name.split(".")[1])
+        h = h.clone()
+        for q, e in exit_at.items():
+            if e == block:
+                states[q] = h[0, q].clone()
+            elif e < block:
+                h[0, q] = states[q]
+        return h
+
+    def value(v, hook):
+        values[int(hook.name.split(".")[1])] = v[0]
+
+    hooks = [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(n_layers)] + [
+        (f"blocks.{b}.attn.hook_v", value) for b in range(n_layers)]
+    logits = model.run_with_hooks(torch.tensor([ids]), fwd_hooks=hooks)[0]
+    for b in range(n_layers):
+        torch.testing.assert_close(cached[b], values[b], atol=1e-5, rtol=1e-4)
+    lens = LogitLens(model)
+    expected = [int(lens(states[q], exit_at[q]).argmax()) if q in exit_at else int(logits[q].argmax())
+                for q in range(len(prompt) - 1, len(ids))]
+    assert out["tokens"] == expected
+
+
+def test_generation_refuses_a_bridge_without_a_hugging_face_decoder(tiny_model):
+    with pytest.raises(NotImplementedError, match="decoder stack"):
         generate(tiny_model, LogitLens(tiny_model), [0, 1], 2)
+
+
+def test_generation_refuses_a_masked_lm(tiny_bert):
+    model, _, _ = tiny_bert
+    with pytest.raises(ValueError, match="masked LM"):
+        generate(model, LogitLens(model), [48, 1], 2)
 
 
 def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
@@ -126,3 +200,17 @@ def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
     from lensmat.pipeline import tokenized
 
     assert report["n_eval_tokens"] == tokenized(model, str(corpus), "heldout").n_tokens(400)
+
+
+def test_blocks_after_an_exit_do_not_run_their_mlp(tiny_llama):
+    model, _, _ = tiny_llama
+    calls = {b: 0 for b in range(3)}
+
+    def count(x, hook):
+        calls[int(hook.name.split(".")[1])] += 1
+
+    with model.hooks(fwd_hooks=[(f"blocks.{b}.mlp.hook_in", count) for b in range(3)]):
+        out = generate(model, LogitLens(model), [48, 1, 4, 7], 6, lam=-1.0)
+    assert out["exit_layers"] == [3] + [1] * 5
+    assert calls == {0: 6, 1: 1, 2: 1}  # the prefill runs every MLP; exited steps only block 0's
+    assert "forward" not in vars(model.blocks[1].mlp)  # the instance override is gone afterwards

@@ -155,3 +155,32 @@ def test_linear_map_applies_in_input_dtype():
     m = LinearMap(torch.eye(3) * 2, torch.ones(3), "a", "b")
     x = torch.ones(2, 3, dtype=torch.bfloat16)
     assert m(x).dtype == torch.bfloat16 and m(x).tolist() == [[3.0] * 3] * 2
+
+
+@pytest.mark.parametrize("pattern", ["to_last", "adjacent"])
+def test_block_statistics_equal_the_joint_grams_blocks(pattern):
+    from lensmat.collect import pair_pattern
+
+    g = torch.Generator().manual_seed(4)
+    hooks, dims = ("h0", "h1", "h2", "h3"), (5, 5, 5, 5)
+    z = torch.randn(300, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 20, generator=g, dtype=torch.float64)
+    full = GramStats(hooks, dims)
+    part = GramStats(hooks, dims, pairs=pair_pattern(4, pattern))
+    for rows in z.split(70):
+        full.update(rows)
+        part.update(rows)
+    kept = set(pair_pattern(4, pattern))
+    for i, a in enumerate(hooks):
+        for j, b in enumerate(hooks):
+            if (min(i, j), max(i, j)) in kept:
+                assert rel_err(part.block(a, b), full.block(a, b)) < 1e-12
+            else:
+                with pytest.raises(KeyError, match="all pairs"):
+                    part.block(a, b)
+    pairs = [("h0", "h3"), ("h2", "h3")] if pattern == "to_last" else [("h0", "h1"), ("h2", "h3")]
+    for src, tgt in pairs:
+        a, b = fit_map(part, src, tgt, intercept=True), fit_map(full, src, tgt, intercept=True)
+        assert rel_err(a.W.double(), b.W.double()) < 1e-6 and r2(part, a, src, tgt) == pytest.approx(r2(full, b, src, tgt), rel=1e-10)
+    n_blocks = len(kept)
+    assert part.nbytes == 8 * (20 + 25 * n_blocks) == sum(t.numel() * 8 for t in [part.sum, *part.panels])
+    assert full.nbytes == 8 * (20 + 20 * 20 - 3 * 4 // 2 * 25)  # the upper block triangle: 10 of 16 blocks

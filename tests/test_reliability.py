@@ -14,7 +14,7 @@ from lensmat.collect import collect, resid_hooks
 from lensmat.fit import MapSet, fit_layer_maps
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
-from lensmat.models import describe
+from lensmat.models import ModelMismatchError, describe
 
 KILL_AFTER = 5  # batches
 
@@ -112,3 +112,31 @@ def test_float32_maps_work_on_a_bfloat16_model():
     scores, _, _ = evaluate_lenses(half, {"mat": MatLens(half, maps)}, batches[:1], progress=False)
     assert scores["mat"]["precision@1"][3] == 1.0 and all(v == v for v in scores["mat"]["kl"])  # ...the check does not
     assert describe(half).unembed_fingerprint != () and maps.model["unembed_fingerprint"]
+
+
+def test_fingerprint_of_an_unembedding_past_2_24_entries():
+    """GPT-2 small's 768 x 50,257 and SmolLM2's 576 x 49,152 unembeddings: float32 linspace rounded
+    the last index past the end; the indices are now exact and include both ends."""
+    from lensmat.models import _fingerprint
+
+    W = torch.arange(576 * 49152, dtype=torch.float32).reshape(576, 49152) / 1e6
+    fp = _fingerprint(W)
+    assert fp[0] == 0.0 and fp[-1] == round(float(W[-1, -1]), 6)
+    assert fp[5] == round(float(W.reshape(-1)[5 * (W.numel() - 1) // 15]), 6)
+
+
+@torch.no_grad()
+def test_maps_saved_with_the_legacy_fingerprint_still_load_on_another_dtype(tmp_path):
+    from lensmat.models import _fingerprint
+
+    model = make_tiny_model()
+    stats = collect(model, random_token_batches(2, 4, 10, 40), [resid_hooks(3)], progress=False)[0]
+    meta = describe(model).to_dict()
+    del meta["fingerprint_version"]
+    meta["unembed_fingerprint"] = _fingerprint(model.W_U, legacy=True)  # as lensmat 0.1.0 saved it
+    path = io.save_maps(MapSet(fit_layer_maps(stats), meta), tmp_path / "old")
+    half = make_tiny_model().to(torch.bfloat16)
+    assert list(io.load_maps(path, half).model["unembed_fingerprint"]) == list(meta["unembed_fingerprint"])
+    other = make_tiny_model(seed=1).to(torch.bfloat16)
+    with pytest.raises(ModelMismatchError, match="unembed"):
+        io.load_maps(path, other)
