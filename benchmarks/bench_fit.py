@@ -1,12 +1,20 @@
-"""Benchmark: fit all residual maps (every pair l < l') the lensmat way vs the paper's way.
+"""Benchmark: fit residual maps the lensmat way vs plain forward passes and the paper's way, and
+evaluate lenses against their arithmetic floor.
 
-For each token budget, in a fresh subprocess each (so peak memory is per job):
-  forward   plain forward passes over the tokens (logits computed, nothing kept)
-  lensmat   collect float64 statistics of h_0..h_L + solve every pair (streaming)
-  baseline  stack every scored activation of h_0..h_L, then one lstsq per pair (the paper's way)
-Prints wall time, peak RSS and the ratios lensmat/forward and baseline/lensmat, measured in one run.
+For each token budget, in a fresh subprocess each (so peak memory is per job; model loading is
+not timed):
+  forward     plain forward passes through the bridge over the tokens (logits computed)
+  hf_forward  the same through the bare Hugging Face model under the bridge (no hooks)
+  to_last     collect the float64 statistics the maps h_l -> h_L need + solve them (streaming)
+  lensmat     collect the statistics of every pair h_l, h_l' + solve every pair l < l'
+  baseline    stack every scored activation of h_0..h_L, one lstsq per pair (the paper's way)
+  evaluate    score the logit and mat lenses at every layer (lensmat.evaluate_lenses); its floor
+              is the readouts' multiply-adds, (L+1) x 2 lenses x tokens x d_model x d_vocab, at
+              the [1024, d_model] @ [d_model, d_vocab] float32 matmul rate measured in the same job
+Prints wall time, peak RSS and the ratios, measured in one run.
 
     python benchmarks/bench_fit.py --tokens 20000 200000
+    python benchmarks/bench_fit.py --model smollm2-135m --tokens 10000 --kinds hf_forward,forward,to_last,evaluate
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
 
     import lensmat
     from lensmat import data
-    from lensmat.collect import collect, resid_hooks, run_capture
+    from lensmat.collect import collect, pair_pattern, resid_hooks, run_capture
     from lensmat.fit import fit_layer_maps
 
     torch.manual_seed(0)
@@ -37,14 +45,33 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
         seqs = seqs + seqs
     hooks = resid_hooks(int(model.cfg.n_layers))
     batches = list(data.batches(seqs, batch_size, tokens))
+    extra = {}
+    if kind == "evaluate":  # maps fitted before the clock starts; the matmul rate measured alongside
+        maps = lensmat.fit_maps(model, max_tokens=2_000, progress=False)
+        lenses = {"logit": lensmat.LogitLens(model), "mat": lensmat.MatLens(model, maps)}
+        x, W = torch.randn(1024, model.cfg.d_model), model.W_U.detach().float()
+        x @ W
+        t0 = time.perf_counter()
+        for _ in range(5):
+            x @ W
+        rate = 5 * 1024 * W.numel() / (time.perf_counter() - t0)
+        n = sum(b.n_scored for b in batches)
+        extra = {"floor_seconds": (model.cfg.n_layers + 1) * len(lenses) * n * W.numel() / rate,
+                 "macs_per_second": rate}
     start = time.perf_counter()
     with torch.no_grad():
         if kind == "forward":
             for b in batches:
                 model(b.tokens)
-        elif kind == "lensmat":
-            stats = collect(model, batches, [hooks], progress=False)[0]
-            fit_layer_maps(stats, all_pairs=True)
+        elif kind == "hf_forward":
+            for b in batches:
+                model.original_model(input_ids=b.tokens)
+        elif kind == "evaluate":
+            lensmat.evaluate_lenses(model, lenses, batches, progress=False)
+        elif kind in ("lensmat", "to_last"):
+            pairs = pair_pattern(len(hooks), "all" if kind == "lensmat" else "to_last")
+            stats = collect(model, batches, [hooks], pairs=[pairs], progress=False)[0]
+            fit_layer_maps(stats, all_pairs=kind == "lensmat")
         elif kind == "baseline":
             rows = {h: [] for h in hooks}
             for b in batches:
@@ -57,7 +84,7 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
                     torch.linalg.lstsq(acts[src], acts[tgt])
     seconds = time.perf_counter() - start
     return {"kind": kind, "tokens": sum(b.n_scored for b in batches), "seconds": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
 
 
 def main() -> None:
@@ -82,15 +109,20 @@ def main() -> None:
                 cmd += ["--model", args.model]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[(tokens, kind)] = json.loads(out)
-    print(f"{'tokens':>8} {'forward s':>10} {'lensmat s':>10} {'baseline s':>11} {'lensmat/fwd':>12} "
-          f"{'baseline/lensmat':>17} {'RSS fwd MB':>11} {'RSS lensmat MB':>15} {'RSS baseline MB':>16}")
+    kinds = args.kinds.split(",")
+    print(f"{'tokens':>8} " + " ".join(f"{k + ' s':>12}" for k in kinds) + " " + " ".join(f"{'RSS ' + k + ' MB':>18}" for k in kinds))
     for tokens in args.tokens:
-        r = {k: results.get((tokens, k)) for k in ("forward", "lensmat", "baseline")}
-        get = lambda k, f, r=r: r[k][f] if r[k] else float("nan")  # noqa: E731
-        print(f"{tokens:>8} {get('forward', 'seconds'):>10.2f} {get('lensmat', 'seconds'):>10.2f} "
-              f"{get('baseline', 'seconds'):>11.2f} {get('lensmat', 'seconds') / get('forward', 'seconds'):>12.2f} "
-              f"{get('baseline', 'seconds') / get('lensmat', 'seconds'):>17.2f} {get('forward', 'peak_rss_mb'):>11.0f} "
-              f"{get('lensmat', 'peak_rss_mb'):>15.0f} {get('baseline', 'peak_rss_mb'):>16.0f}")
+        r = {k: results[(tokens, k)] for k in kinds}
+        print(f"{tokens:>8} " + " ".join(f"{r[k]['seconds']:>12.2f}" for k in kinds) + " "
+              + " ".join(f"{r[k]['peak_rss_mb']:>18.0f}" for k in kinds))
+        for a, b in (("lensmat", "forward"), ("to_last", "forward"), ("to_last", "hf_forward"),
+                     ("lensmat", "hf_forward"), ("baseline", "lensmat"), ("forward", "hf_forward")):
+            if a in r and b in r:
+                print(f"{'':>8} {a}/{b} = {r[a]['seconds'] / r[b]['seconds']:.2f}")
+        if "evaluate" in r:
+            e = r["evaluate"]
+            print(f"{'':>8} evaluate/floor = {e['seconds'] / e['floor_seconds']:.2f} (floor {e['floor_seconds']:.1f} s "
+                  f"at {e['macs_per_second'] / 1e9:.1f} G multiply-adds/s)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ original token). The ``logit`` lens is then the paper's ``id`` baseline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -197,12 +198,33 @@ def start_run(model, out: str | os.PathLike | None, force: bool, causal_only: st
     return model
 
 
+def _finite_or_null(obj, path: str, bad: list[str]):
+    """``obj`` with every NaN/Inf float replaced by None; the paths of those values go to ``bad``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        bad.append(path)
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
+    return obj
+
+
 def write_report(report: dict, out: str | os.PathLike) -> Path:
-    """Write ``out/report.json`` (atomically: temporary file, then rename)."""
+    """Write ``out/report.json`` as strict JSON (atomically: temporary file, then rename). A NaN or
+    Inf value is written as null, listed in ``non_finite_values`` and warned about."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    bad: list[str] = []
+    report = _finite_or_null(report, "", bad)
+    if bad:
+        import warnings
+
+        report["non_finite_values"] = bad
+        warnings.warn(f"{len(bad)} NaN/Inf values in the report (written as null, listed in non_finite_values), "
+                      f"e.g. {bad[:3]}.", RuntimeWarning, stacklevel=2)
     tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out / "report.json")
     return out / "report.json"
 

@@ -158,7 +158,7 @@ def _dequantize_into(path: Path, source: dict, out: Path, progress: bool) -> Non
         except (ValueError, NotImplementedError, KeyError) as err:
             import transformers
 
-            raise GGUFError(f"transformers {transformers.__version__} cannot read {what}: {err}. GGUF support covers "
+            raise GGUFError(f"transformers {transformers.__version__} cannot read {what}: {str(err).rstrip('.')}. GGUF support covers "
                             "the architectures and quantization types listed in transformers' GGUF docs; convert "
                             "the model to a Hugging Face folder instead.") from err
     # A model loaded from GGUF refuses save_pretrained; a fresh one with the same weights does not.

@@ -84,6 +84,17 @@ class Reference:
         self.targets = batch.targets[batch.score_mask].to(logits.device)
         self.has_target = batch.target_mask[batch.score_mask].to(logits.device)
 
+    def rows(self, keep: torch.Tensor) -> "Reference":
+        """The same reference at the positions where ``keep`` is True."""
+        out = object.__new__(Reference)
+        for name, value in vars(self).items():
+            setattr(out, name, value[keep])
+        return out
+
+
+class NonFiniteWarning(UserWarning):
+    """Logits that held NaN/Inf (e.g. a composed swap that diverged); those positions are not scored."""
+
 
 class LensScores:
     """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE.
@@ -92,12 +103,16 @@ class LensScores:
     Precision@k = fraction of positions where the lens's top-1 token is in p's top-k;
     surprisal = mean −log p(lens top-1); KL(p‖q) in nats; CE = −log q(actual next token),
     over positions that have a next token.
+
+    Positions whose logits hold NaN/Inf are counted in ``non_finite`` and left out of every
+    metric (a layer where all were non-finite scores ``None``), never counted as misses.
     """
 
     def __init__(self, n_layers: int) -> None:
         self.sums = {m: torch.zeros(n_layers + 1, dtype=torch.float64) for m in METRICS}
         self.n = torch.zeros(n_layers + 1, dtype=torch.float64)
         self.n_ce = torch.zeros(n_layers + 1, dtype=torch.float64)
+        self.non_finite = torch.zeros(n_layers + 1, dtype=torch.int64)
 
     def update(
         self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
@@ -105,6 +120,10 @@ class LensScores:
         KL(p‖q) = Σ p log p − Σ p z + lse(z) (as Σ p = 1), CE = lse(z) − z[target]; so ``log q``
         itself is never materialised."""
         z = lens_logits.float()
+        finite = torch.isfinite(z).all(-1)
+        if not bool(finite.all()):
+            self.non_finite[layer] += int((~finite).sum())
+            z, ref = z[finite], ref.rows(finite)
         lse = torch.logsumexp(z, dim=-1)
         top1 = z.argmax(-1)
         for k in TOP_K:
@@ -120,11 +139,21 @@ class LensScores:
         self.n_ce[layer] += float(ref.has_target.sum())
 
     def result(self) -> dict[str, list[float | None]]:
-        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored)."""
+        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored) and
+        ``non_finite``: positions per layer whose logits were NaN/Inf (a :class:`NonFiniteWarning`
+        says where)."""
         out = {}
         for m, s in self.sums.items():
             denom = self.n_ce if m == "ce" else self.n
             out[m] = [float(v / d) if d > 0 else None for v, d in zip(s, denom)]
+        out["non_finite"] = self.non_finite.tolist()
+        bad = [layer for layer, c in enumerate(out["non_finite"]) if c]
+        if bad:
+            import warnings
+
+            warnings.warn(f"Non-finite (NaN/Inf) logits at {sum(out['non_finite'])} positions, at layers {bad}: those "
+                          "positions are left out of the metrics (a layer with none left scores null); the report's "
+                          "non_finite field counts them.", NonFiniteWarning, stacklevel=2)
         return out
 
 

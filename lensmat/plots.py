@@ -39,17 +39,26 @@ def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax
     return ax
 
 
+def model_label(name: str, width: int = 40) -> str:
+    """A model name short enough for a title: a path's last folder, cut to ``width`` characters."""
+    name = str(name)
+    if "/" in name and Path(name).expanduser().exists():
+        name = Path(name).name or name
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def _subject(report: dict) -> str:
     """The model, and for the masked protocol the positions scored: the titles' parenthesis."""
-    return report["model"] + (", [MASK] positions" if report.get("protocol") == "masked" else "")
+    return model_label(report["model"]) + (", [MASK] positions" if report.get("protocol") == "masked" else "")
 
 
 def precision_figure(report: dict, out=None):
-    """Precision@1/5/10 per layer, one line per lens."""
+    """Precision@1/5/10 per layer, one line per lens; the model is named once, above the panels."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
     for ax, k in zip(axes, (1, 5, 10)):
         per_layer({n: s[f"precision@{k}"] for n, s in report["lenses"].items()}, f"Precision@{k}",
-                  f"Precision@{k} vs the model's top-1 ({_subject(report)})", ax)
+                  f"Precision@{k} vs the model's top-1", ax)
+    fig.suptitle(_subject(report))
     fig.tight_layout()
     return _save(fig, out, "precision.png")
 
@@ -63,7 +72,16 @@ def metric_figure(report: dict, metric: str, ylabel: str, out=None):
 
 
 def r2_figure(report: dict, out=None):
-    """R² heatmaps of mat and id for every pair l < l', side by side."""
+    """R² heatmaps of mat and id for every pair l < l', side by side; when only the maps to the
+    last layer were scored, R² of ``h_l -> h_L`` per layer instead."""
+    last = len(report["r2"]["mat"]) - 1
+    if all(v is None for row in report["r2"]["id"] for v in row[:last]):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        per_layer({kind: [row[last] for row in report["r2"][kind]] for kind in ("mat", "id")}, "R² (held-out)",
+                  f"R² of h_l -> h_L ({_subject(report)})", ax)
+        ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.02)
+        fig.tight_layout()
+        return _save(fig, out, "r2.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, kind in zip(axes, ("mat", "id")):
         grid = np.array([[np.nan if v is None else v for v in row] for row in report["r2"][kind]], dtype=float)

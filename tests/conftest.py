@@ -170,3 +170,63 @@ def tiny_bert(tmp_path_factory):
     hf.save_pretrained(folder)
     corpus = word_corpus(folder / "corpus.txt")
     return lensmat.load_model(str(folder), device="cpu"), folder, corpus
+
+
+def write_tiny_llama_gguf(path, seed: int = 0, quant: str = "Q8_0", architecture: str = "llama"):
+    """A random 2-block Llama (d_model 32, 64 tokens ``<s> </s> <unk> w0..w60``) as a GGUF file, its
+    matrices quantized to ``quant`` (norms stay F32), as llama.cpp lays one out."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    g = np.random.default_rng(seed)
+    V, d, f, L, H, KV = 64, 32, 64, 2, 4, 2
+    w = GGUFWriter(str(path), architecture)
+    w.add_name("tiny-llama")
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_block_count(L)
+    w.add_feed_forward_length(f)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d // H)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 3)])
+    w.add_token_types([3, 3, 2] + [1] * (V - 3))
+    w.add_token_scores([0.0] * V)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(2)
+    qtype = getattr(GGMLQuantizationType, quant)
+
+    def tensor(name, shape, scale=0.2, quantized=True):
+        a = (g.standard_normal(shape) * scale).astype(np.float32)
+        if quantized and quant != "F32":
+            q = quantize(a, qtype)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+
+    tensor("token_embd.weight", (V, d), 1.0)
+    for i in range(L):
+        tensor(f"blk.{i}.attn_norm.weight", (d,), 0.3, quantized=False)
+        tensor(f"blk.{i}.attn_q.weight", (d, d))
+        tensor(f"blk.{i}.attn_k.weight", (KV * d // H, d))
+        tensor(f"blk.{i}.attn_v.weight", (KV * d // H, d))
+        tensor(f"blk.{i}.attn_output.weight", (d, d))
+        tensor(f"blk.{i}.ffn_norm.weight", (d,), 0.3, quantized=False)
+        tensor(f"blk.{i}.ffn_gate.weight", (f, d))
+        tensor(f"blk.{i}.ffn_up.weight", (f, d))
+        tensor(f"blk.{i}.ffn_down.weight", (d, f))
+    tensor("output_norm.weight", (d,), 0.3, quantized=False)
+    tensor("output.weight", (V, d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -150,3 +150,47 @@ def test_top_predictions_and_table(tiny_gpt2):
     table = predictions_table(model, preds, "logit", position=2)
     assert table.shape == (4, 5) and list(table.index)[0] == "layer 0"
     assert table.iloc[-1, 0].startswith(repr(model.tokenizer.decode([int(full[2, 0])])))
+
+
+def test_non_finite_logits_are_counted_not_scored_as_misses():
+    """A diverged swap gives Inf/NaN logits: those positions are counted in non_finite and left out,
+    so the metrics equal those of the finite positions alone, and a layer with none left is null."""
+    import warnings
+
+    from lensmat.data import pad
+    from lensmat.metrics import LensScores, NonFiniteWarning, Reference
+
+    g = torch.Generator().manual_seed(0)
+    batch = pad([[0] + torch.randint(1, 20, (7,), generator=g).tolist() for _ in range(3)])
+    n = int(batch.score_mask.sum())
+    model_logits = torch.randn(n, 20, generator=g)
+    lens_logits = torch.randn(n, 20, generator=g)
+    broken = lens_logits.clone()
+    broken[[1, 4]] = float("nan")
+    broken[7, 3] = float("inf")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[[1, 4, 7]] = False
+    scores, clean = LensScores(1), LensScores(1)
+    ref = Reference(model_logits, batch)
+    scores.update(0, broken, ref)
+    scores.update(1, torch.full_like(broken, float("nan")), ref)
+    clean.update(0, lens_logits[keep], ref.rows(keep))
+    with pytest.warns(NonFiniteWarning, match="layers \\[0, 1\\]"):
+        got = scores.result()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = clean.result()
+    assert got["non_finite"] == [3, n] and want["non_finite"] == [0, 0]
+    for metric in ("precision@1", "precision@5", "surprisal", "kl", "ce"):
+        assert got[metric][0] == pytest.approx(want[metric][0]) and got[metric][1] is None
+
+
+def test_reports_are_strict_json_with_non_finite_values_listed(tmp_path):
+    import json
+
+    from lensmat.compare import write_report
+
+    with pytest.warns(RuntimeWarning, match="2 NaN/Inf"):
+        write_report({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda t: pytest.fail(t))
+    assert saved["a"] == [1.0, None] and saved["b"]["c"] is None and saved["non_finite_values"] == ["a[1]", "b.c"]

@@ -127,7 +127,8 @@ def test_compare_runs_the_masked_protocol(tiny_bert, tmp_path):
     assert report["protocol"] == "masked" and report["masking"] == {"n_mask": 1, "seed": 0}
     assert report["n_eval_tokens"] == len(tokenized(model, str(corpus), "heldout").seqs)
     for name in ("logit", "mat"):
-        assert set(report["lenses"][name]) == {"precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce"}
+        assert set(report["lenses"][name]) == {"precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce",
+                                               "non_finite"}
         assert report["lenses"][name]["precision@1"][L] == 1.0
     assert len(report["r2"]["mat"]) == L + 1 and (tmp_path / "cmp" / "report.json").is_file()
     with pytest.raises(ValueError, match="next-token prediction"):

