@@ -127,6 +127,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: float | None, width: int = 8) -> str:
+    """A table cell: the value to 4 decimals, or n/a where it was not measured (None)."""
+    return f"{value:>{width}.4f}" if value is not None else f"{'n/a':>{width}}"
+
+
 def cmd_submodules(args: argparse.Namespace) -> int:
     from lensmat.submodules import PROTOCOL_KINDS, submodules
 
@@ -141,8 +146,14 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     names = list(report["variants"])
     print(f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)")
     for layer in report["layers"]:
-        print(f"{layer:>3} " + " ".join(f"{report['variants'][n]['precision@1'][layer]:>8.4f}" for n in names))
-    print("ranking by mean Precision@1: " + ", ".join(f"{r['kind']} {r['mean_precision@1']:.4f}" for r in report["ranking"]))
+        print(f"{layer:>3} " + " ".join(_cell(report['variants'][n]['precision@1'][layer]) for n in names))
+    print("ranking by mean Precision@1 over scored layers: "
+          + ", ".join(f"{r['kind']} {_cell(r['mean_precision@1']).strip()}" for r in report["ranking"]))
+    for r in report["ranking"]:
+        lost = report["n_layers"] + 1 - r["scored_layers"]
+        if lost:
+            print(f"{r['kind']}: the swapped model's logits were NaN/Inf at every position at {lost} of "
+                  f"{report['n_layers'] + 1} layers (diverged, not measured; see non_finite in report.json)")
     print(f"report and plots in {out}/")
     return 0
 

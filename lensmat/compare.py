@@ -50,11 +50,14 @@ def _cost(provenance: dict | None, reused: bool) -> dict:
 
 def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
-                 jlens_prompts: int = 20, all_pairs: bool = False, progress: bool = True) -> tuple[dict, dict, MapSet]:
+                 jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
+                 progress: bool = True) -> tuple[dict, dict, MapSet | None]:
     """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
 
-    The no-intercept mat maps are always returned (``h_l -> h_L``, and every pair ``l < l'`` for
-    the R² heatmap with ``all_pairs``, which needs ``O(L²·d²)`` statistics instead of ``O(L·d²)``).
+    The no-intercept mat maps are fitted (``h_l -> h_L``, and every pair ``l < l'`` for the R²
+    heatmap with ``all_pairs``, which needs ``O(L²·d²)`` statistics instead of ``O(L·d²)``) when a
+    mat lens is named or ``maps`` or ``all_pairs`` asks for them (compare always does, for R²);
+    otherwise the third value is None.
     ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
     """
     from lensmat import io
@@ -67,8 +70,8 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
         maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
         maps.check_model(model)
         fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
-    to_fit = list(dict.fromkeys([n for n in names if n.startswith("mat") and n not in fitted] +
-                                ([] if "mat" in fitted else ["mat"])))
+    wanted = [n for n in names if n.startswith("mat")] + (["mat"] if with_maps or all_pairs else [])
+    to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
     if to_fit:
         start = time.perf_counter()
         stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
@@ -96,7 +99,7 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
             lenses[name] = jlens if reused else fit_jlens(model, train.dataset, n_prompts=jlens_prompts,
                                                           max_length=train.max_length, progress=progress)
             cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
-    return lenses, cost, fitted["mat"]
+    return lenses, cost, fitted.get("mat")
 
 
 def compare(
@@ -154,7 +157,7 @@ def compare(
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
-        progress=progress)
+        with_maps=True, progress=progress)
     hooks = resid_hooks(n_layers)
     scores, held_stats, n_eval = evaluate_lenses(
         model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[hooks],

@@ -65,6 +65,19 @@ def _mlps_skipped_after_exit(model, state: dict):
             object.__delattr__(mlp, "forward")  # back to the class's forward
 
 
+def fast_readout(model, probe: torch.Tensor):
+    """``h -> logits`` through the bridge's own final norm and unembedding modules, without
+    :func:`~lensmat.lenses.readout`'s per-call validation (milliseconds, more than a small block
+    costs at batch 1). Checked once against ``readout`` on ``probe``; where they differ (an output
+    transform such as logit soft-capping), ``readout`` itself is returned."""
+    def direct(h):
+        return model.unembed(model.ln_final(h))
+
+    with torch.no_grad():
+        same = torch.allclose(direct(probe).float(), readout(model, probe).float(), atol=1e-4, rtol=1e-4)
+    return direct if same else (lambda h: readout(model, h))
+
+
 @torch.no_grad()
 def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
              tau: float | None = None) -> dict:
@@ -74,7 +87,8 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
     ``prompt`` is a list of token ids (BOS first, if the model uses one). The prompt is prefilled by
     the full model; each later token runs blocks with a key/value cache and may exit after block
     ``l−1`` (residual layer ``l``, ``1 ≤ l < L``), as the module docstring describes. The threshold
-    uses the position ``t`` of the token in the sequence and ``n_mean`` as ``N``.
+    ``θ(t)`` uses the input token's 0-based position ``t`` after BOS (the convention of the simulated
+    curves) and ``n_mean`` as ``N``.
 
     Returns ``{"tokens": new token ids, "exit_layers": per token (``L`` = no exit), "seconds": wall
     time, "kv_lengths": cached positions per layer at the end (all equal when propagation is complete)}``.
@@ -88,13 +102,14 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
     n_layers, device = int(model.cfg.n_layers), input_device(model)
     tau = TAU if tau is None else tau
     state: dict = {"theta": math.inf, "exit": None, "h_last": None}
+    read = fast_readout(model, model.W_E[prompt[0]].float().to(model.W_U.dtype))
 
     def watch(h, hook):
         layer = int(hook.name.split(".")[1]) + 1
         if layer == n_layers:
             state["h_last"] = h[0, -1]
         elif state["exit"] is None and state["theta"] < 1:
-            probs = torch.softmax(readout(model, lens.transform(h[0, -1], layer)).float(), -1).topk(2)
+            probs = torch.softmax(read(lens.transform(h[0, -1], layer)).float(), -1).topk(2)
             if float(probs.values[0] - probs.values[1]) > state["theta"]:
                 state["exit"] = (layer, int(probs.indices[0]), h)
 
@@ -110,7 +125,7 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
         decoder(input_ids=torch.tensor([ids], device=device), use_cache=True, **{kwarg: cache})
         if state["exit"] is not None:
             return state["exit"][0], state["exit"][1]
-        return n_layers, int(readout(model, state["h_last"]).argmax(-1))
+        return n_layers, int(read(state["h_last"]).argmax(-1))
 
     start = time.perf_counter()
     tokens, exits = [], []
@@ -121,9 +136,9 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
             tokens.append(token)
             exits.append(layer)
             ids = [token]
-            pos = len(prompt) + len(tokens) - 1  # position of the next input token (BOS at 0)
-            state["exit"] = None
-            state["theta"] = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([pos]), n_mean, tau)[0])
+            t = len(prompt) + len(tokens) - 2  # the next input token's position in its line, BOS excluded, as in
+            state["exit"] = None               # the simulated curves (lensmat.early_exit.positions)
+            state["theta"] = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([t]), n_mean, tau)[0])
     return {"tokens": tokens, "exit_layers": exits, "seconds": time.perf_counter() - start,
             "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
 

@@ -101,6 +101,12 @@ def evaluate_swaps(model, sub_maps: MapSet, layer_maps: MapSet | None, batches, 
     return {v: s.result() for v, s in proto.items()}, {k: s.result() for k, s in single.items()}, n_tokens
 
 
+def _mean_scored(values: list[float | None]) -> float | None:
+    """Mean over the layers that were scored (a layer whose swapped forwards all diverged is None)."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
 def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
                max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
                intercept: bool = False, out: str | os.PathLike | None = None, force: bool = False,
@@ -131,12 +137,14 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     variants, single, n_eval = evaluate_swaps(
         model, sub_maps, layer_maps, heldout.batches(batch_size, max_eval_tokens), variants=(*kinds, "mat", "id"),
         single_kinds=kinds, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
-    ranking = sorted(kinds, key=lambda k: -sum(variants[k]["precision@1"]) / (n_layers + 1))
+    means = {k: _mean_scored(variants[k]["precision@1"]) for k in kinds}
+    ranking = sorted(kinds, key=lambda k: -(means[k] if means[k] is not None else -1.0))
     report = {
         "model": layer_maps.model["name"], "n_layers": n_layers, "layers": list(range(n_layers + 1)),
         "n_fit_tokens": stats[0].n, "n_eval_tokens": n_eval, "intercept": intercept,
         "variants": variants, "single_block": single,
-        "ranking": [{"kind": k, "mean_precision@1": sum(variants[k]["precision@1"]) / (n_layers + 1)} for k in ranking],
+        "ranking": [{"kind": k, "mean_precision@1": means[k],
+                     "scored_layers": sum(v is not None for v in variants[k]["precision@1"])} for k in ranking],
     }
     if out is not None:
         write_report(report, out)

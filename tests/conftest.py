@@ -230,3 +230,35 @@ def write_tiny_llama_gguf(path, seed: int = 0, quant: str = "Q8_0", architecture
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def require_named_model(name: str):
+    """The GGUF file of a named offline model (``smollm2-135m``, ``gemma3-270m``). In CI (``CI`` set) a
+    missing package is a failure; elsewhere the test is skipped with the ``pip`` line that installs it."""
+    from lensmat.gguf_models import GGUFError, named_gguf
+
+    try:
+        return named_gguf(name)
+    except GGUFError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+
+
+def hf_twin(name: str):
+    """The dequantized weights of a named offline model as a plain Hugging Face model (no bridge)."""
+    from transformers import AutoModelForCausalLM
+
+    from lensmat.gguf_models import gguf_folder
+
+    return AutoModelForCausalLM.from_pretrained(gguf_folder(require_named_model(name))).eval()
+
+
+def strict_json(path):
+    """``path`` parsed as strict JSON: NaN and Infinity are refused."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)

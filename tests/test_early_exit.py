@@ -214,3 +214,34 @@ def test_blocks_after_an_exit_do_not_run_their_mlp(tiny_llama):
     assert out["exit_layers"] == [3] + [1] * 5
     assert calls == {0: 6, 1: 1, 2: 1}  # the prefill runs every MLP; exited steps only block 0's
     assert "forward" not in vars(model.blocks[1].mlp)  # the instance override is gone afterwards
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fast_readout_is_the_lens_readout(family, request):
+    from lensmat.generation import fast_readout
+    from lensmat.lenses import readout
+
+    model, _, _ = request.getfixturevalue(family)
+    h = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    read = fast_readout(model, h[0])
+    assert read.__name__ == "direct"  # no output transform in these families: the direct path is taken
+    torch.testing.assert_close(read(h), readout(model, h), atol=1e-5, rtol=1e-5)
+
+
+def test_generation_thresholds_use_the_simulated_curves_positions(tiny_gpt2, monkeypatch):
+    """θ(t) with t = the input token's position after BOS (the first token after BOS is t = 0), as
+    :func:`lensmat.early_exit.positions` numbers the simulated curves' tokens."""
+    import lensmat.generation as generation
+
+    model, _, _ = tiny_gpt2
+    seen = []
+    real = generation.exit_threshold
+
+    def spy(lam, t, n_mean, tau=4.0):
+        seen.append(int(t[0]))
+        return real(lam, t, n_mean, tau)
+
+    monkeypatch.setattr(generation, "exit_threshold", spy)
+    prompt = [48, 3, 6, 9]  # BOS + 3 tokens: the first generated token sits at t = 3
+    generate(model, LogitLens(model), prompt, 4, lam=0.5)
+    assert seen == [3, 4, 5, 6]  # the last one is computed but unused

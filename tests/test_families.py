@@ -2,12 +2,11 @@
 attention; Gemma-3: four norms per block, embedding scale, sliding-window attention), as tiny
 random Hugging Face models loaded through the bridge: every command runs and is exact at L."""
 
-import json
-
 import pytest
 import torch
 
 import lensmat
+from conftest import strict_json
 
 FAMILIES = ["tiny_llama", "tiny_gemma3"]
 
@@ -42,7 +41,7 @@ def test_every_command_runs_and_is_exact_at_the_last_layer(family, request, tmp_
                                          progress=False),
     }
     for name in reports:
-        json.loads((tmp_path / name / "report.json").read_text(), parse_constant=lambda t: pytest.fail(f"{name}: {t}"))
+        strict_json(tmp_path / name / "report.json")
     for name, scores in reports["compare"]["lenses"].items():
         if name != "tuned":
             assert scores["precision@1"][L] == 1.0 and scores["kl"][L] < 1e-5, name
