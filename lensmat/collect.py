@@ -163,12 +163,9 @@ class GramStats:
         """The joint Gram ``Σ z zᵀ`` (``[D, D]``), assembled; needs statistics of all pairs."""
         return torch.cat([torch.cat([self.block(a, b) for b in self.hooks], 1) for a in self.hooks], 0)
 
-    def _check_same(self, other: "GramStats") -> None:
+    def __add__(self, other: "GramStats") -> "GramStats":
         if (self.hooks, self.dims, self.pairs) != (other.hooks, other.dims, other.pairs):
             raise ValueError(f"Cannot add statistics of different hook groups or pairs: {self.hooks} vs {other.hooks}.")
-
-    def __add__(self, other: "GramStats") -> "GramStats":
-        self._check_same(other)
         return GramStats(self.hooks, self.dims, self.n + other.n, self.sum + other.sum.to(self.sum.device),
                          [a + b.to(a.device) for a, b in zip(self.panels, other.panels)], self.pairs, self.device)
 

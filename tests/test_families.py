@@ -45,6 +45,9 @@ def test_every_command_runs_and_is_exact_at_the_last_layer(family, request, tmp_
     for name, scores in reports["compare"]["lenses"].items():
         if name != "tuned":
             assert scores["precision@1"][L] == 1.0 and scores["kl"][L] < 1e-5, name
+    r2 = reports["compare"]["r2"]  # by default only h_l -> h_L is fitted and scored (--all-pairs for the rest)
+    assert all(r2[kind][layer][L] is not None for kind in ("mat", "id") for layer in range(L))
+    assert r2["mat"][0][1] is None and r2["id"][0][1] is None
     for kind in ("attn", "mlp", "ln"):
         assert reports["submodules"]["variants"][kind]["precision@1"][L] == 1.0  # nothing swapped at L
     assert len(reports["linearity"]["linearity"]) == L

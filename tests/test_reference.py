@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def compare_report(reference_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "run"
     report = lensmat.compare(reference_model, lenses="logit,mat,mat-affine", max_fit_tokens=60_000,
-                             max_eval_tokens=8_000, out=out, progress=False)
+                             max_eval_tokens=8_000, all_pairs=True, out=out, progress=False)
     return report, out
 
 
@@ -104,7 +104,7 @@ def test_bfloat16_model_gives_float64_statistics_and_maps_close_to_float32(refer
     maps = {}
     for name, model in (("fp32", reference_model), ("bf16", bf16)):
         stats = collect_layer_stats(model, train, max_tokens=6_000, progress=False)
-        assert stats.gram.dtype == torch.float64
+        assert {p.dtype for p in stats.panels} == {torch.float64}
         maps[name] = maps_from_stats(model, stats, train)
     L = reference_model.cfg.n_layers
     for (src, tgt), m in maps["fp32"].maps.items():
