@@ -42,7 +42,7 @@ def summary_rows(root: Path) -> list[str]:
                 f"| {sum(r2m) / L:.3f} | {sum(r2i) / L:.3f} "
                 f"| {fmt(e and e['savings']['logit'])} / {fmt(e and e['savings']['mat'])} | {swaps} "
                 f"| {fmt(lin and lin['mean_linearity'])} / {fmt(lin and lin['mean_linearity_no_residual'])} "
-                f"| {fmt(sat and sat['kendall_tau'])} ({fmt(sat and sat['p_value'])}, {sat and sat['n_order_tokens']}) |")
+                f"| {fmt(sat and sat['kendall_tau'])} ({fmt(sat and sat['p_value'])}, {sat['n_order_tokens'] if sat else '–'}) |")
     return rows
 
 
