@@ -245,6 +245,14 @@ def require_named_model(name: str):
         pytest.skip(str(err))
 
 
+def load_named_model(name: str):
+    """A named offline model through :func:`lensmat.load_model` (see :func:`require_named_model`)."""
+    import lensmat
+
+    require_named_model(name)
+    return lensmat.load_model(name, device="cpu")
+
+
 def hf_twin(name: str):
     """The dequantized weights of a named offline model as a plain Hugging Face model (no bridge)."""
     from transformers import AutoModelForCausalLM

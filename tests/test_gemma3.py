@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lensmat
-from conftest import hf_twin, require_named_model, strict_json
+from conftest import hf_twin, load_named_model, strict_json
 
 pytestmark = pytest.mark.gemma
 NAME = "gemma3-270m"
@@ -17,12 +17,11 @@ NAME = "gemma3-270m"
 
 @pytest.fixture(scope="module")
 def gemma():
-    require_named_model(NAME)
-    return lensmat.load_model(NAME, device="cpu")
+    return load_named_model(NAME)
 
 
 @pytest.fixture(scope="module")
-def gemma_hf(gemma):
+def gemma_hf():
     return hf_twin(NAME)
 
 

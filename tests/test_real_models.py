@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lensmat
-from conftest import hf_twin, require_named_model, strict_json
+from conftest import hf_twin, load_named_model, require_named_model, strict_json
 from lensmat.gguf_models import named_gguf
 
 pytestmark = pytest.mark.real_model
@@ -31,12 +31,11 @@ def all_finite(obj) -> bool:
 
 @pytest.fixture(scope="module")
 def smol():
-    require_named_model(NAME)
-    return lensmat.load_model(NAME, device="cpu")
+    return load_named_model(NAME)
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smol):
+def smol_hf():
     return hf_twin(NAME)
 
 
