@@ -14,7 +14,7 @@ WIKITEXT="${WIKITEXT:-../shared/data/wikitext-2/test.txt}"
 models=("${@:-smollm2-135m gemma3-270m}")
 for model in ${models[@]}; do
   for corpus in leipzig-wiki "$WIKITEXT"; do
-    name=$(basename "$corpus" .txt)
+    name=$corpus; [ -f "$corpus" ] && name="$(basename "$(dirname "$corpus")")-$(basename "$corpus" .txt)"  # wikitext-2-test
     out="runs/findings/$model/$name"
     run() { echo "== $model $name $1"; /usr/bin/time -f "   $1: %e s wall, %M KB peak" python -m lensmat "$@" --model "$model" --dataset "$corpus" --quiet --force --out "$out/$1" > "$out.$1.log" 2>&1 || { tail -20 "$out.$1.log"; exit 1; }; tail -1 "$out.$1.log"; }
     mkdir -p "$out"
