@@ -1,6 +1,6 @@
 """``lensmat compare``: fit maps on ``train``, score lenses per layer on ``heldout``, report.
 
-The report (``report.json``) follows the contract in DESIGN.md: ``model``, ``n_layers``,
+The report (``report.json``) follows the project's report contract (``docs/reports.md``): ``model``, ``n_layers``,
 ``layers``, ``n_fit_tokens``, ``n_eval_tokens``, ``lenses.{name}.{metric}`` (L+1 floats
 indexed by residual layer) and ``r2.{mat,id}`` ((L+1)×(L+1), ``null`` where ``l ≥ l'``), plus
 ``fit_cost.{lens}`` (seconds and tokens spent fitting), ``protocol`` (``"causal"`` or
