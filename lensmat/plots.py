@@ -162,7 +162,7 @@ def saturation_plots(report: dict, out=None) -> list:
     ks = range(1, len(report["mean_layer"]) + 1)
     axes[0].bar(ks, report["mean_layer"], color="tab:blue")
     for k, layer, rank in zip(ks, report["mean_layer"], report["mean_rank"]):
-        axes[0].text(k, layer, f"rank {rank:.2f}", ha="center", va="bottom", fontsize=8)
+        axes[0].text(k, layer, "rank n/a" if rank is None else f"rank {rank:.2f}", ha="center", va="bottom", fontsize=8)
     tau = report["kendall_tau"]
     axes[0].set_title(f"{report['lens']} lens: mean s_k (τ = {'n/a' if tau is None else f'{tau:.3f}'}, "
                       f"p = {report['p_value']})", fontsize=9)

@@ -1,15 +1,21 @@
 """In which order do the top-k tokens settle? ("Looking Beyond the Top-1", Lioubashevski et al. 2024,
 arXiv 2410.20210), under any lens.
 
-Saturation layer ``s_k`` of a token (``k = 1..K``): the earliest residual layer ``l`` from which
-the lens's rank-k token equals the model's final rank-k token at every layer ``l..L``. Layer ``L``
-is always read as the model's own output (every lens agrees with it there), so ``s_k ≤ L``, and
-``s_k = L`` means "not saturated before the final layer".
+Saturation layer ``s_k`` of a token (``k = 1..K``): the earliest residual layer ``l ≥ 1`` (a block
+output, as in the authors' code: the embedding ``h_0`` is not read) from which the lens's rank-k
+token equals the model's final rank-k token at every layer ``l..L``. Layer ``L`` is always read as
+the model's own output (every lens agrees with it there), so ``s_k ≤ L``, and ``s_k = L`` means
+"not saturated before the final layer".
 
-The protocol: keep tokens with ``s_1 ≤ 0.85·L``; mean rank of ``s_k`` among ``s_1..s_K`` per k; strict
-Kendall τ between ``(1..k′)`` and ``(s_1..s_k′)``, ``k′`` = the number of leading ranks saturated
-before layer L (tokens with ``k′ ≥ 3``; tied layers count as discordant), averaged over tokens, with
-a permutation test; a probe that reads the current "task" from the residual stream; and an
+The protocol, with the authors' definitions (daria-lioubashevski/beyond_top1): keep tokens whose
+top-1 saturates by block output ``⌊0.85·L⌋`` (residual layer ``⌊0.85·L⌋ + 1``); the mean rank of
+``s_k`` among ``s_1..s_K`` over the tokens whose rank k saturates before ``L`` (ties take the lowest
+rank); the strict Kendall τ between ``(1..m)`` and ``(s_1..s_m)`` (ties count as discordant), ``m``
+= the last rank saturated before ``L`` (tokens with ``m ≥ 3``; ranks inside that prefix that never
+saturate count against the order), averaged over tokens, with a permutation test that shuffles all
+``K`` layers of a token and then truncates to ``m``. ``order_rule="leading"`` is lensmat's earlier,
+stricter rule: ``m`` = the number of *leading* ranks saturated before ``L``, shuffled among
+themselves. Then a probe that reads the current "task" from the residual stream, and an
 intervention that implants an early-saturating token's state into a late one.
 """
 
@@ -94,31 +100,45 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
     return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(resids, 1) if keep_resid else None, origin)
 
 
-def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"]
-                      ) -> Int[torch.Tensor, "n k"]:
-    """``s_k`` per token and rank: the first layer of the trailing run of layers whose rank-k
-    token equals ``final_topk``; ``layers`` (one past the last) where even the last layer differs."""
+def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"],
+                      start: int = 0) -> Int[torch.Tensor, "n k"]:
+    """``s_k`` per token and rank: the first layer ``≥ start`` of the trailing run of layers whose
+    rank-k token equals ``final_topk``; ``layers`` (one past the last) where even the last layer
+    differs. The saturation protocol reads block outputs only (``start=1``)."""
     match = lens_topk == final_topk[None]
     trailing = match.flip(0).to(torch.int64).cumprod(0).sum(0)
-    return lens_topk.shape[0] - trailing
+    return (lens_topk.shape[0] - trailing).clamp_min(start)
 
 
 def kept_tokens(s: Int[torch.Tensor, "n k"], n_layers: int, frac: float = 0.85) -> torch.Tensor:
-    """Boolean mask of tokens with ``s_1 ≤ frac·L`` (the paper's filter)."""
-    return s[:, 0] <= frac * n_layers
+    """Boolean mask of the tokens the paper keeps: top-1 saturated by block output ``⌊frac·L⌋``
+    (0-based, the authors' numbering), i.e. ``s_1 ≤ ⌊frac·L⌋ + 1`` in residual layers."""
+    return s[:, 0] <= int(frac * n_layers) + 1
 
 
-def mean_ranks(s: Int[torch.Tensor, "n k"]) -> list[float]:
-    """Mean over tokens of the rank of ``s_k`` among the token's ``s_1..s_K`` (1 = earliest; ties share
-    the average rank)."""
-    less = (s[:, None, :] < s[:, :, None]).sum(-1).double()
-    ties = (s[:, None, :] == s[:, :, None]).sum(-1).double() - 1
-    return (1 + less + ties / 2).mean(0).tolist()
+def mean_ranks(s: Int[torch.Tensor, "n k"], n_layers: int) -> list[float | None]:
+    """Per rank k, the mean over tokens whose ``s_k < L`` of the rank of ``s_k`` among the token's
+    ``s_1..s_K`` (1 = earliest; tied layers take the lowest rank, as the authors' ``sorted.index``);
+    ``None`` where no token's rank k saturates before ``L``."""
+    rank = 1 + (s[:, None, :] < s[:, :, None]).sum(-1).double()  # [n, k]: values strictly below s_k
+    saturated = s < n_layers
+    count = saturated.sum(0)
+    total = (rank * saturated).sum(0)
+    return [float(t / c) if c else None for t, c in zip(total, count)]
 
 
-def leading_saturated(s: Int[torch.Tensor, "n k"], n_layers: int) -> Int[torch.Tensor, "n"]:
-    """``k′`` per token: how many leading ranks ``1..k′`` saturate before layer ``L``."""
-    return (s < n_layers).to(torch.int64).cumprod(1).sum(1)
+ORDER_RULES = ("authors", "leading")
+
+
+def order_prefix(s: Int[torch.Tensor, "n k"], n_layers: int, rule: str = "authors") -> Int[torch.Tensor, "n"]:
+    """``m`` per token, the ranks ``1..m`` the order test compares: ``authors``, up to the last rank
+    saturated before ``L``; ``leading``, the leading run of ranks saturated before ``L``."""
+    saturated = s < n_layers
+    if rule == "authors":
+        return (saturated * torch.arange(1, s.shape[1] + 1)).amax(1)
+    if rule == "leading":
+        return saturated.to(torch.int64).cumprod(1).sum(1)
+    raise ValueError(f"Unknown order rule {rule!r}; valid: {', '.join(ORDER_RULES)}.")
 
 
 def strict_kendall_tau(s: Int[torch.Tensor, "n m"]) -> Float[torch.Tensor, "n"]:
@@ -131,23 +151,25 @@ def strict_kendall_tau(s: Int[torch.Tensor, "n m"]) -> Float[torch.Tensor, "n"]:
     return (2 * concordant - pairs) / pairs
 
 
-def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, min_k: int = 3, n_permutations: int = 1000,
-               seed: int = 0) -> dict:
-    """Mean strict τ over tokens with ``k′ ≥ min_k`` (each on its ranks ``1..k′``) and a one-sided
-    permutation p-value: ranks shuffled within each token, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``."""
-    kp = leading_saturated(s, n_layers)
-    groups = [s[kp == m, :m] for m in range(min_k, s.shape[1] + 1) if int((kp == m).sum())]
-    n = sum(len(g) for g in groups)
+def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "authors", min_k: int = 3,
+               n_permutations: int = 1000, seed: int = 0) -> dict:
+    """Mean strict τ over tokens with ``m ≥ min_k`` (each on its ranks ``1..m``, :func:`order_prefix`)
+    and a one-sided permutation p-value, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``. The null
+    shuffles a token's layers, all ``K`` then truncated to ``m`` (``authors``) or its ``m`` (``leading``)."""
+    m = order_prefix(s, n_layers, rule)
+    groups = [(int(w), s[m == w]) for w in range(min_k, s.shape[1] + 1) if int((m == w).sum())]
+    n = sum(len(g) for _, g in groups)
     if n == 0:
         return {"kendall_tau": None, "p_value": None, "n_tokens": 0}
-    observed = float(sum(strict_kendall_tau(g).sum() for g in groups)) / n
+    observed = float(sum(strict_kendall_tau(g[:, :w]).sum() for w, g in groups)) / n
     gen = torch.Generator().manual_seed(seed)
     as_large = 0
     for _ in range(n_permutations):
         total = 0.0
-        for g in groups:
-            perm = torch.rand(g.shape, generator=gen).argsort(1)
-            total += float(strict_kendall_tau(g.gather(1, perm)).sum())
+        for w, g in groups:
+            width = g.shape[1] if rule == "authors" else w
+            perm = torch.rand((g.shape[0], width), generator=gen).argsort(1)
+            total += float(strict_kendall_tau(g[:, :width].gather(1, perm)[:, :w]).sum())
         as_large += total / n >= observed - 1e-12
     return {"kendall_tau": observed, "p_value": (1 + as_large) / (1 + n_permutations), "n_tokens": n}
 
@@ -260,7 +282,7 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
             if not 0 <= j < min(int(s1[late]), n_layers):
                 continue
             new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, j, rankings.resid[j, early])
-            new_s1 = int(saturation_layers(new_top1[:, None, None], new_top1[-1:, None])[0, 0])
+            new_s1 = int(saturation_layers(new_top1[:, None, None], new_top1[-1:, None], start=1)[0, 0])
             successes += int(new_s1 <= j and int(new_top1[-1]) == int(top1[late]))
             trials += 1
     return {"success": successes / trials if trials else None, "n_trials": trials, "n_pairs": len(pairs)}
@@ -268,17 +290,20 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
 
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 5_000, frac: float = 0.85,
-               n_permutations: int = 1000, max_pairs: int = 100, batch_size: int = 16,
+               n_permutations: int = 1000, order_rule: str = "authors", max_pairs: int = 100, batch_size: int = 16,
                max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
                force: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """The saturation protocol on ``heldout`` under one lens (``logit``, ``mat``, ``mat-affine`` or
-    ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report."""
+    ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report.
+    ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules."""
     from lensmat import plots
     from lensmat.compare import build_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
     if lens not in ("logit", "mat", "mat-affine", "tuned"):
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: logit, mat, mat-affine, tuned.")
+    if order_rule not in ORDER_RULES:
+        raise ValueError(f"Unknown order rule {order_rule!r}; valid: {', '.join(ORDER_RULES)}.")
     model = start_run(model, out, force, causal_only="The top-k saturation analysis")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
@@ -287,18 +312,20 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     heldout = tokenized(model, dataset, "heldout", max_length)
     rankings = collect_rankings(model, lenses[lens], heldout.seqs, k=k, batch_size=batch_size,
                                 max_tokens=max_eval_tokens, progress=progress)
-    s = saturation_layers(rankings.lens_topk, rankings.final_topk)
+    s = saturation_layers(rankings.lens_topk, rankings.final_topk, start=1)
     keep = kept_tokens(s, n_layers, frac)
     sk = s[keep]
-    order = order_test(sk, n_layers, n_permutations=n_permutations, seed=seed)
+    tests = {rule: order_test(sk, n_layers, rule=rule, n_permutations=n_permutations, seed=seed) for rule in ORDER_RULES}
+    order = tests[order_rule]
     kept = rankings.select(keep)
     labels = task_labels(sk, n_layers)
     resid = kept.resid
     report = {
         "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k,
-        "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac,
-        "mean_layer": sk.double().mean(0).tolist(), "mean_rank": mean_ranks(sk),
+        "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac, "max_s1": int(frac * n_layers) + 1,
+        "mean_layer": sk.double().mean(0).tolist(), "mean_rank": mean_ranks(sk, n_layers),
         "kendall_tau": order["kendall_tau"], "p_value": order["p_value"], "n_order_tokens": order["n_tokens"],
+        "order_rule": order_rule, "order_tests": tests,
         "probe_accuracy": probe_accuracy(resid, labels, seed=seed),
         "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
     }

@@ -6,8 +6,10 @@ import torch
 from conftest import random_token_batches
 
 from lensmat.lenses import LogitLens
-from lensmat.saturation import (collect_rankings, implanted_top1, kept_tokens, leading_saturated, mean_ranks,
-                                order_test, probe_accuracy, saturation_layers, strict_kendall_tau, task_labels)
+import numpy as np
+
+from lensmat.saturation import (collect_rankings, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test,
+                                probe_accuracy, saturation_layers, strict_kendall_tau, task_labels)
 
 
 def test_saturation_layers_on_hand_built_rankings():
@@ -23,12 +25,59 @@ def test_saturation_layers_on_hand_built_rankings():
     lens_topk = torch.tensor(per_token).transpose(0, 1)
     s = saturation_layers(lens_topk, final)
     assert s.tolist() == [[1, 2], [2, 0], [0, 4], [0, 0], [2, 2]]
+    # the protocol reads block outputs only (layers 1..L), as the authors' code does
+    assert saturation_layers(lens_topk, final, start=1).tolist() == [[1, 2], [2, 1], [1, 4], [1, 1], [2, 2]]
 
 
-def test_kept_tokens_and_leading_ranks():
+def test_kept_tokens_use_the_authors_block_output_threshold():
     s = torch.tensor([[1, 2, 8, 3], [7, 7, 7, 7], [0, 1, 2, 5], [8, 8, 8, 8]])
-    assert kept_tokens(s, 8).tolist() == [True, False, True, False]  # s_1 ≤ 0.85·8 = 6.8
-    assert leading_saturated(s, 8).tolist() == [2, 4, 4, 0]
+    # authors: block output index ≤ int(0.85·8) = 6, i.e. residual layer ≤ 7
+    assert kept_tokens(s, 8).tolist() == [True, True, True, False]
+    assert kept_tokens(torch.tensor([[18], [19]]), 20).tolist() == [True, False]  # int(17.0) + 1
+
+
+def test_order_prefix_rules():
+    s = torch.tensor([[1, 2, 8, 3], [7, 7, 7, 7], [0, 1, 2, 5], [8, 8, 8, 8], [1, 8, 8, 8]])
+    assert order_prefix(s, 8, "authors").tolist() == [4, 4, 4, 0, 1]  # up to the last rank saturated before L
+    assert order_prefix(s, 8, "leading").tolist() == [2, 4, 4, 0, 1]  # the leading run only
+    with pytest.raises(ValueError, match="order rule"):
+        order_prefix(s, 8, "paper")
+
+
+def _ktau_strict(a, b):
+    """The authors' strict τ, pair by pair: a tie counts as concordant only when tied in both."""
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    conc = sum((a[i] > a[j] and b[i] > b[j]) or (a[i] < a[j] and b[i] < b[j]) or (a[i] == a[j] and b[i] == b[j])
+               for i, j in pairs)
+    return (2 * conc - len(pairs)) / len(pairs)
+
+
+def _authors_mean_tau(rows, n_layers, rng=None):
+    """The authors' mean τ, token by token: ranks up to the last one saturated before L; with ``rng``,
+    one draw of their null (all K layers of a token permuted, then truncated)."""
+    taus = []
+    for row in rows:
+        m = max(i for i, v in enumerate(row) if v != n_layers) + 1
+        if rng is not None:
+            row = list(rng.permutation(row))
+        if m >= 3:
+            taus.append(_ktau_strict(list(range(m)), list(row[:m])))
+    return float(np.mean(taus)), len(taus)
+
+
+def test_order_test_matches_the_authors_rule_and_null():
+    n_layers = 10
+    rng = np.random.default_rng(0)
+    s = rng.integers(1, n_layers + 1, (150, 5))
+    s[:, 0] = rng.integers(1, n_layers, 150)  # kept tokens: s_1 < L
+    s[:8] = np.sort(s[:8], 1)  # a weak order, so the p-value is neither 0 nor 1
+    tau, n = _authors_mean_tau(s.tolist(), n_layers)
+    null = np.array([_authors_mean_tau(s.tolist(), n_layers, rng)[0] for _ in range(1000)])
+    res = order_test(torch.tensor(s), n_layers, rule="authors", n_permutations=1000)
+    assert res["kendall_tau"] == pytest.approx(tau) and res["n_tokens"] == n == 150
+    assert abs(res["p_value"] - (null >= tau - 1e-12).mean()) < 0.03  # two Monte Carlo estimates (sd ≈ 0.007)
+    leading = order_test(torch.tensor(s), n_layers, rule="leading", n_permutations=1000)
+    assert leading["n_tokens"] < n and leading["kendall_tau"] != pytest.approx(tau)  # the rules differ here
 
 
 def test_strict_kendall_tau_counts_ties_as_discordant():
@@ -36,8 +85,16 @@ def test_strict_kendall_tau_counts_ties_as_discordant():
     assert strict_kendall_tau(s).tolist() == pytest.approx([1.0, -1.0, 1 / 3, -1.0, 1 / 3])
 
 
-def test_mean_ranks_share_ties():
-    assert mean_ranks(torch.tensor([[1, 2, 3], [2, 2, 1]])) == pytest.approx([1.75, 2.25, 2.0])
+def test_mean_ranks_follow_the_authors():
+    # ties take the lowest rank; ranks saturated only at L (= 4) are left out of their mean
+    assert mean_ranks(torch.tensor([[1, 2, 3], [2, 2, 1], [1, 4, 4]]), 4) == pytest.approx([4 / 3, 2.0, 2.0])
+    assert mean_ranks(torch.tensor([[1, 4], [2, 4]]), 4) == [1.0, None]
+    rng = np.random.default_rng(1)
+    s = rng.integers(1, 9, (60, 5))
+    ref = [[sorted(row).index(v) + 1 for v in row[k:k + 1] if v < 8] for row in s.tolist() for k in range(5)]
+    per_k = [[r for i, r in enumerate(ref) if i % 5 == k] for k in range(5)]
+    expected = [np.mean([x for r in rows for x in r]) for rows in per_k]
+    assert mean_ranks(torch.tensor(s), 8) == pytest.approx(expected)
 
 
 def test_order_test_separates_ordered_from_shuffled_layers():
