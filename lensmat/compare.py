@@ -44,8 +44,11 @@ def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def _cost(provenance: dict | None, reused: bool) -> dict:
     provenance = provenance or {}
-    return {"seconds": float(provenance.get("fit_seconds", 0.0)), "tokens": int(provenance.get("n_tokens", 0)),
+    cost = {"seconds": float(provenance.get("fit_seconds", 0.0)), "tokens": int(provenance.get("n_tokens", 0)),
             "reused": reused}
+    if "n_positions" in provenance:  # the J-lens averages fewer positions than the tokens it runs
+        cost["positions"] = int(provenance["n_positions"])
+    return cost
 
 
 def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,

@@ -73,22 +73,37 @@ class JLens(Lens):
 
 
 def fit_jlens(model, dataset: str | None = None, *, n_prompts: int = 100, max_length: int = data.DEFAULT_MAX_LENGTH,
-              dim_batch: int = 32, progress: bool = True) -> JLens:
+              dim_batch: int = 32, skip_first_positions: int | None = None, progress: bool = True) -> JLens:
     """Fit TransformerLens's J-lens on the first ``n_prompts`` lines of the ``train`` split.
 
-    Cost: one forward and ``ceil(d_model / dim_batch)`` backward passes (each over ``dim_batch``
-    copies of the prompt) per prompt; raise ``dim_batch`` for speed, lower it for memory.
+    TransformerLens averages each prompt's Jacobian over its source positions
+    ``skip_first_positions .. seq_len − 2`` (default: its ``DEFAULT_SKIP_FIRST_POSITIONS``, 16) and
+    skips prompts with no such position; the provenance records the prompts it used
+    (``n_prompts``), the tokens they hold (``n_tokens``) and the positions it averaged
+    (``n_positions``). Cost: one forward and ``ceil(d_model / dim_batch)`` backward passes (each over
+    ``dim_batch`` copies of the prompt) per used prompt; raise ``dim_batch`` for speed, lower it for memory.
     """
+    import warnings
+
     from transformer_lens.tools.analysis import JacobianLens
+    from transformer_lens.tools.analysis.jacobian_lens import DEFAULT_SKIP_FIRST_POSITIONS
 
     require_causal(model, "The J-lens")
+    skip = DEFAULT_SKIP_FIRST_POSITIONS if skip_first_positions is None else skip_first_positions
     spec = str(dataset or data.DEFAULT_CORPUS)
     lines = data.load_lines(spec, "train")[:n_prompts]
+    lengths = [min(int(model.to_tokens(line).shape[1]), max_length) for line in lines]  # as TransformerLens cuts them
+    used = [n for n in lengths if n > skip + 1]
     start = time.perf_counter()
-    jlens = JacobianLens.fit(model, lines, corpus=f"{spec}:train[:{n_prompts}]", dim_batch=dim_batch,
-                             max_seq_len=max_length, show_progress=progress)
-    seqs = data.tokenize(lines, model.tokenizer, max_length)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="skipping prompt with only")  # counted below instead
+        jlens = JacobianLens.fit(model, lines, corpus=f"{spec}:train[:{n_prompts}]", dim_batch=dim_batch,
+                                 max_seq_len=max_length, skip_first_positions=skip, show_progress=progress)
+    if len(used) != jlens.n_prompts:
+        raise RuntimeError(f"TransformerLens used {jlens.n_prompts} prompts where lensmat counted {len(used)}: "
+                           "its prompt-length rule has changed; please report this with your TransformerLens version.")
     meta = {"model": describe(model).to_dict(),
-            "provenance": {"dataset": spec, "split": "train", "n_prompts": jlens.n_prompts,
-                           "n_tokens": data.count_tokens(seqs), "fit_seconds": time.perf_counter() - start}}
+            "provenance": {"dataset": spec, "split": "train", "n_lines": len(lines), "n_prompts": jlens.n_prompts,
+                           "n_tokens": sum(used), "n_positions": sum(n - skip - 1 for n in used),
+                           "skip_first_positions": skip, "fit_seconds": time.perf_counter() - start}}
     return JLens(model, jlens, meta)

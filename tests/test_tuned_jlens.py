@@ -85,3 +85,21 @@ def test_affine_mat_lens_equals_affine_least_squares(model):
     h = torch.randn(7, 16)
     expected = (h.double() @ sol[:-1] + sol[-1]).float()
     assert (lens.transform(h, 1) - expected).abs().max() < 1e-4
+
+
+def test_jlens_provenance_counts_the_positions_transformer_lens_averages(tiny_llama, tmp_path):
+    from lensmat.jlens import fit_jlens
+
+    model = tiny_llama[0]
+    words = [5, 30, 17, 3, 40]  # the first five train lines; each becomes BOS + its words
+    lines = [" ".join(f"w{i % 48}" for i in range(n)) for n in words] + ["w1 w2"] * 5
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    lens = fit_jlens(model, str(corpus), n_prompts=5, max_length=32, skip_first_positions=4, progress=False)
+    prov = lens.meta["provenance"]
+    lengths = [min(n + 1, 32) for n in words]  # 6, 31, 18, 4, 32
+    used = [n for n in lengths if n > 5]  # a prompt needs a position in 4 .. len-2
+    assert prov["n_prompts"] == lens.jlens.n_prompts == 4 and prov["n_lines"] == 5
+    assert prov["n_tokens"] == sum(used) == 87
+    assert prov["n_positions"] == sum(n - 5 for n in used) == 67
+    assert prov["skip_first_positions"] == 4
