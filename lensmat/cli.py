@@ -215,9 +215,14 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     for lens, rows in r["curves"].items():
         print(f"  {lens:<10} saves {r['savings'][lens]:.1%} of the blocks at Precision@1 >= {r['retention']}")
         print("    " + "  ".join(f"{row['lambda']:g}: {row['mean_layers']:.2f}/{row['precision@1']:.3f}" for row in rows))
-    print(f"saturation exit ({r['saturation_lens']} lens): threshold -> accuracy @ speed-up")
+    print("fixed exit, layer: Precision@1")
+    for lens, rows in r["fixed_exit"].items():
+        print(f"  {lens:<10} " + "  ".join(f"{row['layer']}: {row['precision@1']:.3f}" for row in rows))
+    print(f"saturation exit ({r['saturation_lens']} lens): threshold -> Precision@1 / accuracy @ speed-up")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for method, rows in r["saturation"].items():
-        print(f"  {method:<7} " + "  ".join(f"{row['threshold']}: {row['accuracy']:.3f}@{row['speedup']:.2f}x" for row in rows))
+        print(f"  {method:<7} " + "  ".join(f"{row['threshold']}: {row['precision@1']:.3f}/{fmt(row['accuracy'])}"
+                                           f"@{row['speedup']:.2f}x" for row in rows))
     print(f"report and plots in {out}/")
     return 0
 

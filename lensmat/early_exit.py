@@ -14,7 +14,10 @@ layer from which the lens's top-1 equals the model's final top-1 at every later 
 each over layers ``l ≥ 1`` (``L`` if never): ``probe`` (a logistic regression on ``h_l``, trained on
 ``train``, predicting ``l ≥ s_1``; exit when P > threshold), ``gap`` (top-two gap > threshold),
 ``cosine`` (``cos(h_l, h_{l−1})`` > threshold) and ``oracle`` (exit at ``max(s_1, 1)``). Speed-up =
-``L · tokens / blocks run``.
+``L · tokens / blocks run``; each row reports Precision@1 (agreement with the model's top-1) and
+accuracy (against the actual next token), as the confidence curves do.
+
+Fixed exit, the baseline of the paper's figure: every token exits at the same layer ``l = 1..L``.
 
 :func:`lensmat.generation.generate` is the real thing: greedy decoding that stops running blocks
 at the exit layer and fills the skipped layers' key/value cache from the exit layer's hidden
@@ -133,16 +136,26 @@ class SaturationProbe:
         return out
 
 
-def saturation_curves(rankings: Rankings, probe: SaturationProbe | None = None, thresholds=THRESHOLDS) -> dict:
-    """``{method: [{threshold, accuracy, speedup, mean_layers}]}``; accuracy = the emitted token is
-    the model's final top-1."""
+def fixed_exit(rankings: Rankings, targets: Int[torch.Tensor, "n"]) -> list[dict]:
+    """Every token exits at layer ``l`` (``l = 1..L``): ``[{layer, mean_layers, precision@1, accuracy}]``."""
+    n_layers = rankings.lens_topk.shape[0] - 1
+    top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
+    return [{"layer": layer, **exit_scores(torch.full_like(final, layer), top1, final, targets)}
+            for layer in range(1, n_layers + 1)]
+
+
+def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe: SaturationProbe | None = None,
+                      thresholds=THRESHOLDS) -> dict:
+    """``{method: [{threshold, mean_layers, precision@1, accuracy, speedup}]}``: Precision@1 = the
+    emitted token is the model's final top-1, accuracy = it is the actual next token (``targets``,
+    −1 where there is none)."""
     n_layers = rankings.lens_topk.shape[0] - 1
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
     s1 = saturation_layers(top1[..., None], final[:, None])[:, 0]
 
     def row(threshold, exits):
-        return {"threshold": threshold, "accuracy": float((emitted_tokens(top1, exits) == final).double().mean()),
-                "speedup": n_layers * len(exits) / max(int(exits.sum()), 1), "mean_layers": float(exits.double().mean())}
+        return {"threshold": threshold, **exit_scores(exits, top1, final, targets),
+                "speedup": n_layers * len(exits) / max(int(exits.sum()), 1)}
 
     signals = {"gap": rankings.top_two_gap}
     if rankings.resid is not None:
@@ -179,7 +192,7 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
                                   progress=progress)
     heldout = tokenized(model, dataset, "heldout", max_length)
-    curves, savings, sat = {}, {}, {}
+    curves, savings, fixed, sat = {}, {}, {}, {}
     n_eval = 0
     for name in names:
         probe_data = collect_rankings(model, built[name], train.seqs, k=2, batch_size=batch_size,
@@ -188,13 +201,14 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
         probe = SaturationProbe(seed).fit(probe_data.resid, s1)
         r = collect_rankings(model, built[name], heldout.seqs, k=2, batch_size=batch_size,
                              max_tokens=max_eval_tokens, progress=progress)
-        n_eval = len(r.origin)
-        curves[name] = confidence_curve(r, r.targets(heldout.seqs), lambdas)
+        n_eval, targets = len(r.origin), r.targets(heldout.seqs)
+        curves[name] = confidence_curve(r, targets, lambdas)
         savings[name] = layers_saved(curves[name], n_layers, retention)
-        sat[name] = saturation_curves(r, probe)
+        fixed[name] = fixed_exit(r, targets)
+        sat[name] = saturation_curves(r, targets, probe)
     report = {
         "model": describe(model).name, "n_layers": n_layers, "n_eval_tokens": n_eval, "retention": retention,
-        "tau": TAU, "curves": curves, "savings": savings, "saturation": sat[names[0]],
+        "tau": TAU, "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
         "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost,
     }
     if out is not None:

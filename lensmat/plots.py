@@ -175,21 +175,25 @@ def saturation_plots(report: dict, out=None) -> list:
 
 
 def early_exit_plots(report: dict, out=None) -> list:
-    """Precision@1 against mean blocks run (confidence exit, one line per lens) and accuracy against
-    speed-up for each saturation-exit method."""
+    """Precision@1 against mean blocks run (confidence exit, one line per lens, with the fixed-exit
+    baseline dashed) and Precision@1 against speed-up for each saturation-exit method."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for lens, rows in report["curves"].items():
         rows = sorted(rows, key=lambda r: r["mean_layers"])
-        axes[0].plot([r["mean_layers"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3,
-                     label=f"{lens} (saves {report['savings'][lens]:.1%})")
+        line, = axes[0].plot([r["mean_layers"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3,
+                             label=f"{lens} (saves {report['savings'][lens]:.1%})")
+        fixed = report.get("fixed_exit", {}).get(lens)
+        if fixed:
+            axes[0].plot([r["mean_layers"] for r in fixed], [r["precision@1"] for r in fixed], ls="--", lw=1,
+                         color=line.get_color(), label=f"{lens}, fixed exit layer")
     axes[0].axhline(report["retention"], color="grey", lw=0.8, ls="--")
     axes[0].set_xlabel("mean blocks run")
     axes[0].set_ylabel("Precision@1 vs the full model")
     axes[0].set_title(f"confidence exit ({report['model']})")
     for method, rows in report["saturation"].items():
-        axes[1].plot([r["speedup"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3, label=method)
+        axes[1].plot([r["speedup"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3, label=method)
     axes[1].set_xlabel("speed-up (L · tokens / blocks run)")
-    axes[1].set_ylabel("top-1 agreement with the model")
+    axes[1].set_ylabel("Precision@1 vs the full model")
     axes[1].set_title(f"saturation exit ({report['saturation_lens']} lens)")
     for ax in axes:
         ax.grid(alpha=0.3)

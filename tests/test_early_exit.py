@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lensmat.early_exit import (LAMBDAS, SaturationProbe, confidence_curve, early_exit, exit_threshold, first_exit,
-                                layers_saved, saturation_curves)
+                                fixed_exit, layers_saved, saturation_curves)
 from lensmat.generation import generate, greedy_reference
 from lensmat.lenses import LogitLens
 from lensmat.saturation import Rankings, collect_rankings
@@ -64,12 +64,31 @@ def test_oracle_saturation_exit_reproduces_the_model_top1(tiny_model):
     s1 = torch.randint(0, 4, (len(r.origin),))
     s1[:3] = torch.tensor([0, 3, 1])
     probe = SaturationProbe().fit(r.resid, s1)
-    curves = saturation_curves(r, probe)
+    targets = r.targets(seqs)
+    curves = saturation_curves(r, targets, probe)
     assert set(curves) == {"gap", "cosine", "probe", "oracle"}
-    assert curves["oracle"][0]["accuracy"] == 1.0 and curves["oracle"][0]["speedup"] >= 1.0
+    oracle = curves["oracle"][0]
+    assert oracle["precision@1"] == 1.0 and oracle["speedup"] >= 1.0
+    has = targets >= 0  # the oracle emits the model's own top-1, so its accuracy is the model's
+    assert oracle["accuracy"] == pytest.approx(float((r.final_topk[has, 0] == targets[has]).double().mean()))
     for rows in curves.values():
         for row in rows:
-            assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_layers"] <= 3
+            assert 0 <= row["precision@1"] <= 1 and 0 <= row["accuracy"] <= 1 and 1 <= row["mean_layers"] <= 3
+
+
+def test_fixed_exit_reads_each_layer_and_matches_the_always_exiting_lambda():
+    r, targets = random_rankings()
+    rows = fixed_exit(r, targets)
+    top1, final, has = r.lens_topk[..., 0], r.final_topk[:, 0], targets >= 0
+    assert [row["layer"] for row in rows] == [1, 2, 3, 4] and rows[-1]["precision@1"] == 1.0
+    for row in rows:
+        layer = row["layer"]
+        assert row["mean_layers"] == layer
+        assert row["precision@1"] == pytest.approx(float((top1[layer] == final).double().mean()))
+        assert row["accuracy"] == pytest.approx(float((top1[layer][has] == targets[has]).double().mean()))
+    always = {row["lambda"]: row for row in confidence_curve(r, targets)}[min(LAMBDAS)]
+    assert {k: always[k] for k in ("mean_layers", "precision@1", "accuracy")} == {
+        k: rows[0][k] for k in ("mean_layers", "precision@1", "accuracy")}
 
 
 FAMILIES = ["tiny_gpt2", "tiny_llama", "tiny_gemma3"]
@@ -196,7 +215,8 @@ def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
         assert rows[-1]["mean_layers"] == 3 and rows[-1]["precision@1"] == 1.0
         assert 0.0 <= saved["savings"][lens] < 1.0
     assert set(saved["saturation"]) == {"gap", "cosine", "probe", "oracle"}
-    assert set(saved["saturation"]["gap"][0]) >= {"threshold", "accuracy", "speedup"}
+    assert set(saved["saturation"]["gap"][0]) >= {"threshold", "precision@1", "accuracy", "speedup"}
+    assert [row["layer"] for row in saved["fixed_exit"]["mat"]] == [1, 2, 3]
     from lensmat.pipeline import tokenized
 
     assert report["n_eval_tokens"] == tokenized(model, str(corpus), "heldout").n_tokens(400)

@@ -142,4 +142,4 @@ def test_cli_analyses_write_their_report_contracts(tmp_path):
         assert set(ee["curves"][lens][0]) == {"lambda", "mean_layers", "precision@1", "accuracy"}
         assert 0.0 <= ee["savings"][lens] < 1.0
     assert {"probe", "gap", "cosine", "oracle"} == set(ee["saturation"])
-    assert ee["saturation"]["oracle"][0]["accuracy"] == 1.0
+    assert ee["saturation"]["oracle"][0]["precision@1"] == 1.0
