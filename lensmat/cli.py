@@ -77,6 +77,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _add_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-mask", type=int, default=1, help="masked LMs: positions masked per line (default 1, as in the paper)")
     p.add_argument("--mask-seed", type=int, default=0, help="masked LMs: seed that picks the masked positions")
+    p.add_argument("--positions", choices=data.POSITIONS, default="all",
+                   help="causal LMs: fit and score every position (default) or one random position per line "
+                        "(the 'Jump to Conclusions' protocol)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="causal LMs: feed lines without BOS, position 0 scored too (the paper's GPT-2 inputs)")
+    p.add_argument("--position-seed", type=int, default=0, help="causal LMs: seed that picks --positions one-random")
+
+
+def _scoring(args: argparse.Namespace) -> data.Scoring:
+    return data.Scoring(args.positions, bos=not args.no_bos, seed=args.position_seed)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -95,7 +105,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
                              checkpoint_every=args.checkpoint_every, resume=args.resume, n_mask=args.n_mask,
-                             mask_seed=args.mask_seed)
+                             mask_seed=args.mask_seed, scoring=_scoring(args))
     if rank == 0:
         path = io.save_maps(maps, args.out, force=args.force)
         print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
@@ -118,6 +128,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
                      jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed,
+                     scoring=_scoring(args),
                      all_pairs=args.all_pairs, out=out, force=args.force, progress=not args.quiet)
     what = "masked tokens" if report["protocol"] == "masked" else "tokens"
     print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
@@ -237,6 +248,8 @@ def cmd_import_maps(args: argparse.Namespace) -> int:
     maps = import_paper_maps(args.source, model, transpose=not args.no_transpose)
     path = io.save_maps(maps, args.out, force=args.force)
     print(f"imported {len(maps.maps)} maps from {args.source} to {path}")
+    print("the authors fitted them without BOS, at one random position per sentence: compare them with "
+          "`lensmat compare --maps DIR --positions one-random --no-bos`")
     return 0
 
 

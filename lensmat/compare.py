@@ -121,6 +121,7 @@ def compare(
     jlens_prompts: int = 20,
     n_mask: int = 1,
     mask_seed: int = 0,
+    scoring: data.Scoring | None = None,
     all_pairs: bool = False,
     out: str | os.PathLike | None = None,
     force: bool = False,
@@ -140,6 +141,9 @@ def compare(
             :class:`~lensmat.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
         n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
             seed that picks them (ignored for causal models).
+        scoring: for a causal model, which positions are fitted and scored and whether lines get
+            BOS (:class:`~lensmat.data.Scoring`; ``Scoring("one-random", bos=False)`` is the paper's
+            GPT-2 protocol). Default: every token after BOS.
         out: folder for ``report.json`` and plots (refused if it exists, unless ``force``).
 
     Every lens is scored on the same held-out tokens; ``fit_cost.{lens}`` records the seconds and
@@ -155,8 +159,8 @@ def compare(
                          f"and do not apply to the masked LM {model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
-    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
-    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
+    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
@@ -181,6 +185,8 @@ def compare(
     }
     if masked:
         report["masking"] = heldout.provenance()["masking"]
+    else:
+        report["scoring"] = heldout.scoring.to_dict()
     if out is not None:
         write_report(report, out)
         plots.compare_plots(report, out)

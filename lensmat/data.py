@@ -22,6 +22,11 @@ right-padded; :class:`Batch` carries the masks that every later statistic and me
 - ``target_mask[b, t]``: ``score_mask`` and a next token exists, so cross-entropy against
   ``tokens[b, t + 1]`` is defined.
 
+Causal models can be scored the way "Jump to Conclusions" scored GPT-2 (:class:`Scoring`):
+without BOS (position 0 is then a real, scored token) and/or at one random position per line
+instead of every position, for fitting and scoring alike. The position, like the masked one below,
+depends only on the seed and the line's tokens.
+
 Masked language models (BERT family) use the *masked protocol* instead (:class:`Masking`):
 lines are tokenized with the tokenizer's own special tokens (``[CLS] … [SEP]``), ``n_mask``
 random non-special positions per line are replaced by ``[MASK]``, and those positions alone
@@ -141,6 +146,7 @@ class Batch:
     attention_mask: Bool[torch.Tensor, "batch pos"]
     has_bos: bool = True  # False: position 0 is a real token and is scored too
     labels: Int[torch.Tensor, "batch pos"] | None = None
+    selected: Bool[torch.Tensor, "batch pos"] | None = None  # Scoring(positions="one-random"): the scored positions
 
     @property
     def is_masked(self) -> bool:
@@ -150,6 +156,8 @@ class Batch:
     def score_mask(self) -> Bool[torch.Tensor, "batch pos"]:
         if self.is_masked:
             return (self.labels != IGNORE) & self.attention_mask
+        if self.selected is not None:
+            return self.selected & self.attention_mask
         mask = self.attention_mask.clone()
         if self.has_bos:
             mask[:, 0] = False
@@ -179,7 +187,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device)
-        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos, labels)
+        selected = None if self.selected is None else self.selected.to(device)
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos, labels, selected)
 
 
 IGNORE = -100  # label of an unmasked position (the Hugging Face convention)
@@ -212,14 +221,60 @@ class Masking:
 
     def positions(self, seq: Sequence[int], limit: int | None = None) -> list[int]:
         """Sorted positions of ``seq`` to mask (at most ``limit``): a function of the seed and the tokens."""
-        candidates = [t for t, tok in enumerate(seq) if tok not in self.special_ids]
-        k = min(self.n_mask, len(candidates), self.n_mask if limit is None else limit)
-        rng = random.Random(f"{self.seed}:{' '.join(map(str, seq))}")  # str seeds go through SHA-512: same everywhere
-        return sorted(rng.sample(candidates, k))
+        return _choose(seq, [t for t, tok in enumerate(seq) if tok not in self.special_ids], self.n_mask, self.seed,
+                       limit)
 
     def count(self, seqs: Sequence[Sequence[int]]) -> int:
         """Scored (masked) positions over ``seqs``."""
         return sum(len(self.positions(s)) for s in seqs)
+
+
+def _choose(seq: Sequence[int], candidates: list[int], k: int, seed: int, limit: int | None) -> list[int]:
+    """``min(k, limit)`` sorted positions among ``candidates``, a function of ``seed`` and the tokens only."""
+    k = min(k, len(candidates), k if limit is None else limit)
+    rng = random.Random(f"{seed}:{' '.join(map(str, seq))}")  # str seeds go through SHA-512: same everywhere
+    return sorted(rng.sample(candidates, k))
+
+
+POSITIONS = ("all", "one-random")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Which positions of a causal model's lines are fitted and scored.
+
+    ``positions="all"`` (default): every token after BOS; ``"one-random"``: one position per line,
+    chosen from ``seed`` and the line's tokens (the "Jump to Conclusions" protocol). ``bos=False``
+    feeds lines without BOS, so position 0 is a real token and can be scored (the paper's GPT-2
+    inputs, and the released maps, have no BOS).
+    """
+
+    positions: str = "all"
+    bos: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise CorpusError(f"Unknown positions {self.positions!r}; valid: {', '.join(POSITIONS)}.")
+
+    @property
+    def is_default(self) -> bool:
+        return self == Scoring()
+
+    def chosen(self, seq: Sequence[int], limit: int | None = None) -> list[int] | None:
+        """The scored positions of ``seq`` under ``one-random`` (at most ``limit``); ``None`` for ``all``."""
+        if self.positions == "all":
+            return None
+        return _choose(seq, list(range(int(self.bos), len(seq))), 1, self.seed, limit)
+
+    def count(self, seqs: Sequence[Sequence[int]]) -> int:
+        """Scored positions over tokenized ``seqs``."""
+        if self.positions == "all":
+            return sum(len(s) - int(self.bos) for s in seqs)
+        return sum(len(self.chosen(s)) for s in seqs)
+
+    def to_dict(self) -> dict:
+        return {"positions": self.positions, "bos": self.bos, "seed": self.seed}
 
 
 def bos_token_id(tokenizer) -> int:
@@ -230,14 +285,16 @@ def bos_token_id(tokenizer) -> int:
     return int(tid)
 
 
-def tokenize(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
-    """Token ids per line: BOS, then the line's tokens, truncated to ``max_length`` in all.
+def tokenize(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENGTH, bos: bool = True) -> list[list[int]]:
+    """Token ids per line: BOS (unless ``bos=False``), then the line's tokens, truncated to
+    ``max_length`` in all.
 
     Lines longer than that are truncated, with one warning that counts them.
     """
-    if max_length < 2:
-        raise CorpusError(f"max_length must be at least 2 (BOS and one token), got {max_length}.")
-    return _framed(lines, tokenizer, max_length, [bos_token_id(tokenizer)], [])
+    if max_length < 1 + int(bos):
+        raise CorpusError(f"max_length must be at least {1 + int(bos)} ({'BOS and ' if bos else ''}one token), "
+                          f"got {max_length}.")
+    return _framed(lines, tokenizer, max_length, [bos_token_id(tokenizer)] if bos else [], [])
 
 
 def tokenize_with_specials(lines: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
@@ -269,11 +326,12 @@ def _framed(lines: Sequence[str], tokenizer, max_length: int, head: list[int], t
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, has_bos: bool = True,
-        masked: Sequence[Sequence[int]] | None = None, mask_id: int | None = None) -> Batch:
+        masked: Sequence[Sequence[int]] | None = None, mask_id: int | None = None,
+        selected: Sequence[Sequence[int]] | None = None) -> Batch:
     """Right-pad token sequences into a :class:`Batch` (``has_bos=False``: position 0 is scored too).
 
     ``masked[i]`` lists positions of line ``i`` to replace by ``mask_id`` (the masked protocol;
-    the batch then carries ``labels``).
+    the batch then carries ``labels``); ``selected[i]``, the only positions of line ``i`` to score.
     """
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -282,7 +340,12 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, has_bos: bool = True,
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = True
     if masked is None:
-        return Batch(tokens, mask, has_bos)
+        chosen = None
+        if selected is not None:
+            chosen = torch.zeros_like(mask)
+            for i, positions in enumerate(selected):
+                chosen[i, list(positions)] = True
+        return Batch(tokens, mask, has_bos, selected=chosen)
     labels = torch.full_like(tokens, IGNORE)
     for i, positions in enumerate(masked):
         labels[i, positions] = tokens[i, positions]
@@ -296,42 +359,48 @@ def batches(
     max_tokens: int | None = None,
     masking: Masking | None = None,
     pad_id: int = 0,
+    scoring: Scoring | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``batch_size`` sequences in corpus order, stopping once ``max_tokens`` scored
     positions have been yielded: non-BOS, non-padding tokens (the last sequence may be cut to fit),
-    or with ``masking`` the masked positions (the last line may get fewer of them)."""
+    with ``scoring`` its positions (:class:`Scoring`), or with ``masking`` the masked positions (the
+    last line may get fewer of them)."""
     if batch_size < 1:
         raise CorpusError(f"batch_size must be at least 1, got {batch_size}.")
+    scoring = scoring or Scoring()
+    has_bos = scoring.bos and masking is None
     budget = math.inf if max_tokens is None else max_tokens
     chunk: list[Sequence[int]] = []
-    masked: list[list[int]] = []
+    chosen: list[list[int]] = []
     for seq in seqs:
         if budget <= 0:
             break
-        if masking is not None:
-            positions = masking.positions(seq, None if math.isinf(budget) else int(budget))
+        limit = None if math.isinf(budget) else int(budget)
+        positions = masking.positions(seq, limit) if masking is not None else scoring.chosen(seq, limit)
+        if positions is not None:
             if not positions:
                 continue
-            masked.append(positions)
+            chosen.append(positions)
             budget -= len(positions)
         else:
-            if len(seq) - 1 > budget:
-                seq = seq[: int(budget) + 1]
-            budget -= len(seq) - 1
+            if len(seq) - has_bos > budget:
+                seq = seq[: int(budget) + has_bos]
+            budget -= len(seq) - has_bos
         chunk.append(seq)
         if len(chunk) == batch_size:
-            yield _padded(chunk, masked, masking, pad_id)
-            chunk, masked = [], []
+            yield _padded(chunk, chosen, masking, scoring, pad_id)
+            chunk, chosen = [], []
     if chunk:
-        yield _padded(chunk, masked, masking, pad_id)
+        yield _padded(chunk, chosen, masking, scoring, pad_id)
 
 
-def _padded(chunk, masked, masking: Masking | None, pad_id: int) -> Batch:
-    if masking is None:
-        return pad(chunk, pad_id)
-    return pad(chunk, pad_id, masked=masked, mask_id=masking.mask_id)
+def _padded(chunk, chosen, masking: Masking | None, scoring: Scoring, pad_id: int) -> Batch:
+    if masking is not None:
+        return pad(chunk, pad_id, masked=chosen, mask_id=masking.mask_id)
+    return pad(chunk, pad_id, has_bos=scoring.bos, selected=chosen if scoring.positions != "all" else None)
 
 
-def count_tokens(seqs: Sequence[Sequence[int]], masking: Masking | None = None) -> int:
-    """Scored positions in tokenized lines: every token but the BOS, or the masked positions."""
-    return masking.count(seqs) if masking is not None else sum(len(s) - 1 for s in seqs)
+def count_tokens(seqs: Sequence[Sequence[int]], masking: Masking | None = None, scoring: Scoring | None = None) -> int:
+    """Scored positions in tokenized lines: every token but the BOS, the positions of ``scoring``,
+    or the masked positions."""
+    return masking.count(seqs) if masking is not None else (scoring or Scoring()).count(seqs)

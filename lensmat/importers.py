@@ -81,6 +81,9 @@ def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = Tru
 
     ``transpose=True`` takes the files as ``y = A x`` matrices (stored as ``W = Aᵀ``). The maps'
     provenance says ``imported``; their shapes are checked against the model's ``d_model``.
+    The authors fitted them on GPT-2 inputs *without* BOS, at one random position per sentence
+    (``sashayd/mat``, ``add_tokenization.py``): the provenance records that ``scoring``, and the
+    numbers that belong beside theirs come from ``compare(..., scoring=Scoring("one-random", bos=False))``.
     """
     folder = Path(folder)
     files = sorted(p for p in folder.glob("*.pickle") if re.fullmatch(r"\d+_\d+", p.stem))
@@ -99,4 +102,5 @@ def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = Tru
         src, tgt = resid_hook(i), resid_hook(j)
         maps[(src, tgt)] = LinearMap(W, None, src, tgt)
     return MapSet(maps, info.to_dict(), provenance={"source": "imported", "from": str(folder), "files": len(files),
-                                                    "transposed": transpose})
+                                                    "transposed": transpose,
+                                                    "scoring": {"positions": "one-random", "bos": False}})

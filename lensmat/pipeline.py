@@ -24,7 +24,8 @@ from lensmat.models import describe, is_masked_lm
 @dataclass
 class Tokenized:
     """Token sequences of one corpus split, with where they came from; ``masking`` is set for the
-    masked protocol (then only masked positions are scored)."""
+    masked protocol (then only masked positions are scored), ``scoring`` for a causal model read
+    without BOS or at one random position per line (:class:`~lensmat.data.Scoring`)."""
 
     seqs: list[list[int]]
     dataset: str
@@ -32,16 +33,17 @@ class Tokenized:
     max_length: int
     masking: data.Masking | None = None
     pad_id: int = 0
+    scoring: data.Scoring = data.Scoring()
 
     def batches(self, batch_size: int, max_tokens: int | None = None):
-        return data.batches(self.seqs, batch_size, max_tokens, self.masking, self.pad_id)
+        return data.batches(self.seqs, batch_size, max_tokens, self.masking, self.pad_id, self.scoring)
 
     def shard(self, rank: int, world_size: int) -> "Tokenized":
         """Lines ``rank::world_size``: this rank's share of a data-parallel run."""
         return replace(self, seqs=self.seqs[rank::world_size])
 
     def n_tokens(self, max_tokens: int | None = None) -> int:
-        total = data.count_tokens(self.seqs, self.masking)
+        total = data.count_tokens(self.seqs, self.masking, self.scoring)
         return total if max_tokens is None else min(total, max_tokens)
 
     def provenance(self) -> dict:
@@ -49,26 +51,36 @@ class Tokenized:
         out = {"dataset": self.dataset, "split": self.split, "max_length": self.max_length}
         if self.masking is not None:
             out["masking"] = {"n_mask": self.masking.n_mask, "seed": self.masking.seed}
+        if not self.scoring.is_default:
+            out["scoring"] = self.scoring.to_dict()
         return out
 
 
-def encode(model, lines, max_length: int) -> list[list[int]]:
-    """Token ids of ``lines`` as the model reads them: BOS + line (causal), ``[CLS] line [SEP]`` (masked LM)."""
+def encode(model, lines, max_length: int, bos: bool = True) -> list[list[int]]:
+    """Token ids of ``lines`` as the model reads them: BOS + line (causal; no BOS with ``bos=False``),
+    ``[CLS] line [SEP]`` (masked LM)."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("The model has no tokenizer; pass token batches to the lower-level API instead.")
-    tokenize = data.tokenize_with_specials if is_masked_lm(model) else data.tokenize
-    return tokenize(lines, model.tokenizer, max_length)
+    if is_masked_lm(model):
+        return data.tokenize_with_specials(lines, model.tokenizer, max_length)
+    return data.tokenize(lines, model.tokenizer, max_length, bos=bos)
 
 
 def tokenized(model, dataset: str | None = None, split: str = "train",
-              max_length: int = data.DEFAULT_MAX_LENGTH, *, n_mask: int = 1, mask_seed: int = 0) -> Tokenized:
-    """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended); for a
-    masked LM, with the masked protocol (``n_mask`` positions per line, chosen with ``mask_seed``)."""
+              max_length: int = data.DEFAULT_MAX_LENGTH, *, n_mask: int = 1, mask_seed: int = 0,
+              scoring: data.Scoring | None = None) -> Tokenized:
+    """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended unless
+    ``scoring`` says otherwise); for a masked LM, with the masked protocol (``n_mask`` positions
+    per line, chosen with ``mask_seed``)."""
+    scoring = scoring or data.Scoring()
+    if is_masked_lm(model) and not scoring.is_default:
+        raise ValueError("A masked LM is scored at its [MASK] positions (the masked protocol); --positions and "
+                         "--no-bos apply to causal models only.")
     max_length = min(max_length, int(model.cfg.n_ctx))
     spec = str(dataset or data.DEFAULT_CORPUS)
-    seqs = encode(model, data.load_lines(spec, split), max_length)
+    seqs = encode(model, data.load_lines(spec, split), max_length, bos=scoring.bos)
     if not is_masked_lm(model):
-        return Tokenized(seqs, spec, split, max_length)
+        return Tokenized(seqs, spec, split, max_length, scoring=scoring)
     masking = data.Masking.for_tokenizer(model.tokenizer, n_mask, mask_seed)
     return Tokenized(seqs, spec, split, max_length, masking, int(model.tokenizer.pad_token_id or 0))
 
@@ -117,10 +129,12 @@ def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized
 def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tokens: int | None = None,
              batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
              ridge: float = 0.0, all_pairs: bool = False, progress: bool = True, checkpoint=None,
-             checkpoint_every: int = 50, resume: bool = False, n_mask: int = 1, mask_seed: int = 0) -> MapSet:
+             checkpoint_every: int = 50, resume: bool = False, n_mask: int = 1, mask_seed: int = 0,
+             scoring: data.Scoring | None = None) -> MapSet:
     """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
 
-    A masked LM is fitted on its masked positions only (``n_mask`` per line, ``mask_seed``).
+    A masked LM is fitted on its masked positions only (``n_mask`` per line, ``mask_seed``); a
+    causal model on the positions of ``scoring`` (default: every token after BOS).
     With ``checkpoint`` (a folder) the statistics are saved every ``checkpoint_every`` batches;
     ``resume=True`` continues from it (same maps as an uninterrupted run).
 
@@ -130,7 +144,7 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
         maps = lensmat.fit_maps(model, max_tokens=50_000)
         lens = lensmat.MatLens(model, maps)
     """
-    corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
+    corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     start = time.perf_counter()
     stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size,
                                 pairs="all" if all_pairs else "to_last", progress=progress, checkpoint=checkpoint,

@@ -31,6 +31,7 @@ def test_imports_tensor_numpy_and_torch_save_files(tmp_path):
     pickle.dump(A["1_2"], open(tmp_path / "1_2.pickle", "wb"))
     maps = import_paper_maps(tmp_path, model)
     assert maps.provenance["source"] == "imported" and len(maps.maps) == 4
+    assert maps.provenance["scoring"] == {"positions": "one-random", "bos": False}  # how the authors fitted them
     m = maps.get("blocks.0.hook_resid_post", "blocks.2.hook_resid_post")
     assert torch.equal(m.W, A["1_3"].T)  # y = A x  ->  W = Aᵀ for row vectors
     x = torch.randn(5, 16)
