@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="split a large model: 'auto', 'balanced' or a JSON {module: device} (instead of --device)")
     p.add_argument("--n-devices", type=int, default=None, help="split a large model over this many CUDA devices")
     p.add_argument("--max-length", type=int, default=data.DEFAULT_MAX_LENGTH, help="tokens per line, BOS included")
+    p.add_argument("--random-init", type=int, default=None, metavar="SEED",
+                   help="the same architecture with seeded random weights (the untrained twin of --model)")
 
 
 def _load(args: argparse.Namespace):
@@ -33,7 +35,7 @@ def _load(args: argparse.Namespace):
 
     refuse_existing(getattr(args, "out", None), getattr(args, "force", False))
     return models.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                             n_devices=args.n_devices)
+                             n_devices=args.n_devices, random_init=args.random_init)
 
 
 def _device_map(text: str) -> str | dict:

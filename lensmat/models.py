@@ -84,6 +84,7 @@ def load_model(
     *,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
+    random_init: int | None = None,
 ):
     """A ``TransformerBridge`` in eval mode.
 
@@ -98,6 +99,9 @@ def load_model(
         device_map: for models larger than one device, a Hugging Face device map (``"auto"``,
             ``"balanced"``, or ``{module: device}``) passed to the bridge; excludes ``device``.
         n_devices: split the model over this many CUDA devices (the bridge's balanced map).
+        random_init: a seed: the same architecture and tokenizer with freshly initialised random
+            weights (Hugging Face's ``from_config`` under ``torch.manual_seed(random_init)``), the
+            untrained twin of a local or bundled model; recorded in ``describe(model).source``.
 
     Split models: token ids go to the embedding's device, each captured activation is moved to
     the statistics' device, and lens readouts happen on the unembedding's device.
@@ -137,9 +141,16 @@ def load_model(
                 "with save_pretrained(), a .gguf file, or a hub name."
             )
         with _hub_offline():
-            model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement)
-        model.cfg.model_name = name
+            extra = {} if random_init is None else _random_twin(path, random_init)
+            model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)
+        model.cfg.model_name = name if random_init is None else f"{name} (random init, seed {random_init})"
         model.cfg.lensmat_source = gguf_models.source_of(path)
+        if random_init is not None:
+            model.cfg.lensmat_source = {"random_init": random_init, "config_of": name,
+                                        "trained_source": model.cfg.lensmat_source}
+    elif random_init is not None:
+        raise ModelLoadError(f"random_init needs a local or bundled model folder to take the config from; "
+                             f"{spec_str!r} is not one.")
     else:
         try:
             model = TransformerBridge.boot_transformers(spec_str, dtype=dtype, **placement)
@@ -151,6 +162,16 @@ def load_model(
             ) from err
     model.eval()
     return model
+
+
+def _random_twin(path: Path, seed: int) -> dict:
+    """``hf_model`` / ``tokenizer`` for :func:`load_model`: the folder's architecture with seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in config.architectures or []) else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return {"hf_model": auto.from_config(config).eval(), "tokenizer": AutoTokenizer.from_pretrained(path)}
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

@@ -82,3 +82,23 @@ def test_reference_model_quality_floor(reference_model):
     assert result["tokens"] > 50_000
     assert result["top1_accuracy"] >= 0.16, result
     assert result["ce"] <= 5.2, result
+
+
+def test_random_init_is_the_untrained_twin(reference_model):
+    import lensmat
+    from lensmat.models import ModelLoadError, ModelMismatchError, check_same_model, describe
+
+    a = lensmat.load_model("reference", device="cpu", random_init=0)
+    b = lensmat.load_model("reference", device="cpu", random_init=0)
+    c = lensmat.load_model("reference", device="cpu", random_init=1)
+    trained, twin = describe(reference_model), describe(a)
+    assert (twin.n_layers, twin.d_model, twin.d_vocab, twin.n_ctx) == (trained.n_layers, trained.d_model,
+                                                                       trained.d_vocab, trained.n_ctx)
+    assert twin.source["random_init"] == 0 and "random init, seed 0" in twin.name
+    assert torch.equal(a.W_U, b.W_U) and not torch.equal(a.W_U, c.W_U)  # seeded
+    assert not torch.allclose(a.W_U, reference_model.W_U)
+    assert a.tokenizer("The river")["input_ids"] == reference_model.tokenizer("The river")["input_ids"]
+    with pytest.raises(ModelMismatchError):  # artifacts of the trained model refuse its twin
+        check_same_model(trained.to_dict(), a)
+    with pytest.raises(ModelLoadError, match="random_init needs a local"):
+        lensmat.load_model("no-such-hub-model", random_init=0)
