@@ -82,16 +82,24 @@ class TunedLens(Lens):
         return cls(model, tensors["W"], tensors["b"], meta)
 
 
-def _kl_loss(model, W, b, captured, hooks, logp_final) -> torch.Tensor:
+def kl_backward(model, W, b, captured: dict, hooks: list[str], logp_final) -> float:
+    """The loss ``Σ_l mean KL(p_final ‖ p_lens,l)`` (nats), with its gradient added to ``W.grad`` /
+    ``b.grad``. Layer ``l``'s term depends on ``W[l], b[l]`` only, so each term is back-propagated
+    on its own: one layer's ``[tokens, vocab]`` graph exists at a time (a 262K-token vocabulary
+    times 18 layers would not fit in memory), and the gradient is that of the sum."""
     from transformer_lens.tools.analysis.logit_lens import logit_readout
 
+    p_final = logp_final.exp()
+    neg_entropy = (p_final * logp_final).sum(-1)
     total = 0.0
     for layer, hook in enumerate(hooks):
         h = captured[hook]
         z = h + h @ W[layer] + b[layer]
         logq = torch.log_softmax(logit_readout(model, z, return_type="logits", chunk_size=4096,
                                                enable_grad=True).values.float(), dim=-1)
-        total = total + (logp_final.exp() * (logp_final - logq)).sum(-1).mean()
+        term = (neg_entropy - (p_final * logq).sum(-1)).mean()
+        term.backward()
+        total += float(term.detach())
     return total
 
 
@@ -133,14 +141,13 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
                 with torch.no_grad():
                     captured, logits = run_capture(model, batch, hooks, logits=True)
                     logp_final = torch.log_softmax(logits.float(), dim=-1)
-                loss = _kl_loss(model, W, b, captured, hooks, logp_final)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = kl_backward(model, W, b, captured, hooks, logp_final)
                 torch.nn.utils.clip_grad_norm_([W, b], config.clip)
                 opt.step()
                 sched.step()
                 seen += batch.n_scored
-                losses.append(float(loss.detach()) / L)
+                losses.append(loss / L)
                 bar.update(batch.n_scored)
                 bar.set_postfix(kl_per_layer=f"{losses[-1]:.3f}")
     finally:

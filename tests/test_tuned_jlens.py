@@ -103,3 +103,29 @@ def test_jlens_provenance_counts_the_positions_transformer_lens_averages(tiny_ll
     assert prov["n_tokens"] == sum(used) == 87
     assert prov["n_positions"] == sum(n - 5 for n in used) == 67
     assert prov["skip_first_positions"] == 4
+
+
+def test_layerwise_backward_gives_the_gradient_of_the_summed_kl(model):
+    """kl_backward back-propagates one layer at a time; the result must be the summed loss's gradient."""
+    from lensmat.collect import run_capture
+    from lensmat.tuned import kl_backward
+
+    batch = random_token_batches(1, 4, 12, 40, seed=7)[0]
+    hooks = resid_hooks(3)[:-1]
+    with torch.no_grad():
+        captured, logits = run_capture(model, batch, hooks, logits=True)
+        logp = torch.log_softmax(logits.float(), -1)
+    g = torch.Generator().manual_seed(1)
+    W = (0.1 * torch.randn(3, 16, 16, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(3, 16, generator=g)).requires_grad_()
+    loss = kl_backward(model, W, b, captured, hooks, logp)
+    W2, b2 = W.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    total = 0.0
+    for layer, hook in enumerate(hooks):  # the summed loss, read out by hand: ln_final then unembed
+        z = captured[hook] + captured[hook] @ W2[layer] + b2[layer]
+        logq = torch.log_softmax(model.unembed(model.ln_final(z)), -1)
+        total = total + torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="batchmean")
+    total.backward()
+    assert loss == pytest.approx(float(total.detach()), rel=1e-5)
+    torch.testing.assert_close(W.grad, W2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-4, atol=1e-6)
