@@ -54,9 +54,9 @@ def test_generation_past_the_window_equals_hugging_face_greedy_decoding(gemma, g
 
 
 def test_compare_is_exact_at_L_and_mat_beats_logit(gemma, tmp_path):
-    report = lensmat.compare(gemma, lenses="logit,mat", max_fit_tokens=5_000, max_eval_tokens=500, out=tmp_path,
+    report = lensmat.compare(gemma, lenses="logit,mat", max_fit_tokens=5_000, max_eval_tokens=500, out=tmp_path / "cmp",
                              progress=False)
-    strict_json(tmp_path / "report.json")
+    strict_json(tmp_path / "cmp" / "report.json")
     L = report["n_layers"]
     for scores in report["lenses"].values():
         assert scores["precision@1"][L] == 1.0 and scores["kl"][L] < 1e-5
