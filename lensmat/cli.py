@@ -178,10 +178,13 @@ def cmd_linearity(args: argparse.Namespace) -> int:
     report = linearity(_load(args), args.dataset, max_fit_tokens=args.max_fit_tokens,
                        max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
                        max_length=args.max_length, out=out, force=args.force, progress=not args.quiet)
-    print(f"{'block':>5} {'LS':>8} {'LS(no residual)':>16}")
-    for b, (a, c) in enumerate(zip(report["linearity"], report["linearity_no_residual"])):
-        print(f"{b:>5} {a:>8.4f} {c:>16.4f}")
-    print(f" mean {report['mean_linearity']:>8.4f} {report['mean_linearity_no_residual']:>16.4f}")
+    print(f"{'':>5} {'train (the paper)':>25} {'held out':>25}")
+    print(f"{'block':>5} {'LS':>8} {'LS(no residual)':>16} {'LS':>8} {'LS(no residual)':>16} {'|Δh|/|h|':>9} {'cos':>7}")
+    columns = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual")
+    for b, (a, c, d, e) in enumerate(zip(*(report[k] for k in columns))):
+        print(f"{b:>5} {a:>8.4f} {c:>16.4f} {d:>8.4f} {e:>16.4f} {report['norm_ratio'][b]:>9.4f} {report['cosine'][b]:>7.4f}")
+    means = (report[f"mean_{k}"] for k in columns)
+    print(" mean {:>8.4f} {:>16.4f} {:>8.4f} {:>16.4f}".format(*means))
     print(f"pruning (most linear first: blocks {report['order']}); held-out CE / Precision@1:")
     for variant, rows in report["pruning"].items():
         print(f"  {variant:<9}" + "  ".join(f"k={r['k']}: {r['ce']:.3f}/{r['precision@1']:.3f}" for r in rows))

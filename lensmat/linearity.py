@@ -9,6 +9,17 @@ where ``C`` are the centred sums of products. It is computed from the core's str
 of ``h_0..h_L`` (no activation is stored); ``linearity_no_residual`` uses ``Y = h_{l+1} − h_l``
 (the block's own contribution), whose centred blocks follow from the same statistics.
 
+Held out (:func:`heldout_linearity_score`): the affine map ``y ≈ xW + b`` that attains the minimum
+above on ``train`` is scored on ``heldout`` as ``1 − Σ‖y − xW − b‖² / Σ‖y − ȳ‖²`` (``ȳ`` the held-out
+mean; with ``residual=True`` the target is ``y − x`` and the denominator its variance). On the
+training statistics themselves it equals the in-sample score; it can be negative when the map
+overfits (e.g. fewer train tokens than ``d_model``).
+
+The paper's explanation for the gap between the two scores is that a block adds little to a large
+residual stream. From the same statistics, per block (token-pooled, so large-norm tokens weigh more):
+``norm_ratio = sqrt(Σ‖h_{l+1} − h_l‖² / Σ‖h_l‖²)`` (the block's output relative to its input) and
+``cosine = Σ h_l·h_{l+1} / sqrt(Σ‖h_l‖² · Σ‖h_{l+1}‖²)`` (consecutive layers).
+
 Depth pruning removes the ``k`` most linear blocks (highest ``linearity``), ``k = 0..L//2``, either
 replacing each by the identity or by its least-squares whole-block map ``h_l -> h_{l+1}`` fitted on
 ``train`` (the swap hooks of :mod:`lensmat.swap`, kind ``block``), and scores the pruned model on
@@ -24,7 +35,7 @@ import torch
 
 from lensmat import data
 from lensmat.collect import GramStats, resid_hook
-from lensmat.fit import LinearMap, MapSet, centred, fit_map, solve_spd
+from lensmat.fit import LinearMap, MapSet, centred, fit_map, residual_sums, solve_spd
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
 from lensmat.pipeline import collect_layer_stats, tokenized
@@ -48,14 +59,61 @@ def linearity_score(stats: GramStats, source: str, target: str, *, residual: boo
     return explained / total
 
 
-def linearity_profile(stats: GramStats) -> dict[str, list[float] | float]:
+def heldout_linearity_score(train: GramStats, heldout: GramStats, source: str, target: str, *,
+                            residual: bool = False) -> float:
+    """The in-sample minimiser's score on other tokens: ``1 − Σ‖y − xW − b‖² / Σ‖y − ȳ‖²`` over the
+    tokens of ``heldout``, with ``W, b`` the affine least-squares map fitted on ``train`` (target
+    ``y − x`` with ``residual=True``: the same residual, the variance of ``y − x`` below). At most 1."""
+    W = solve_spd(centred(train, source, source), centred(train, source, target), n_tokens=train.n, what=source)
+    m = LinearMap(W, train.mean(target) - train.mean(source) @ W, source, target)  # float64: not fit_map's float32
+    unexplained = float(residual_sums(heldout, m, source, target).sum())
+    cyy = centred(heldout, target, target)
+    if residual:
+        cxx, cxy = centred(heldout, source, source), centred(heldout, source, target)
+        cyy = cyy - cxy - cxy.T + cxx
+    total = float(torch.trace(cyy))
+    if total <= 1e-12 * float(torch.trace(centred(heldout, source, source)) + torch.trace(cyy)):
+        return 1.0  # a constant target, as in linearity_score
+    return 1.0 - unexplained / total
+
+
+def norm_ratio(stats: GramStats, source: str, target: str) -> float:
+    """``sqrt(Σ‖y − x‖² / Σ‖x‖²)`` over the tokens of ``stats``: what a block adds, relative to its input."""
+    xx, xy, yy = (float(torch.trace(stats.block(a, b))) for a, b in ((source, source), (source, target), (target, target)))
+    return max(yy - 2 * xy + xx, 0.0) ** 0.5 / xx ** 0.5
+
+
+def pooled_cosine(stats: GramStats, source: str, target: str) -> float:
+    """``Σ x·y / sqrt(Σ‖x‖² Σ‖y‖²)`` over the tokens of ``stats`` (in ``[-1, 1]``)."""
+    xx, xy, yy = (float(torch.trace(stats.block(a, b))) for a, b in ((source, source), (source, target), (target, target)))
+    return xy / (xx * yy) ** 0.5
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def linearity_profile(stats: GramStats, heldout: GramStats | None = None) -> dict[str, list[float] | float]:
     """Per-block scores from statistics of ``resid_hooks(L)`` with (at least) the adjacent pairs:
-    ``{"linearity": [L], "linearity_no_residual": [L], "mean": float, "mean_no_residual": float}``."""
-    hooks = stats.hooks
-    lin = [linearity_score(stats, a, b) for a, b in zip(hooks[:-1], hooks[1:])]
-    lin_nr = [linearity_score(stats, a, b, residual=True) for a, b in zip(hooks[:-1], hooks[1:])]
-    return {"linearity": lin, "linearity_no_residual": lin_nr,
-            "mean": sum(lin) / len(lin), "mean_no_residual": sum(lin_nr) / len(lin_nr)}
+    ``{"linearity", "linearity_no_residual", "norm_ratio", "cosine": [L] each, "mean", "mean_no_residual"}``,
+    plus ``"heldout_linearity"``, ``"heldout_linearity_no_residual"`` (``[L]``) and their means
+    ``"heldout_mean"``, ``"heldout_mean_no_residual"`` when ``heldout`` statistics of the same hooks
+    are given (the block ratios then come from ``heldout``)."""
+    pairs = list(zip(stats.hooks[:-1], stats.hooks[1:]))
+    lin = [linearity_score(stats, a, b) for a, b in pairs]
+    lin_nr = [linearity_score(stats, a, b, residual=True) for a, b in pairs]
+    ratios = heldout if heldout is not None else stats
+    out = {"linearity": lin, "linearity_no_residual": lin_nr, "mean": _mean(lin), "mean_no_residual": _mean(lin_nr),
+           "norm_ratio": [norm_ratio(ratios, a, b) for a, b in pairs],
+           "cosine": [pooled_cosine(ratios, a, b) for a, b in pairs]}
+    if heldout is not None:
+        if heldout.hooks != stats.hooks:
+            raise ValueError(f"Held-out statistics of hooks {heldout.hooks} do not match the training ones {stats.hooks}.")
+        h = [heldout_linearity_score(stats, heldout, a, b) for a, b in pairs]
+        h_nr = [heldout_linearity_score(stats, heldout, a, b, residual=True) for a, b in pairs]
+        out |= {"heldout_linearity": h, "heldout_linearity_no_residual": h_nr,
+                "heldout_mean": _mean(h), "heldout_mean_no_residual": _mean(h_nr)}
+    return out
 
 
 def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bool = False,
@@ -114,12 +172,15 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
               max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
               max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
               force: bool = False, progress: bool = True) -> dict:
-    """Linearity profile (from ``train`` statistics) and depth-pruning curves (on ``heldout``).
+    """Linearity profile (the paper's in-sample score on ``train``, and the same maps scored on
+    ``heldout``), the blocks' norm ratios and consecutive cosines (``heldout``), and depth-pruning
+    curves (on ``heldout``).
 
-    Returns (and with ``out``, writes) the report: ``linearity`` and ``linearity_no_residual``
-    (L floats each, block ``l`` = ``h_l -> h_{l+1}``), their means, ``order`` (blocks, most linear
-    first) and ``pruning`` → ``{variant: [{"k", "ce", "precision@1"}]}`` for ``k = 0..max_k``
-    (default ``L // 2``).
+    Returns (and with ``out``, writes) the report: ``linearity``, ``linearity_no_residual``,
+    ``heldout_linearity``, ``heldout_linearity_no_residual``, ``norm_ratio`` and ``cosine`` (L floats
+    each, block ``l`` = ``h_l -> h_{l+1}``), the scores' means, ``order`` (blocks, most linear on
+    ``train`` first) and ``pruning`` → ``{variant: [{"k", "ce", "precision@1"}]}`` for
+    ``k = 0..max_k`` (default ``L // 2``). ``max_eval_tokens`` caps the held-out tokens of both.
     """
     from lensmat import plots
     from lensmat.compare import start_run, write_report
@@ -133,19 +194,26 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     start = time.perf_counter()
     stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, pairs="adjacent",
                                 progress=progress)
-    profile = linearity_profile(stats)
     provenance = {"dataset": train.dataset, "split": "train", "n_tokens": stats.n,
                   "fit_seconds": time.perf_counter() - start}
+    heldout = tokenized(model, dataset, "heldout", max_length)
+    heldout_stats = collect_layer_stats(model, heldout, max_tokens=max_eval_tokens, batch_size=batch_size,
+                                        pairs="adjacent", progress=progress)
+    profile = linearity_profile(stats, heldout_stats)
     order = sorted(range(n_layers), key=lambda b: -profile["linearity"][b])
     variants = {"identity": block_maps(model, stats, identity=True),
                 "linear": block_maps(model, stats, provenance=provenance)}
-    heldout = tokenized(model, dataset, "heldout", max_length)
     pruning, n_eval = evaluate_pruning(model, variants, order, heldout.batches(batch_size, max_eval_tokens),
                                        max_k=max_k, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": describe(model).name, "n_layers": n_layers, "n_fit_tokens": stats.n, "n_eval_tokens": n_eval,
         "linearity": profile["linearity"], "linearity_no_residual": profile["linearity_no_residual"],
         "mean_linearity": profile["mean"], "mean_linearity_no_residual": profile["mean_no_residual"],
+        "heldout_linearity": profile["heldout_linearity"],
+        "heldout_linearity_no_residual": profile["heldout_linearity_no_residual"],
+        "mean_heldout_linearity": profile["heldout_mean"],
+        "mean_heldout_linearity_no_residual": profile["heldout_mean_no_residual"],
+        "norm_ratio": profile["norm_ratio"], "cosine": profile["cosine"],
         "order": order, "pruning": pruning,
     }
     if out is not None:

@@ -131,15 +131,24 @@ def submodule_plots(report: dict, out=None) -> list:
 
 def linearity_plots(report: dict, out=None) -> list:
     """The per-block linearity profile and the depth-pruning curves (CE and Precision@1 against k)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     blocks = range(report["n_layers"])
-    ax.plot(blocks, report["linearity"], marker="o", ms=3, label="h_l -> h_{l+1}")
-    ax.plot(blocks, report["linearity_no_residual"], marker="o", ms=3, label="h_l -> h_{l+1} − h_l")
+    for key, label, colour in (("linearity", "h_l -> h_{l+1}", "tab:blue"),
+                               ("linearity_no_residual", "h_l -> h_{l+1} − h_l", "tab:orange")):
+        ax.plot(blocks, report[key], marker="o", ms=3, color=colour, label=f"{label} (train)")
+        ax.plot(blocks, report[f"heldout_{key}"], ls="--", color=colour, label=f"{label} (held out)")
     ax.set_xlabel("block l")
     ax.set_ylabel("linearity score")
-    ax.set_title(f"Linearity per block ({report['model']})")
+    ax.set_title("Linearity per block")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    ax2.plot(blocks, report["norm_ratio"], marker="o", ms=3, label="‖h_{l+1} − h_l‖ / ‖h_l‖")
+    ax2.plot(blocks, report["cosine"], marker="o", ms=3, label="cos(h_l, h_{l+1})")
+    ax2.set_xlabel("block l")
+    ax2.set_title("A block's output against its input (held out, token-pooled)", fontsize=9)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(_subject(report))
     fig.tight_layout()
     figs = [_save(fig, out, "linearity.png")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -189,7 +198,7 @@ def early_exit_plots(report: dict, out=None) -> list:
     axes[0].axhline(report["retention"], color="grey", lw=0.8, ls="--")
     axes[0].set_xlabel("mean blocks run")
     axes[0].set_ylabel("Precision@1 vs the full model")
-    axes[0].set_title(f"confidence exit ({report['model']})")
+    axes[0].set_title(f"confidence exit ({model_label(report['model'])})")
     for method, rows in report["saturation"].items():
         axes[1].plot([r["speedup"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3, label=method)
     axes[1].set_xlabel("speed-up (L · tokens / blocks run)")

@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_token_batches
 
-from lensmat.collect import GramStats, collect, resid_hook, resid_hooks, run_capture
-from lensmat.linearity import block_maps, evaluate_pruning, linearity_profile, linearity_score
+from lensmat.collect import GramStats, collect, pair_pattern, resid_hook, resid_hooks, run_capture
+from lensmat.linearity import (block_maps, evaluate_pruning, heldout_linearity_score, linearity_profile,
+                               linearity_score, norm_ratio, pooled_cosine)
 
 
 def stats_of(x: torch.Tensor, y: torch.Tensor, chunks: int = 3) -> GramStats:
@@ -66,6 +67,66 @@ def test_profile_of_a_model_matches_stacked_activations(tiny_model):
         assert abs(profile["linearity"][layer] - direct_ls(x, y)) <= 1e-8
         assert abs(profile["linearity_no_residual"][layer] - direct_ls(x, y - x)) <= 1e-8
     assert len(profile["linearity"]) == 3 and profile["mean"] == pytest.approx(sum(profile["linearity"]) / 3)
+    heldout_batches = random_token_batches(2, 6, 16, 40, seed=9)
+    heldout = collect(tiny_model, heldout_batches, [tuple(hooks)], pairs=[pair_pattern(4, "adjacent")],
+                      progress=False)[0]
+    held = {h: torch.cat([run_capture(tiny_model, b, [h])[0][h].double() for b in heldout_batches]) for h in hooks}
+    profile = linearity_profile(stats, heldout)
+    for layer in range(3):
+        x, y = acts[resid_hook(layer)], acts[resid_hook(layer + 1)]
+        xh, yh = held[resid_hook(layer)], held[resid_hook(layer + 1)]
+        assert abs(profile["heldout_linearity"][layer] - direct_heldout_ls(x, y, xh, yh)) <= 1e-8
+        assert abs(profile["heldout_linearity_no_residual"][layer] - direct_heldout_ls(x, y - x, xh, yh - xh)) <= 1e-8
+        assert profile["norm_ratio"][layer] == pytest.approx(float((yh - xh).norm() / xh.norm()), rel=1e-9)
+        assert profile["cosine"][layer] == pytest.approx(float((xh * yh).sum() / (xh.norm() * yh.norm())), rel=1e-9)
+
+
+def direct_heldout_ls(x, y, xh, yh) -> float:
+    """Affine lstsq on (x, y), scored on (xh, yh): 1 − ‖resid‖² / ‖yh − mean(yh)‖²."""
+    ones = torch.ones(len(x), 1, dtype=x.dtype)
+    coef = torch.linalg.lstsq(torch.cat([x, ones], 1), y).solution
+    pred = torch.cat([xh, torch.ones(len(xh), 1, dtype=x.dtype)], 1) @ coef
+    return float(1 - (yh - pred).norm() ** 2 / (yh - yh.mean(0)).norm() ** 2)
+
+
+def noisy_pair(seed: int, n: int, d: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 1
+    return x, x + torch.tanh(x @ m) + 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heldout_score_equals_direct_lstsq_and_in_sample_on_the_training_tokens(seed):
+    x, y = noisy_pair(seed, 400)
+    xh, yh = noisy_pair(seed + 100, 300)
+    train, heldout = stats_of(x, y), stats_of(xh, yh)
+    assert abs(heldout_linearity_score(train, heldout, "x", "y") - direct_heldout_ls(x, y, xh, yh)) <= 1e-8
+    assert abs(heldout_linearity_score(train, heldout, "x", "y", residual=True)
+               - direct_heldout_ls(x, y - x, xh, yh - xh)) <= 1e-8
+    for residual in (False, True):  # the held-out formula on the training tokens is the paper's in-sample score
+        assert heldout_linearity_score(train, train, "x", "y", residual=residual) == pytest.approx(
+            linearity_score(train, "x", "y", residual=residual), abs=1e-10)
+    assert heldout_linearity_score(train, heldout, "x", "y") < linearity_score(train, "x", "y")
+
+
+def test_too_few_training_tokens_look_perfectly_linear_in_sample_but_not_held_out():
+    x, y = noisy_pair(0, 10)  # 10 tokens for 12 dimensions: any target is fitted exactly
+    xh, yh = noisy_pair(1, 500)
+    with pytest.warns(UserWarning, match="ill-conditioned"):
+        assert linearity_score(stats_of(x, y), "x", "y", residual=True) > 0.9999  # only the warning's ridge keeps it below 1
+    with pytest.warns(UserWarning, match="ill-conditioned"):
+        assert heldout_linearity_score(stats_of(x, y), stats_of(xh, yh), "x", "y", residual=True) < 0.5
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_norm_ratio_and_cosine_equal_their_token_pooled_definitions(seed):
+    x, y = noisy_pair(seed, 200)
+    st = stats_of(x, y)
+    assert norm_ratio(st, "x", "y") == pytest.approx(float((y - x).norm() / x.norm()), rel=1e-10)
+    assert pooled_cosine(st, "x", "y") == pytest.approx(float((x * y).sum() / (x.norm() * y.norm())), rel=1e-10)
+    assert norm_ratio(stats_of(x, x.clone()), "x", "y") == pytest.approx(0.0, abs=1e-6)
+    assert pooled_cosine(stats_of(x, -3 * x), "x", "y") == pytest.approx(-1.0, abs=1e-12)
 
 
 def model_with_identity_block(block: int):

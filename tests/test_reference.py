@@ -128,6 +128,11 @@ def test_cli_analyses_write_their_report_contracts(tmp_path):
     L = lin["n_layers"]
     assert len(lin["linearity"]) == len(lin["linearity_no_residual"]) == L
     assert all(0.0 <= v <= 1.0 for v in lin["linearity"] + lin["linearity_no_residual"])
+    for key in ("heldout_linearity", "heldout_linearity_no_residual", "norm_ratio", "cosine"):
+        assert len(lin[key]) == L, key
+    # 20K train tokens for d=256: held out, the maps explain a little less than in sample, block by block
+    assert all(h <= t + 1e-9 for h, t in zip(lin["heldout_linearity_no_residual"], lin["linearity_no_residual"]))
+    assert all(0.0 < r and -1.0 <= c <= 1.0 for r, c in zip(lin["norm_ratio"], lin["cosine"]))
     for variant in ("identity", "linear"):
         rows = lin["pruning"][variant]
         assert [r["k"] for r in rows] == list(range(L // 2 + 1)) and rows[0]["precision@1"] == 1.0
