@@ -34,7 +34,8 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
 
     import lensmat
     from lensmat import data
-    from lensmat.collect import collect, pair_pattern, resid_hooks, run_capture
+    from lensmat.collect import collect, resid_hooks, run_capture
+    from lensmat.statistics import pair_pattern
     from lensmat.fit import fit_layer_maps
 
     torch.manual_seed(0)

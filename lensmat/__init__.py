@@ -7,7 +7,8 @@ Models come from :func:`load_model` (:mod:`lensmat.models`).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lensmat.collect import GramStats, collect, resid_hook, resid_hooks
+from lensmat.collect import collect, resid_hook, resid_hooks
+from lensmat.statistics import GramStats
 from lensmat.compare import compare
 from lensmat.data import Batch, Masking, batches, load_lines, tokenize
 from lensmat.early_exit import early_exit

@@ -31,7 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """The model named by --model on --device in --dtype (refusing an existing --out first)."""
-    from lensmat.compare import refuse_existing
+    from lensmat.run import refuse_existing
 
     refuse_existing(getattr(args, "out", None), getattr(args, "force", False))
     return models.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
@@ -73,7 +73,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="lines per forward pass")
     p.add_argument("--out", default=None, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no memory plan")
+    p.add_argument("--stats-device", default=None,
+                   help="where the float64 statistics accumulate: cpu (default) or cuda[:N] (beside a GPU model)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="refuse to start when the memory plan needs more than this many GB on a device "
+                        "(default: the device's free memory)")
 
 
 def _add_mask_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +94,25 @@ def _add_mask_args(p: argparse.ArgumentParser) -> None:
 
 def _scoring(args: argparse.Namespace) -> data.Scoring:
     return data.Scoring(args.positions, bos=not args.no_bos, seed=args.position_seed)
+
+
+def _memory(args: argparse.Namespace) -> dict:
+    """``stats_device`` and ``memory_limit`` (bytes) from ``--stats-device`` / ``--memory-limit GB``."""
+    limit = None if args.memory_limit is None else int(args.memory_limit * 1e9)
+    return {"stats_device": args.stats_device, "memory_limit": limit}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lensmat.plan import COMMANDS, GB, available_bytes, plan, shape_from_config
+
+    shape = shape_from_config(args.model)
+    commands = COMMANDS if args.command_name == "all" else [args.command_name]
+    for name in commands:
+        print(plan(name, shape, all_pairs=args.all_pairs, batch_size=args.batch_size, max_length=args.max_length,
+                   stats_device=args.stats_device or "cpu").format())
+    print(f"free memory now: {available_bytes('cpu') / GB:.2f} GB (cpu); the commands check their plan against "
+          "the device's free memory after loading the model (--memory-limit GB to set it)")
+    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -107,7 +131,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
                              checkpoint_every=args.checkpoint_every, resume=args.resume, n_mask=args.n_mask,
-                             mask_seed=args.mask_seed, scoring=_scoring(args))
+                             mask_seed=args.mask_seed, scoring=_scoring(args), **_memory(args))
     if rank == 0:
         path = io.save_maps(maps, args.out, force=args.force)
         print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
@@ -117,7 +141,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lensmat.compare import compare, format_table, parse_lenses
+    from lensmat.compare import compare, format_table
+    from lensmat.run import parse_lenses
 
     names = parse_lenses(args.lenses)
     from lensmat.tuned import TunedLensConfig
@@ -128,7 +153,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                    lr=args.tuned_lr if args.tuned_lr is not None else (0.1 if args.tuned_optimizer == "sgd" else 1e-3))
     report = compare(_load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                     maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
+                     **_memory(args), maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
                      jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed,
                      scoring=_scoring(args),
                      all_pairs=args.all_pairs, out=out, force=args.force, progress=not args.quiet)
@@ -155,7 +180,7 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     args.out = out = args.out or "runs/submodules"
     report = submodules(_load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                        intercept=args.intercept, out=out, force=args.force, progress=not args.quiet)
+                        intercept=args.intercept, out=out, force=args.force, progress=not args.quiet, **_memory(args))
     names = list(report["variants"])
     print(f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)")
     for layer in report["layers"]:
@@ -177,7 +202,7 @@ def cmd_linearity(args: argparse.Namespace) -> int:
     args.out = out = args.out or "runs/linearity"
     report = linearity(_load(args), args.dataset, max_fit_tokens=args.max_fit_tokens,
                        max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
-                       max_length=args.max_length, out=out, force=args.force, progress=not args.quiet)
+                       max_length=args.max_length, out=out, force=args.force, progress=not args.quiet, **_memory(args))
     print(f"{'':>5} {'train (the paper)':>25} {'held out':>25}")
     print(f"{'block':>5} {'LS':>8} {'LS(no residual)':>16} {'LS':>8} {'LS(no residual)':>16} {'|Δh|/|h|':>9} {'cos':>7}")
     columns = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual")
@@ -200,7 +225,7 @@ def cmd_saturation(args: argparse.Namespace) -> int:
                    max_eval_tokens=args.max_eval_tokens, n_permutations=args.permutations,
                    order_rule=args.order_rule, max_pairs=args.pairs,
                    batch_size=args.batch_size, max_length=args.max_length, out=out, force=args.force,
-                   progress=not args.quiet)
+                   progress=not args.quiet, **_memory(args))
     print(f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out tokens with s_1 <= {r['max_s1']} "
           f"(block output {r['max_s1'] - 1} = floor({r['frac']}·L))")
     print("k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)))
@@ -225,7 +250,7 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     r = early_exit(_load(args), args.dataset, lenses=args.lenses, retention=args.retention,
                    max_fit_tokens=args.max_fit_tokens, max_eval_tokens=args.max_eval_tokens,
                    max_probe_tokens=args.max_probe_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                   out=out, force=args.force, progress=not args.quiet)
+                   out=out, force=args.force, progress=not args.quiet, **_memory(args))
     print(f"confidence exit on {r['n_eval_tokens']} held-out tokens ({r['n_layers']} blocks); "
           "lambda: mean blocks / Precision@1 / accuracy")
     for lens, rows in r["curves"].items():
@@ -268,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe the model and the corpus")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="the memory each command's statistics and chunks will take, from the model's config")
+    p.add_argument("--model", default=None, help="as for the other commands; only its config is read")
+    p.add_argument("--command", dest="command_name", default="all", choices=("all", "fit", "compare", "linearity",
+                                                                           "submodules", "early-exit", "saturation"))
+    p.add_argument("--all-pairs", action="store_true", help="plan statistics of every layer pair")
+    p.add_argument("--batch-size", type=int, default=16, help="lines per forward pass")
+    p.add_argument("--max-length", type=int, default=data.DEFAULT_MAX_LENGTH, help="tokens per line, BOS included")
+    p.add_argument("--stats-device", default=None, help="where the statistics would accumulate (default cpu)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("fit", help="fit residual maps h_l -> h_L on the train split and save them")
     _add_model_args(p)
@@ -354,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lensmat.plan import MemoryPlanError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -361,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, KeyError, IndexError, FileExistsError, RuntimeError) as err:
+    except (ValueError, KeyError, IndexError, FileExistsError, RuntimeError, MemoryPlanError) as err:
         print(f"lensmat {args.command}: error: {err}", file=sys.stderr)
         return 2
 

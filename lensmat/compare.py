@@ -14,95 +14,17 @@ original token). The ``logit`` lens is then the paper's ``id`` baseline.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
-from pathlib import Path
 
 from lensmat import data
-from lensmat.collect import pair_pattern, resid_hooks
+from lensmat.collect import resid_hooks
 from lensmat.fit import MapSet, r2_matrices
-from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
-from lensmat.models import describe, is_masked_lm, load_model, require_causal
-from lensmat.pipeline import collect_layer_stats, maps_from_stats, tokenized
-
-LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "jacobian")
-MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # tuned and jacobian are trained on next-token prediction
-
-
-def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"logit,mat"`` -> ``["logit", "mat"]``, refusing unknown names with the valid list."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in LENS_KINDS]
-    if unknown or not names:
-        raise ValueError(f"Unknown lens name(s) {unknown or names}; valid lenses: {', '.join(LENS_KINDS)}.")
-    return names
-
-
-def _cost(provenance: dict | None, reused: bool) -> dict:
-    provenance = provenance or {}
-    cost = {"seconds": float(provenance.get("fit_seconds", 0.0)), "tokens": int(provenance.get("n_tokens", 0)),
-            "reused": reused}
-    if "n_positions" in provenance:  # the J-lens averages fewer positions than the tokens it runs
-        cost["positions"] = int(provenance["n_positions"])
-    return cost
-
-
-def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
-                 max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
-                 jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
-                 progress: bool = True) -> tuple[dict, dict, MapSet | None]:
-    """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
-
-    The no-intercept mat maps are fitted (``h_l -> h_L``, and every pair ``l < l'`` for the R²
-    heatmap with ``all_pairs``, which needs ``O(L²·d²)`` statistics instead of ``O(L·d²)``) when a
-    mat lens is named or ``maps`` or ``all_pairs`` asks for them (compare always does, for R²);
-    otherwise the third value is None.
-    ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
-    """
-    from lensmat import io
-    from lensmat.jlens import JLens, fit_jlens
-    from lensmat.tuned import TunedLens, train_tuned_lens
-
-    lenses, cost = {}, {"logit": {"seconds": 0.0, "tokens": 0, "reused": False}}
-    fitted: dict[str, MapSet] = {}
-    if maps is not None:
-        maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
-        maps.check_model(model)
-        fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
-    wanted = [n for n in names if n.startswith("mat")] + (["mat"] if with_maps or all_pairs else [])
-    to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
-    if to_fit:
-        start = time.perf_counter()
-        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
-                                    pairs="all" if all_pairs else "to_last", progress=progress)
-        seconds = time.perf_counter() - start
-        for name in to_fit:
-            fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
-                                           all_pairs=all_pairs and name == "mat", seconds=seconds)
-            cost[name] = _cost(fitted[name].provenance, False)
-    for name in names:
-        if name == "logit":
-            lenses[name] = LogitLens(model)
-        elif name.startswith("mat"):
-            lenses[name] = MatLens(model, fitted[name], name=name)
-        elif name == "tuned":
-            reused = tuned is not None
-            if isinstance(tuned, (str, os.PathLike)):
-                tuned = TunedLens.load(tuned, model)
-            lenses[name] = tuned if reused else train_tuned_lens(model, train, tuned_config, progress=progress)
-            cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
-        elif name == "jacobian":
-            reused = jlens is not None
-            if isinstance(jlens, (str, os.PathLike)):
-                jlens = JLens.load(jlens, model)
-            lenses[name] = jlens if reused else fit_jlens(model, train.dataset, n_prompts=jlens_prompts,
-                                                          max_length=train.max_length, progress=progress)
-            cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
-    return lenses, cost, fitted.get("mat")
+from lensmat.models import describe, is_masked_lm
+from lensmat.pipeline import tokenized
+from lensmat.plan import check_memory
+from lensmat.run import MASKED_LM_LENSES, build_lenses, parse_lenses, start_run, write_report
+from lensmat.statistics import pair_pattern
 
 
 def compare(
@@ -123,6 +45,8 @@ def compare(
     mask_seed: int = 0,
     scoring: data.Scoring | None = None,
     all_pairs: bool = False,
+    stats_device: str | None = None,
+    memory_limit: int | None = None,
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
@@ -145,6 +69,9 @@ def compare(
             BOS (:class:`~lensmat.data.Scoring`; ``Scoring("one-random", bos=False)`` is the paper's
             GPT-2 protocol). Default: every token after BOS.
         out: folder for ``report.json`` and plots (refused if it exists, unless ``force``).
+        stats_device: where the float64 statistics accumulate (default ``cpu``; ``cuda`` keeps them
+            beside a GPU model). memory_limit: bytes the plan may use per device (default: the free
+            memory); the run is refused before any work when its plan exceeds it (:mod:`lensmat.plan`).
 
     Every lens is scored on the same held-out tokens; ``fit_cost.{lens}`` records the seconds and
     tokens spent fitting it (``reused: true`` when it was loaded).
@@ -161,14 +88,16 @@ def compare(
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
+    memory = check_memory(model, "compare", train, all_pairs=all_pairs, batch_size=batch_size,
+                          stats_device=stats_device, memory_limit=memory_limit, progress=progress)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
-        with_maps=True, progress=progress)
+        with_maps=True, stats_device=stats_device, progress=progress)
     hooks = resid_hooks(n_layers)
     scores, held_stats, n_eval = evaluate_lenses(
         model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[hooks],
-        stats_pairs=[pair_pattern(len(hooks), "all" if all_pairs else "to_last")],
+        stats_pairs=[pair_pattern(len(hooks), "all" if all_pairs else "to_last")], stats_device=stats_device,
         total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": info.name,
@@ -182,6 +111,7 @@ def compare(
         "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names},
         "protocol": "masked" if masked else "causal",
+        "memory_plan": memory,
     }
     if masked:
         report["masking"] = heldout.provenance()["masking"]
@@ -191,54 +121,6 @@ def compare(
         write_report(report, out)
         plots.compare_plots(report, out)
     return report
-
-
-def refuse_existing(out: str | os.PathLike | None, force: bool) -> None:
-    """Refuse an existing output folder before any work starts (unless ``force``)."""
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-
-
-def start_run(model, out: str | os.PathLike | None, force: bool, causal_only: str | None = None):
-    """The common start of a reporting command: refuse an existing ``out`` (unless ``force``), then
-    return ``model`` as a bridge (a spec or ``None`` is loaded with :func:`load_model`); a command
-    named in ``causal_only`` refuses a masked LM."""
-    refuse_existing(out, force)
-    model = load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
-    if causal_only is not None:
-        require_causal(model, causal_only)
-    return model
-
-
-def _finite_or_null(obj, path: str, bad: list[str]):
-    """``obj`` with every NaN/Inf float replaced by None; the paths of those values go to ``bad``."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        bad.append(path)
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), bad) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
-    return obj
-
-
-def write_report(report: dict, out: str | os.PathLike) -> Path:
-    """Write ``out/report.json`` as strict JSON (atomically: temporary file, then rename). A NaN or
-    Inf value is written as null, listed in ``non_finite_values`` and warned about."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    bad: list[str] = []
-    report = _finite_or_null(report, "", bad)
-    if bad:
-        import warnings
-
-        report["non_finite_values"] = bad
-        warnings.warn(f"{len(bad)} NaN/Inf values in the report (written as null, listed in non_finite_values), "
-                      f"e.g. {bad[:3]}.", RuntimeWarning, stacklevel=2)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out / "report.json")
-    return out / "report.json"
 
 
 def format_table(report: dict, metric: str = "precision@1") -> str:

@@ -1,6 +1,6 @@
 """Data-parallel fitting on ``torch.distributed``: statistics add, so merging ranks is an all-reduce.
 
-Each rank collects :class:`~lensmat.collect.GramStats` on its shard of the corpus (lines
+Each rank collects :class:`~lensmat.statistics.GramStats` on its shard of the corpus (lines
 ``rank::world_size``); :func:`all_reduce_stats` sums ``n``, ``Σz`` and ``ΣzzᵀS`` across ranks in
 float64 (gloo on CPU, NCCL with CUDA statistics); every rank then holds the statistics of the
 whole corpus and solves the same maps; rank 0 writes them.
@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from lensmat.collect import GramStats
+from lensmat.statistics import GramStats
 
 
 def is_distributed() -> bool:

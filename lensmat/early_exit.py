@@ -170,7 +170,8 @@ def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe
 def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"), retention: float = 0.95,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 10_000,
                max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
-               max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None, force: bool = False,
+               max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
+               memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
                progress: bool = True, seed: int = 0) -> dict:
     """Confidence-exit curves and savings per lens, and saturation-exit curves per method and lens.
 
@@ -178,9 +179,11 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     with its defaults), the saturation probe on ``max_probe_tokens`` train tokens, everything is
     scored on ``heldout``. Returns (and with ``out``, writes) the ``early-exit`` report; the
     top-level ``saturation`` holds the first lens's curves, ``saturation_by_lens`` all of them.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`.
     """
     from lensmat import plots
-    from lensmat.compare import build_lenses, parse_lenses, start_run, write_report
+    from lensmat.plan import check_memory
+    from lensmat.run import build_lenses, parse_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
     names = parse_lenses(lenses)
@@ -189,8 +192,10 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     model = start_run(model, out, force, causal_only="Early exit")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
+    memory = check_memory(model, "early-exit", train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress, fits_maps=any(n.startswith("mat") for n in names))
     built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
-                                  progress=progress)
+                                  stats_device=stats_device, progress=progress)
     heldout = tokenized(model, dataset, "heldout", max_length)
     curves, savings, fixed, sat = {}, {}, {}, {}
     n_eval = 0
@@ -209,7 +214,7 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     report = {
         "model": describe(model).name, "n_layers": n_layers, "n_eval_tokens": n_eval, "retention": retention,
         "tau": TAU, "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
-        "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost,
+        "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost, "memory_plan": memory,
     }
     if out is not None:
         write_report(report, out)

@@ -1,7 +1,7 @@
 """Sufficient statistics -> linear maps by least squares, and R².
 
 Maps act on row vectors: ``y ≈ x @ W (+ b)`` with ``W`` of shape ``[d_in, d_out]``. They are
-solved in float64 from :class:`~lensmat.collect.GramStats` and stored in float32.
+solved in float64 from :class:`~lensmat.statistics.GramStats` and stored in float32.
 
 - no intercept (the paper's choice): ``W = (XᵀX + λI)⁻¹ XᵀY``
 - affine: the same on centred statistics, ``b = ȳ − x̄ W``
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-from lensmat.collect import GramStats
+from lensmat.statistics import GramStats
 
 MAX_COND = 1e12
 

@@ -34,7 +34,8 @@ import time
 import torch
 
 from lensmat import data
-from lensmat.collect import GramStats, resid_hook
+from lensmat.collect import resid_hook
+from lensmat.statistics import GramStats
 from lensmat.fit import LinearMap, MapSet, centred, fit_map, residual_sums, solve_spd
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
@@ -170,8 +171,9 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
 
 def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | None = None,
               max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
-              max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
-              force: bool = False, progress: bool = True) -> dict:
+              max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
+              memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
+              progress: bool = True) -> dict:
     """Linearity profile (the paper's in-sample score on ``train``, and the same maps scored on
     ``heldout``), the blocks' norm ratios and consecutive cosines (``heldout``), and depth-pruning
     curves (on ``heldout``).
@@ -181,9 +183,12 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     each, block ``l`` = ``h_l -> h_{l+1}``), the scores' means, ``order`` (blocks, most linear on
     ``train`` first) and ``pruning`` → ``{variant: [{"k", "ce", "precision@1"}]}`` for
     ``k = 0..max_k`` (default ``L // 2``). ``max_eval_tokens`` caps the held-out tokens of both.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`.
     """
+    from lensmat.plan import check_memory
+
     from lensmat import plots
-    from lensmat.compare import start_run, write_report
+    from lensmat.run import start_run, write_report
 
     model = start_run(model, out, force, causal_only="The linearity analysis")
     n_layers = int(model.cfg.n_layers)
@@ -191,14 +196,16 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     if not 0 <= max_k <= n_layers:
         raise ValueError(f"max_k={max_k} is out of range: prune between 0 and {n_layers} blocks.")
     train = tokenized(model, dataset, "train", max_length)
+    memory = check_memory(model, "linearity", train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress)
     start = time.perf_counter()
     stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, pairs="adjacent",
-                                progress=progress)
+                                progress=progress, stats_device=stats_device)
     provenance = {"dataset": train.dataset, "split": "train", "n_tokens": stats.n,
                   "fit_seconds": time.perf_counter() - start}
     heldout = tokenized(model, dataset, "heldout", max_length)
     heldout_stats = collect_layer_stats(model, heldout, max_tokens=max_eval_tokens, batch_size=batch_size,
-                                        pairs="adjacent", progress=progress)
+                                        pairs="adjacent", progress=progress, stats_device=stats_device)
     profile = linearity_profile(stats, heldout_stats)
     order = sorted(range(n_layers), key=lambda b: -profile["linearity"][b])
     variants = {"identity": block_maps(model, stats, identity=True),
@@ -214,7 +221,7 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         "mean_heldout_linearity": profile["heldout_mean"],
         "mean_heldout_linearity_no_residual": profile["heldout_mean_no_residual"],
         "norm_ratio": profile["norm_ratio"], "cosine": profile["cosine"],
-        "order": order, "pruning": pruning,
+        "order": order, "pruning": pruning, "memory_plan": memory,
     }
     if out is not None:
         write_report(report, out)

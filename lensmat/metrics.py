@@ -166,6 +166,7 @@ def evaluate_lenses(
     layers: Sequence[int] | None = None,
     stats_groups: Sequence[Sequence[str]] | None = None,
     stats_pairs: Sequence | None = None,
+    stats_device: str | None = None,
     total_tokens: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, list[float | None]]], list | None, int]:
@@ -174,9 +175,9 @@ def evaluate_lenses(
     Args:
         lenses: ``{name: Lens}``.
         layers: residual layers to score (default ``0..L``).
-        stats_groups: hook groups whose :class:`~lensmat.collect.GramStats` are accumulated in
+        stats_groups: hook groups whose :class:`~lensmat.statistics.GramStats` are accumulated in
             the same forward passes (e.g. held-out statistics for R²), keeping the index pairs
-            ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.collect.pair_pattern`; default all).
+            ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.statistics.pair_pattern`; default all).
 
     Returns ``({lens: {metric: [L+1 values]}}, stats or None, n_tokens)``. Only one layer's
     ``[tokens, vocab]`` logits exist at a time.
@@ -195,7 +196,7 @@ def evaluate_lenses(
     for batch in batches:
         captured, logits = run_capture(model, batch, hooks + extra, logits=True)
         if stats_groups:
-            stats = update_stats(stats, stats_groups, captured, pairs=stats_pairs)
+            stats = update_stats(stats, stats_groups, captured, stats_device or "cpu", pairs=stats_pairs)
         ref = Reference(logits, batch)
         for layer, hook in zip(layers, hooks):
             for name, lens in lenses.items():

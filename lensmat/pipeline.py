@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, replace
 
 from lensmat import data
-from lensmat.collect import GramStats, collect, pair_pattern, resid_hooks
+from lensmat.collect import collect, resid_hooks
+from lensmat.statistics import GramStats, pair_pattern
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
 from lensmat.models import describe, is_masked_lm
 
@@ -45,6 +46,10 @@ class Tokenized:
     def n_tokens(self, max_tokens: int | None = None) -> int:
         total = data.count_tokens(self.seqs, self.masking, self.scoring)
         return total if max_tokens is None else min(total, max_tokens)
+
+    def max_batch_tokens(self, batch_size: int) -> int:
+        """An upper bound on the positions one batch captures: the ``batch_size`` longest lines."""
+        return sum(sorted((len(s) for s in self.seqs), reverse=True)[:batch_size])
 
     def provenance(self) -> dict:
         """Where the tokens came from, for artifacts and reports (the masking too, when used)."""
@@ -87,9 +92,9 @@ def tokenized(model, dataset: str | None = None, split: str = "train",
 
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
                         pairs: str = "to_last", progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
-                        resume: bool = False) -> GramStats:
+                        resume: bool = False, stats_device: str | None = None) -> GramStats:
     """Statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``, keeping the
-    layer pairs of ``pairs`` (``"to_last"``, ``"adjacent"`` or ``"all"``: :func:`~lensmat.collect.pair_pattern`;
+    layer pairs of ``pairs`` (``"to_last"``, ``"adjacent"`` or ``"all"``: :func:`~lensmat.statistics.pair_pattern`;
     see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
     from lensmat.distributed import all_reduce_stats, rank_and_world
 
@@ -102,7 +107,7 @@ def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = No
     stats = collect(model, corpus.batches(batch_size, max_tokens), [hooks], pairs=[pair_pattern(len(hooks), pairs)],
                     total_tokens=corpus.n_tokens(max_tokens),
                     progress=progress and rank == 0, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                    resume=resume)
+                    resume=resume, stats_device=stats_device or "cpu")
     return all_reduce_stats(stats)[0]
 
 
@@ -130,13 +135,16 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
              batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
              ridge: float = 0.0, all_pairs: bool = False, progress: bool = True, checkpoint=None,
              checkpoint_every: int = 50, resume: bool = False, n_mask: int = 1, mask_seed: int = 0,
-             scoring: data.Scoring | None = None) -> MapSet:
+             scoring: data.Scoring | None = None, stats_device: str | None = None,
+             memory_limit: int | None = None) -> MapSet:
     """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
 
     A masked LM is fitted on its masked positions only (``n_mask`` per line, ``mask_seed``); a
     causal model on the positions of ``scoring`` (default: every token after BOS).
     With ``checkpoint`` (a folder) the statistics are saved every ``checkpoint_every`` batches;
-    ``resume=True`` continues from it (same maps as an uninterrupted run).
+    ``resume=True`` continues from it (same maps as an uninterrupted run). The memory plan
+    (:mod:`lensmat.plan`) is printed with ``progress`` and checked first: ``stats_device`` holds the
+    statistics, ``memory_limit`` (bytes) replaces the free memory in that check.
 
     Example::
 
@@ -144,10 +152,14 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
         maps = lensmat.fit_maps(model, max_tokens=50_000)
         lens = lensmat.MatLens(model, maps)
     """
+    from lensmat.plan import check_memory
+
     corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
+    check_memory(model, "fit", corpus, all_pairs=all_pairs, batch_size=batch_size, stats_device=stats_device,
+                 memory_limit=memory_limit, progress=progress)
     start = time.perf_counter()
     stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size,
                                 pairs="all" if all_pairs else "to_last", progress=progress, checkpoint=checkpoint,
-                                checkpoint_every=checkpoint_every, resume=resume)
+                                checkpoint_every=checkpoint_every, resume=resume, stats_device=stats_device)
     return maps_from_stats(model, stats, corpus, intercept=intercept, ridge=ridge, all_pairs=all_pairs,
                            seconds=time.perf_counter() - start)

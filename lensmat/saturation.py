@@ -291,13 +291,16 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 5_000, frac: float = 0.85,
                n_permutations: int = 1000, order_rule: str = "authors", max_pairs: int = 100, batch_size: int = 16,
-               max_length: int = data.DEFAULT_MAX_LENGTH, out: str | os.PathLike | None = None,
-               force: bool = False, progress: bool = True, seed: int = 0) -> dict:
+               max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
+               memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True, seed: int = 0) -> dict:
     """The saturation protocol on ``heldout`` under one lens (``logit``, ``mat``, ``mat-affine`` or
     ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report.
-    ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules."""
+    ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
-    from lensmat.compare import build_lenses, start_run, write_report
+    from lensmat.plan import check_memory
+    from lensmat.run import build_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
     if lens not in ("logit", "mat", "mat-affine", "tuned"):
@@ -307,8 +310,10 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     model = start_run(model, out, force, causal_only="The top-k saturation analysis")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)
+    memory = check_memory(model, "saturation", train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress, fits_maps=lens.startswith("mat"))
     lenses, _, _ = build_lenses(model, [lens], train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
-                                progress=progress)
+                                stats_device=stats_device, progress=progress)
     heldout = tokenized(model, dataset, "heldout", max_length)
     rankings = collect_rankings(model, lenses[lens], heldout.seqs, k=k, batch_size=batch_size,
                                 max_tokens=max_eval_tokens, progress=progress)
@@ -328,6 +333,7 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
         "order_rule": order_rule, "order_tests": tests,
         "probe_accuracy": probe_accuracy(resid, labels, seed=seed),
         "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
+        "memory_plan": memory,
     }
     result = implant(model, lenses[lens], heldout.seqs, kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
     report.update(intervention_success=result["success"], intervention_trials=result["n_trials"])

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lensmat import data
-from lensmat.collect import collect, pair_pattern, resid_hook, resid_hooks, run_capture
+from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.statistics import pair_pattern
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
@@ -109,12 +110,14 @@ def _mean_scored(values: list[float | None]) -> float | None:
 
 def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
                max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
-               intercept: bool = False, out: str | os.PathLike | None = None, force: bool = False,
-               progress: bool = True) -> dict:
+               intercept: bool = False, stats_device: str | None = None, memory_limit: int | None = None,
+               out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> dict:
     """Fit sub-module and block maps on ``train``, run the paper's protocol and single-block swaps
-    on ``heldout``, and return (and with ``out``, write) the ``submodules`` report."""
+    on ``heldout``, and return (and with ``out``, write) the ``submodules`` report.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
-    from lensmat.compare import start_run, write_report
+    from lensmat.plan import check_memory
+    from lensmat.run import start_run, write_report
 
     kinds = list(kinds)
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
@@ -125,11 +128,13 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     train: Tokenized = tokenized(model, dataset, "train", max_length)
     pairs = submodule_pairs(model, kinds)
     resid = tuple(resid_hooks(n_layers))
-    start = time.perf_counter()
     groups = groups_for(pairs)
+    memory = check_memory(model, "submodules", train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress, n_submodule_groups=len(groups))
+    start = time.perf_counter()
     stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups],
                     pairs=[pair_pattern(len(resid), "to_last")] + [None] * len(groups),
-                    total_tokens=train.n_tokens(max_fit_tokens), progress=progress)
+                    total_tokens=train.n_tokens(max_fit_tokens), progress=progress, stats_device=stats_device or "cpu")
     seconds = time.perf_counter() - start
     layer_maps = maps_from_stats(model, stats[0], train, intercept=intercept, seconds=seconds)
     sub_maps = maps_from_stats(model, stats[1:], train, pairs=pairs, intercept=intercept, seconds=seconds)
@@ -145,6 +150,7 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
         "variants": variants, "single_block": single,
         "ranking": [{"kind": k, "mean_precision@1": means[k],
                      "scored_layers": sum(v is not None for v in variants[k]["precision@1"])} for k in ranking],
+        "memory_plan": memory,
     }
     if out is not None:
         write_report(report, out)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat.collect import ActivationError, GramStats, collect, resid_hooks
+from lensmat.collect import ActivationError, collect, resid_hooks
+from lensmat.statistics import GramStats
 from lensmat.fit import IllConditionedWarning, LinearMap, fit_layer_maps, fit_map, r2, r2_matrices
 
 
@@ -159,7 +160,7 @@ def test_linear_map_applies_in_input_dtype():
 
 @pytest.mark.parametrize("pattern", ["to_last", "adjacent"])
 def test_block_statistics_equal_the_joint_grams_blocks(pattern):
-    from lensmat.collect import pair_pattern
+    from lensmat.statistics import pair_pattern
 
     g = torch.Generator().manual_seed(4)
     hooks, dims = ("h0", "h1", "h2", "h3"), (5, 5, 5, 5)

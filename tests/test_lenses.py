@@ -188,7 +188,7 @@ def test_non_finite_logits_are_counted_not_scored_as_misses():
 def test_reports_are_strict_json_with_non_finite_values_listed(tmp_path):
     import json
 
-    from lensmat.compare import write_report
+    from lensmat.run import write_report
 
     with pytest.warns(RuntimeWarning, match="2 NaN/Inf"):
         write_report({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}, tmp_path)

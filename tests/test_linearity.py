@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_token_batches
 
-from lensmat.collect import GramStats, collect, pair_pattern, resid_hook, resid_hooks, run_capture
+from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.statistics import GramStats, pair_pattern
 from lensmat.linearity import (block_maps, evaluate_pruning, heldout_linearity_score, linearity_profile,
                                linearity_score, norm_ratio, pooled_cosine)
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_token_batches
-from lensmat.collect import GramStats
+from lensmat.statistics import GramStats
 from lensmat.data import pad
 from lensmat.fit import fit_map, r2
 from lensmat.lenses import LogitLens
