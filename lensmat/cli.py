@@ -238,7 +238,14 @@ def cmd_saturation(args: argparse.Namespace) -> int:
     fmt = lambda xs: " ".join("  -  " if v is None else f"{v:.3f}" for v in xs)  # noqa: E731
     print(f"probe balanced accuracy per layer: {fmt(r['probe_accuracy'])}")
     print(f"noise control:                     {fmt(r['probe_control'])}")
-    print(f"intervention success {r['intervention_success']} over {r['intervention_trials']} implants")
+    for key, what in (("pooled_probe", "pooled probe"), ("pooled_probe_control", "pooled probe, class-matched noise")):
+        pp = r[key]
+        if pp["balanced_accuracy"] is not None:
+            print(f"{what} (layers {pp['layers'][0]}-{pp['layers'][-1]}, {pp['n_samples']} states): balanced accuracy "
+                  f"{pp['balanced_accuracy']:.3f} ± {pp['ste']:.3f}, ROC-AUC per task {fmt(pp['roc_auc'])}")
+    print("implant success by offset of the implanted layer from s_1(early): " + ", ".join(
+        f"{row['offset']:+d}: {'-' if row['success'] is None else format(row['success'], '.2f')} (n={row['n_trials']})"
+        for row in r["intervention_sweep"]))
     print(f"report and plots in {out}/")
     return 0
 

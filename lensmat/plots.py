@@ -165,20 +165,38 @@ def linearity_plots(report: dict, out=None) -> list:
 
 
 def saturation_plots(report: dict, out=None) -> list:
-    """Mean saturation layer per rank k, and the task probe's balanced accuracy per layer against
-    its Gaussian-noise control."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    """Mean saturation layer per rank k; the task probe's balanced accuracy per layer against its
+    Gaussian-noise control, with the pooled probe's as horizontal lines; the implant's success rate
+    per offset of the implanted layer from the early token's ``s_1``."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     ks = range(1, len(report["mean_layer"]) + 1)
     axes[0].bar(ks, report["mean_layer"], color="tab:blue")
     for k, layer, rank in zip(ks, report["mean_layer"], report["mean_rank"]):
         axes[0].text(k, layer, "rank n/a" if rank is None else f"rank {rank:.2f}", ha="center", va="bottom", fontsize=8)
     tau = report["kendall_tau"]
     axes[0].set_title(f"{report['lens']} lens: mean s_k (τ = {'n/a' if tau is None else f'{tau:.3f}'}, "
-                      f"p = {report['p_value']})", fontsize=9)
+                      f"p = {'n/a' if report['p_value'] is None else format(report['p_value'], '.3g')})", fontsize=9)
     axes[0].set_xlabel("rank k")
     axes[0].set_ylabel("mean saturation layer")
     per_layer({"probe": report["probe_accuracy"], "noise control": report["probe_control"]},
               "balanced accuracy", "task probe (5-fold CV)", axes[1])
+    for key, label, colour in (("pooled_probe", "pooled probe", "tab:blue"),
+                               ("pooled_probe_control", "pooled, class-matched noise", "tab:orange")):
+        acc = (report.get(key) or {}).get("balanced_accuracy")
+        if acc is not None:
+            used = report[key]["layers"]
+            axes[1].axhline(acc, ls=":", color=colour, label=f"{label} (layers {used[0]}–{used[-1]}): {acc:.2f}")
+    axes[1].legend(fontsize=7)
+    sweep = [r for r in report.get("intervention_sweep") or [] if r["success"] is not None]
+    axes[2].bar([r["offset"] for r in sweep], [r["success"] for r in sweep], color="tab:blue", alpha=0.7)
+    for r in sweep:
+        axes[2].text(r["offset"], r["success"], f"n={r['n_trials']}", ha="center", va="bottom", fontsize=7)
+    axes[2].set_xlabel("implanted layer − s_1(early token)")
+    axes[2].set_ylabel("success (new s_1 = implanted layer)")
+    axes[2].set_title("implant intervention", fontsize=9)
+    axes[2].set_ylim(0, 1.05)
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(_subject(report))
     fig.tight_layout()
     return _close([_save(fig, out, "saturation.png")], out)
 

@@ -229,6 +229,87 @@ def _probe_layer(resid, labels, folds: int, seed: int, noise: np.random.Generato
     return float(balanced_accuracy_score(y[keep], pred))
 
 
+def pooled_start_layer(n_layers: int) -> int:
+    """The first residual layer the pooled probe reads: the authors read block outputs from index 5
+    of GPT-2 XL's 48 (residual layer 6), i.e. the first eighth of the depth, here ``max(1, round(L/8))``."""
+    return max(1, round(n_layers / 8))
+
+
+def pooled_probe_data(resid: Float[torch.Tensor, "layers n d"], labels: Int[torch.Tensor, "layers n"], start: int,
+                      min_per_task: int = 5) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The authors' training set for one probe over all layers: at each layer ``≥ start`` the first
+    ``m`` states of every task (``m`` = the rarest task's count there; a layer where a task has fewer
+    than ``min_per_task`` states is left out). Returns ``(features [N, d], task labels 1..K [N], layers used)``."""
+    n_tasks = int(labels.max())
+    xs, ys, used = [], [], []
+    for layer in range(start, labels.shape[0]):
+        idx = [torch.nonzero(labels[layer] == t)[:, 0] for t in range(1, n_tasks + 1)]
+        m = min(len(i) for i in idx)
+        if m < min_per_task:
+            continue
+        used.append(layer)
+        for t, i in enumerate(idx, start=1):
+            xs.append(resid[layer, i[:m]].double().numpy())
+            ys.append(np.full(m, t))
+    if not xs:
+        return np.zeros((0, resid.shape[-1])), np.zeros(0, dtype=int), used
+    return np.concatenate(xs), np.concatenate(ys), used
+
+
+def class_matched_noise(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The authors' control: each task's features replaced by Gaussian noise with that task's
+    scalar mean and standard deviation (over all its features)."""
+    out = np.empty_like(x)
+    for t in np.unique(y):
+        rows = y == t
+        out[rows] = rng.normal(x[rows].mean(), x[rows].std(), x[rows].shape)
+    return out
+
+
+def pooled_probe(resid: Float[torch.Tensor, "layers n d"], s: Int[torch.Tensor, "n k"], n_layers: int, *,
+                 start: int | None = None, folds: int = 5, seed: int = 0, control: bool = False) -> dict:
+    """One task probe over the pooled layers ``≥ start`` (default :func:`pooled_start_layer`), as in the
+    authors' ``run_task_transition_probing.py``: class-balanced data (:func:`pooled_probe_data`),
+    standardised one-vs-rest logistic regression, shuffled ``folds``-fold CV. ``control=True`` trains
+    on :func:`class_matched_noise` instead. Returns ``{start_layer, layers, n_samples,
+    balanced_accuracy, ste, roc_auc [K], accuracy_per_task [K]}`` (``None`` values without data)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+    from sklearn.model_selection import KFold
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    start = pooled_start_layer(n_layers) if start is None else start
+    x, y, used = pooled_probe_data(resid, task_labels(s, n_layers), start)
+    tasks = list(range(1, int(s.shape[1]) + 1))
+    out = {"start_layer": start, "layers": used, "n_samples": int(len(y)), "balanced_accuracy": None, "ste": None,
+           "roc_auc": [None] * len(tasks), "accuracy_per_task": [None] * len(tasks)}
+    if len(np.unique(y)) < 2 or len(y) < 2 * folds:
+        return out
+    if control:
+        x = class_matched_noise(x, y, np.random.default_rng(seed))
+    present = sorted(np.unique(y).tolist())
+    accs, aucs, per_task = [], [[] for _ in tasks], [[] for _ in tasks]
+    with single_blas_thread():
+        for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+            clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=1000)))
+            clf.fit(x[train], y[train])
+            pred, proba = clf.predict(x[test]), clf.predict_proba(x[test])
+            accs.append(balanced_accuracy_score(y[test], pred))
+            cm = confusion_matrix(y[test], pred, labels=present)
+            for col, t in enumerate(clf.classes_):
+                hit = y[test] == t
+                if 0 < hit.sum() < len(hit):
+                    aucs[t - 1].append(roc_auc_score(hit, proba[:, col]))
+                if hit.any():
+                    per_task[t - 1].append(cm[present.index(t), present.index(t)] / hit.sum())
+    out.update(balanced_accuracy=float(np.mean(accs)), ste=float(np.std(accs) / np.sqrt(len(accs))),
+               roc_auc=[float(np.mean(a)) if a else None for a in aucs],
+               accuracy_per_task=[float(np.mean(a)) if a else None for a in per_task])
+    return out
+
+
 @torch.no_grad()
 def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int, state: Float[torch.Tensor, "d"]
                    ) -> Int[torch.Tensor, "layers"]:
@@ -250,42 +331,62 @@ def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int, state: 
     return torch.stack([*top1, logits.argmax()]).cpu()
 
 
-@torch.no_grad()
-def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
-            min_gap: int = 3, offsets: tuple[int, ...] = (0,), max_pairs: int = 100, seed: int = 0) -> dict:
-    """Implant an early token's residual state into a late token's stream and re-measure ``s_1``.
+OFFSETS = tuple(range(-5, 6))  # the authors' sweep for GPT-2: 5 layers either side of s_1(early)
 
-    Pairs ``(early, late)`` share the final top-1 and ``s_1(late) − s_1(early) ≥ min_gap``. For each
-    implant layer ``j = s_1(early) + offset`` (``0 ≤ j < s_1(late)``), ``h_j`` of the late token is
-    replaced (hook at ``blocks.{j}.hook_resid_pre``) by the early token's ``h_j``. Success: the late
-    token's new ``s_1 ≤ j`` and its final top-1 is unchanged. Returns ``{"success", "n_trials", "n_pairs"}``.
-    """
-    if rankings.resid is None:
-        raise ValueError("The intervention needs residual states: collect rankings with keep_resid=True.")
-    n_layers = int(model.cfg.n_layers)
-    top1 = rankings.final_topk[:, 0]
+
+def implant_pairs(top1: Int[torch.Tensor, "n"], s1: Int[torch.Tensor, "n"], *, min_gap: int = 3,
+                  max_pairs: int = 100, seed: int = 0) -> list[tuple[int, int]]:
+    """Up to ``max_pairs`` ``(early, late)`` token pairs with the same final top-1 and
+    ``s_1(late) − s_1(early) ≥ min_gap``: random late tokens, each with a random early partner."""
     rng = random.Random(seed)
     by_top1: dict[int, list[int]] = {}
     for i, t in enumerate(top1.tolist()):
         by_top1.setdefault(t, []).append(i)
     pairs = []
-    for late in rng.sample(range(len(top1)), len(top1)):  # random late tokens, each with a random early partner
+    for late in rng.sample(range(len(top1)), len(top1)):
         earlies = [e for e in by_top1[int(top1[late])] if int(s1[late] - s1[e]) >= min_gap]
         if earlies:
             pairs.append((rng.choice(earlies), late))
         if len(pairs) == max_pairs:
             break
-    successes = trials = 0
+    return pairs
+
+
+@torch.no_grad()
+def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
+            min_gap: int = 3, offsets: tuple[int, ...] = OFFSETS, max_pairs: int = 100, seed: int = 0,
+            pairs: list[tuple[int, int]] | None = None) -> dict:
+    """Implant an early token's residual state into a late token's stream and re-measure ``s_1``.
+
+    Pairs ``(early, late)`` (:func:`implant_pairs`, unless given) share the final top-1 and
+    ``s_1(late) − s_1(early) ≥ min_gap``. For each implant layer ``j = s_1(early) + offset``
+    (``0 ≤ j < s_1(late)``), ``h_j`` of the late token is replaced (hook at
+    ``blocks.{j}.hook_resid_pre``) by the early token's ``h_j``. Success (the authors' criterion):
+    the late token's new ``s_1`` equals ``j`` and its final top-1 is unchanged. Returns
+    ``{"success", "n_trials", "n_pairs", "by_offset": [{"offset", "success", "n_trials"}]}``;
+    ``success`` and ``n_trials`` are offset 0's (``None`` / 0 when no pair allows it).
+    """
+    if rankings.resid is None:
+        raise ValueError("The intervention needs residual states: collect rankings with keep_resid=True.")
+    n_layers = int(model.cfg.n_layers)
+    top1 = rankings.final_topk[:, 0]
+    if pairs is None:
+        pairs = implant_pairs(top1, s1, min_gap=min_gap, max_pairs=max_pairs, seed=seed)
+    successes, trials = dict.fromkeys(offsets, 0), dict.fromkeys(offsets, 0)
     for early, late in pairs:
         line, pos = rankings.origin[late]
-        for j in sorted({int(s1[early]) + o for o in offsets}):
+        for o in offsets:
+            j = int(s1[early]) + o
             if not 0 <= j < min(int(s1[late]), n_layers):
                 continue
             new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, j, rankings.resid[j, early])
             new_s1 = int(saturation_layers(new_top1[:, None, None], new_top1[-1:, None], start=1)[0, 0])
-            successes += int(new_s1 <= j and int(new_top1[-1]) == int(top1[late]))
-            trials += 1
-    return {"success": successes / trials if trials else None, "n_trials": trials, "n_pairs": len(pairs)}
+            successes[o] += int(new_s1 == j and int(new_top1[-1]) == int(top1[late]))
+            trials[o] += 1
+    by_offset = [{"offset": o, "success": successes[o] / trials[o] if trials[o] else None, "n_trials": trials[o]}
+                 for o in offsets]
+    zero = next((r for r in by_offset if r["offset"] == 0), {"success": None, "n_trials": 0})
+    return {"success": zero["success"], "n_trials": zero["n_trials"], "n_pairs": len(pairs), "by_offset": by_offset}
 
 
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
@@ -335,8 +436,11 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
         "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
         "memory_plan": memory,
     }
+    report["pooled_probe"] = pooled_probe(resid, sk, n_layers, seed=seed)
+    report["pooled_probe_control"] = pooled_probe(resid, sk, n_layers, seed=seed, control=True)
     result = implant(model, lenses[lens], heldout.seqs, kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
-    report.update(intervention_success=result["success"], intervention_trials=result["n_trials"])
+    report.update(intervention_success=result["success"], intervention_trials=result["n_trials"],
+                  intervention_sweep=result["by_offset"])
     if out is not None:
         write_report(report, out)
         plots.saturation_plots(report, out)

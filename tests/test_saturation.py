@@ -8,8 +8,9 @@ from conftest import random_token_batches
 from lensmat.lenses import LogitLens
 import numpy as np
 
-from lensmat.saturation import (collect_rankings, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test,
-                                probe_accuracy, saturation_layers, strict_kendall_tau, task_labels)
+from lensmat.saturation import (collect_rankings, implant, implant_pairs, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test,
+                                pooled_probe, pooled_probe_data, probe_accuracy, saturation_layers, strict_kendall_tau,
+                                task_labels)
 
 
 def test_saturation_layers_on_hand_built_rankings():
@@ -131,6 +132,38 @@ def test_probe_reads_a_task_that_is_written_in_the_features():
     assert one_class == [None]
 
 
+def test_pooled_probe_data_balances_tasks_per_layer_as_the_authors_do():
+    # 12 tokens, K = 2, L = 4: s = (1, 3) for 8 tokens, (2, 4) for 4 tokens
+    s = torch.tensor([[1, 3]] * 8 + [[2, 4]] * 4)
+    resid = torch.arange(5 * 12 * 1, dtype=torch.float32).reshape(5, 12, 1)
+    x, y, used = pooled_probe_data(resid, task_labels(s, 4), start=1, min_per_task=2)
+    # task i where s_{i-1} < l <= s_i: layer 1 is task 1 for all 12 (no task 2: left out); layer 2 is task 2
+    # for the 8 early tokens and task 1 for the 4 late ones (m = 4); layers 3 and 4 hold no task 1
+    assert used == [2]
+    assert y.tolist() == [1] * 4 + [2] * 4
+    assert x[:4, 0].tolist() == resid[2, 8:12, 0].tolist()  # the first m of each task, in token order
+    assert x[4:, 0].tolist() == resid[2, :4, 0].tolist()
+
+
+def test_pooled_probe_reads_an_encoded_task_and_its_noise_control_does_not():
+    g = torch.Generator().manual_seed(0)
+    n, d, L = 600, 8, 8
+    s1 = torch.randint(1, 5, (n,), generator=g)
+    s = torch.stack([s1, s1 + torch.randint(1, 4, (n,), generator=g), torch.full((n,), L)], 1)  # 3 tasks
+    labels = task_labels(s, L)
+    resid = torch.randn(L + 1, n, d, generator=g)
+    for t in (1, 2, 3):  # task t: +3 on feature t, −3 on feature t+3: every task has the same scalar mean and spread
+        resid[..., t] += 3.0 * (labels == t)
+        resid[..., t + 3] -= 3.0 * (labels == t)
+    res = pooled_probe(resid, s, L, start=1)
+    assert res["balanced_accuracy"] > 0.95 and min(res["roc_auc"]) > 0.98 and res["n_samples"] > 0
+    control = pooled_probe(resid, s, L, start=1, control=True)
+    assert control["balanced_accuracy"] < 0.45  # chance is 1/3
+    scrambled = pooled_probe(torch.randn(L + 1, n, d, generator=g), s, L, start=1)
+    assert scrambled["balanced_accuracy"] < 0.45 and max(scrambled["roc_auc"]) < 0.6
+    assert pooled_probe(resid[:, :3], s[:3], L, start=1)["balanced_accuracy"] is None  # too few tokens
+
+
 def test_rankings_at_the_last_layer_are_the_model_and_implanting_a_tokens_own_state_changes_nothing(tiny_model):
     batches = random_token_batches(1, 4, 12, 40, seed=2)
     seqs = [batches[0].tokens[i, : int(batches[0].attention_mask[i].sum())].tolist() for i in range(4)]
@@ -145,3 +178,33 @@ def test_rankings_at_the_last_layer_are_the_model_and_implanting_a_tokens_own_st
     assert own.tolist() == r.lens_topk[:, 5, 0].tolist()
     other = implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, 1, 50 * r.resid[1, 0])
     assert other.tolist() != own.tolist()
+
+
+def test_implant_sweep_counts_success_only_where_the_new_s1_is_the_implanted_layer(tiny_model):
+    batches = random_token_batches(2, 6, 14, 40, seed=3)
+    seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist() for b in batches for i in range(6)]
+    lens = LogitLens(tiny_model)
+    r = collect_rankings(tiny_model, lens, seqs, k=1, progress=False)
+    s1 = saturation_layers(r.lens_topk, r.final_topk, start=1)[:, 0]
+    pairs = implant_pairs(r.final_topk[:, 0], s1, min_gap=1, max_pairs=30)
+    assert pairs and all(int(s1[late] - s1[early]) >= 1 and int(r.final_topk[early, 0]) == int(r.final_topk[late, 0])
+                         for early, late in pairs)
+    res = implant(tiny_model, lens, seqs, r, s1, offsets=(-1, 0, 1), pairs=pairs)
+    expected = {o: [0, 0] for o in (-1, 0, 1)}  # successes, trials, recomputed from the lens readouts directly
+    for early, late in pairs:
+        line, pos = r.origin[late]
+        for o in (-1, 0, 1):
+            j = int(s1[early]) + o
+            if 0 <= j < int(s1[late]):
+                top1 = implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, j, r.resid[j, early])
+                matches = (top1 == top1[-1]).tolist()
+                new_s1 = next(layer for layer in range(1, 4) if all(matches[layer:]))  # block outputs 1..L only
+                expected[o][0] += int(new_s1 == j and int(top1[-1]) == int(r.final_topk[late, 0]))
+                expected[o][1] += 1
+    got = {row["offset"]: row for row in res["by_offset"]}
+    for o, (hits, n) in expected.items():
+        assert got[o]["n_trials"] == n
+        assert got[o]["success"] == (hits / n if n else None)
+    assert res["success"] == got[0]["success"] and res["n_pairs"] == len(pairs)
+    assert all(n > 0 for _, n in expected.values())  # every offset was tried
+    assert 0 < sum(h for h, _ in expected.values()) < sum(n for _, n in expected.values())  # hits and misses
