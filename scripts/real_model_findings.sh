@@ -24,7 +24,7 @@ for model in ${models[@]}; do
     run compare --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL"
     run early-exit --lenses logit,mat --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL" --max-probe-tokens "$EVAL"
     run submodules --kinds attn,mlp --max-fit-tokens "$FIT" --max-eval-tokens "$SWAP_EVAL"
-    run linearity --max-fit-tokens "$FIT" --max-eval-tokens "$SWAP_EVAL" --max-k 2
+    run linearity --max-fit-tokens "$FIT" --max-eval-tokens "$EVAL" --max-k 2
     run saturation --lens logit --max-eval-tokens "$EVAL"
   done
 done
