@@ -1,5 +1,6 @@
 """The start-up every reporting command shares: refuse an existing output folder, load the model,
-check its memory plan, build the named lenses, and write a strict-JSON report.
+build the named lenses, and write a strict-JSON report (each command checks its memory plan,
+:mod:`lensmat.plan`, in between).
 
 ``compare``, ``linearity``, ``submodules``, ``saturation`` and ``early_exit`` build on it; it
 imports none of them.

@@ -19,9 +19,10 @@ def fmt(v, digits: int = 3) -> str:
 
 def summary_rows(root: Path) -> list[str]:
     rows = ["| model | corpus | fit / eval tokens | mean P@1 id | mean P@1 mat | mat − id, smallest | mean R² mat→L | mean R² id→L "
-            "| blocks saved at 95%: id / mat | swap protocol mean P@1: attn / mlp | linearity mean: with / without residual "
-            "| saturation τ, authors' rule / leading rule (p, tokens) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| blocks saved at 95%: id / mat | swap protocol mean P@1: attn / mlp "
+            "| linearity mean, with / without residual: train (held out) "
+            "| saturation τ, authors' rule / leading rule (p, tokens) | implant success, offsets < 0 / ≥ 0 (trials) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for corpus_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             c, e, s = load(corpus_dir, "compare"), load(corpus_dir, "early-exit"), load(corpus_dir, "submodules")
@@ -41,9 +42,31 @@ def summary_rows(root: Path) -> list[str]:
                 f"| {sum(idp) / L:.3f} | {sum(mat) / L:.3f} | {min(m - i for m, i in zip(mat, idp)):.3f} "
                 f"| {sum(r2m) / L:.3f} | {sum(r2i) / L:.3f} "
                 f"| {fmt(e and e['savings']['logit'])} / {fmt(e and e['savings']['mat'])} | {swaps} "
-                f"| {fmt(lin and lin['mean_linearity'])} / {fmt(lin and lin['mean_linearity_no_residual'])} "
-                f"| {order(sat)} |")
+                f"| {linearity(lin)} | {order(sat)} | {sweep(sat)} |")
     return rows
+
+
+def linearity(lin: dict | None) -> str:
+    """Mean linearity with / without the residual on train, and held out when the report has it."""
+    if lin is None:
+        return "–"
+    out = f"{fmt(lin['mean_linearity'])} / {fmt(lin['mean_linearity_no_residual'])}"
+    if "mean_heldout_linearity" in lin:
+        out += f" ({fmt(lin['mean_heldout_linearity'])} / {fmt(lin['mean_heldout_linearity_no_residual'])})"
+    return out
+
+
+def sweep(sat: dict | None) -> str:
+    """Implant success pooled over negative and over non-negative offsets, with the trials of each."""
+    rows = (sat or {}).get("intervention_sweep")
+    if not rows:
+        return "–"
+    parts = []
+    for side in ([r for r in rows if r["offset"] < 0], [r for r in rows if r["offset"] >= 0]):
+        n = sum(r["n_trials"] for r in side)
+        hits = sum(r["success"] * r["n_trials"] for r in side if r["success"] is not None)
+        parts.append(f"{hits / n:.2f} ({n})" if n else "–")
+    return " / ".join(parts)
 
 
 def order(sat: dict | None) -> str:
@@ -66,7 +89,8 @@ def per_layer_rows(root: Path) -> list[str]:
                 continue
             L = c["n_layers"]
             out.append(f"\n{model_dir.name}, {corpus_dir.name}: Precision@1 per residual layer 0..{L} (id / mat); "
-                       "linearity per block (with / without residual)\n")
+                       "linearity per block (with / without residual, train), the block's output norm relative to its input "
+                       "and the consecutive cosine (held out)\n")
             out.append("| layer | " + " | ".join(str(i) for i in range(L + 1)) + " |")
             out.append("| --- |" + " --- |" * (L + 1))
             for name, label in (("logit", "id"), ("mat", "mat")):
@@ -74,6 +98,9 @@ def per_layer_rows(root: Path) -> list[str]:
             if lin:
                 out.append("| lin. | " + " | ".join(f"{v:.2f}" for v in lin["linearity"]) + " | |")
                 out.append("| lin. − res. | " + " | ".join(f"{v:.2f}" for v in lin["linearity_no_residual"]) + " | |")
+                for key, label in (("norm_ratio", "‖Δh‖/‖h‖"), ("cosine", "cos(h_l, h_l+1)")):
+                    if key in lin:
+                        out.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in lin[key]) + " | |")
     return out
 
 

@@ -102,3 +102,34 @@ def test_weights_processed_flag(tiny_model):
     need(hasattr(tiny_model, "_weights_processed") or basis_of(tiny_model) == "raw",
          "transformer-lens: _weights_processed is gone")
     need(basis_of(tiny_model) == "raw", "transformer-lens: a fresh bridge reports processed weights")
+
+
+# lensmat's modules in dependency order (docs/modules.md): each imports only modules of earlier rows
+# (anywhere in the file, lazy imports included); models and gguf_models resolve each other's specs.
+MODULE_ROWS = [
+    ["compat", "models", "gguf_models"], ["data"], ["statistics"], ["fit"], ["io"], ["collect"], ["distributed"],
+    ["plan"], ["pipeline"], ["lenses"], ["metrics"], ["tuned", "jlens", "importers"], ["swap"], ["run"], ["plots"],
+    ["saturation"], ["early_exit"], ["generation", "compare", "submodules", "linearity"], ["cli"],
+    ["__init__", "__main__"],
+]
+
+
+def test_modules_import_only_upstream():
+    import ast
+    from pathlib import Path
+
+    import lensmat
+
+    folder = Path(lensmat.__file__).parent
+    row = {m: i for i, names in enumerate(MODULE_ROWS) for m in names}
+    assert set(row) == {p.stem for p in folder.glob("*.py")}, "a module is missing from MODULE_ROWS and docs/modules.md"
+    bad = []
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lensmat"):
+                names = [a.name for a in node.names] if node.module == "lensmat" else [node.module.split(".")[1]]
+                for dep in (n for n in names if n in row):
+                    allowed = row[dep] < row[path.stem] or {dep, path.stem} == {"models", "gguf_models"}
+                    if not allowed:
+                        bad.append(f"{path.stem} imports {dep}")
+    assert not bad, bad
