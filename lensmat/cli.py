@@ -197,9 +197,29 @@ def cmd_submodules(args: argparse.Namespace) -> int:
 
 
 def cmd_linearity(args: argparse.Namespace) -> int:
-    from lensmat.linearity import linearity
+    from lensmat.linearity import checkpoint_models, linearity, linearity_over_models
 
     args.out = out = args.out or "runs/linearity"
+    specs = checkpoint_models(args.checkpoints) if args.checkpoints else (
+        [m.strip() for m in args.model.split(",")] if args.model and "," in args.model else None)
+    if specs is not None:
+        def load(spec):
+            return models.load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                                     n_devices=args.n_devices, random_init=args.random_init)
+
+        summary = linearity_over_models(
+            specs, args.dataset, out=out, force=args.force, load=load, max_fit_tokens=args.max_fit_tokens,
+            max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
+            max_length=args.max_length, progress=not args.quiet, **_memory(args))
+        print(f"{'model':<48} {'tokens seen':>12} {'LS train':>9} {'LS held out':>11} {'no res. train':>13} "
+              f"{'no res. held out':>16} {'CE':>6}")
+        for r in summary["models"]:
+            seen = "-" if r["tokens_seen"] is None else f"{r['tokens_seen']:,}"
+            print(f"{r['model'][-48:]:<48} {seen:>12} {r['mean_linearity']:>9.4f} {r['mean_heldout_linearity']:>11.4f} "
+                  f"{r['mean_linearity_no_residual']:>13.4f} {r['mean_heldout_linearity_no_residual']:>16.4f} "
+                  f"{r['ce']:>6.3f}")
+        print(f"report and plots in {out}/ (one folder per model)")
+        return 0
     report = linearity(_load(args), args.dataset, max_fit_tokens=args.max_fit_tokens,
                        max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
                        max_length=args.max_length, out=out, force=args.force, progress=not args.quiet, **_memory(args))
@@ -359,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
     p.add_argument("--max-k", type=int, default=None, help="prune up to K blocks (default: half of them)")
+    p.add_argument("--checkpoints", default=None, metavar="DIR",
+                   help="score every model of a training run (DIR/checkpoints/*, then DIR; see "
+                        "scripts/train_reference_model.py --checkpoints) and plot linearity against tokens seen; "
+                        "--model A,B,C compares the models listed")
     p.set_defaults(func=cmd_linearity)
 
     p = sub.add_parser("saturation", help="order in which the top-k tokens saturate across layers, probe, intervention")

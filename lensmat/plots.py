@@ -164,6 +164,36 @@ def linearity_plots(report: dict, out=None) -> list:
     return _close(figs, out)
 
 
+def linearity_models_plot(report: dict, out=None) -> list:
+    """Mean linearity (train and held out, with and without the residual) and held-out CE per model,
+    against tokens seen when every model records them, else in the order given."""
+    rows = report["models"]
+    seen = [r["tokens_seen"] for r in rows]
+    by_tokens = all(t is not None for t in seen)
+    xs = seen if by_tokens else list(range(len(rows)))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for key, label, colour, style in (("mean_linearity", "with residual, train", "tab:blue", "-"),
+                                      ("mean_heldout_linearity", "with residual, held out", "tab:blue", "--"),
+                                      ("mean_linearity_no_residual", "without residual, train", "tab:orange", "-"),
+                                      ("mean_heldout_linearity_no_residual", "without residual, held out", "tab:orange", "--")):
+        ax.plot(xs, [r[key] for r in rows], marker="o", ms=3, ls=style, color=colour, label=label)
+    ax2.plot(xs, [r["ce"] for r in rows], marker="o", ms=3, color="tab:green")
+    for a in (ax, ax2):
+        a.set_xlabel("training tokens seen" if by_tokens else "model")
+        if by_tokens and max(xs) > 0:  # symlog: a checkpoint at 0 tokens (the initialisation) stays on the axis
+            a.set_xscale("symlog", linthresh=min([x for x in xs if x > 0] or [1]))
+        elif not by_tokens:
+            a.set_xticks(xs, [model_label(r["model"], 24) for r in rows], rotation=20, fontsize=7)
+        a.grid(alpha=0.3)
+    ax.set_ylabel("mean linearity score")
+    ax.legend(fontsize=7)
+    ax2.set_ylabel("held-out CE [nats]")
+    ax.set_title("Linearity across models", fontsize=9)
+    ax2.set_title("Quality of the same models", fontsize=9)
+    fig.tight_layout()
+    return _close([_save(fig, out, "linearity_models.png")], out)
+
+
 def saturation_plots(report: dict, out=None) -> list:
     """Mean saturation layer per rank k; the task probe's balanced accuracy per layer against its
     Gaussian-noise control, with the pooled probe's as horizontal lines; the implant's success rate

@@ -71,16 +71,25 @@ def gutenberg_docs(path: Path) -> list[str]:
     return docs
 
 
-def training_documents(data_dir: Path) -> tuple[list[str], list[str]]:
-    """(training documents, validation lines), the latter the last 5% of Leipzig `train`."""
+SOURCES = ("wikitext", "gutenberg", "leipzig")
+
+
+def training_documents(data_dir: Path, sources: tuple[str, ...] = SOURCES) -> tuple[list[str], list[str]]:
+    """(training documents from ``sources``, validation lines), the latter the last 5% of Leipzig `train`."""
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise SystemExit(f"Unknown training source(s) {sorted(unknown)}; choose from {', '.join(SOURCES)}.")
     leipzig_train = lm_data.load_lines(lm_data.DEFAULT_CORPUS, "train")
     n_val = len(leipzig_train) // 20
     docs = []
-    for name in ("valid.txt", "test.txt"):
-        docs += wikitext_docs(data_dir / "wikitext-2" / name)
-    for path in sorted((data_dir / "gutenberg").glob("*.txt")):
-        docs += gutenberg_docs(path)
-    docs += leipzig_train[:-n_val]
+    if "wikitext" in sources:
+        for name in ("valid.txt", "test.txt"):
+            docs += wikitext_docs(data_dir / "wikitext-2" / name)
+    if "gutenberg" in sources:
+        for path in sorted((data_dir / "gutenberg").glob("*.txt")):
+            docs += gutenberg_docs(path)
+    if "leipzig" in sources:
+        docs += leipzig_train[:-n_val]
     return docs, leipzig_train[-n_val:]
 
 
@@ -134,12 +143,14 @@ def cosine_regulariser(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tens
     return total
 
 
-def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, float, int]:
+def train_loop(model, rows_for_epoch, step_loss, validate, args, checkpoint=None) -> tuple[int, float, int]:
     """AdamW (β = 0.9, 0.95; no weight decay on biases and norms), linear warm-up then cosine decay
     to ``min_lr_frac``, gradient clipping at 1.0, over ``args.tokens`` tokens in batches of
     ``args.batch_size`` rows from ``rows_for_epoch(epoch)``; ``step_loss(x)`` returns
     ``(loss to minimise, loss to print)``; ``validate()`` returns ``{"ce", "top1_accuracy"}`` and
-    runs every ``args.eval_every`` steps. Returns ``(tokens seen, minutes, tokens per epoch)``."""
+    runs every ``args.eval_every`` steps; ``checkpoint(tokens_seen, step)`` runs once the tokens
+    seen first reach each count of ``args.checkpoints``. Returns ``(tokens seen, minutes, tokens per epoch)``."""
+    pending = sorted(parse_counts(getattr(args, "checkpoints", None)))
     steps = math.ceil(args.tokens / (args.batch_size * args.seq_len))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -152,6 +163,10 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, f
         frac = (step - args.warmup) / max(1, steps - args.warmup)
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    while pending and checkpoint is not None and pending[0] <= 0:  # the initialisation itself
+        pending.pop(0)
+        model.eval()
+        checkpoint(0, 0)
     model.train()
     epoch, rows, cursor = 0, rows_for_epoch(0), 0
     tokens_per_epoch = rows.numel()
@@ -172,6 +187,11 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         seen += x.numel()
+        while pending and checkpoint is not None and seen >= pending[0]:
+            pending.pop(0)
+            model.eval()
+            checkpoint(seen, step + 1)
+            model.train()
         bar.set_postfix(loss=f"{shown.item():.3f}", tok_s=f"{seen / (time.time() - start):.0f}", epoch=epoch)
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             model.eval()
@@ -181,6 +201,21 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args) -> tuple[int, f
                               "val_ce": round(val["ce"], 4), "val_top1": round(val["top1_accuracy"], 4),
                               "minutes": round((time.time() - start) / 60, 1)}), flush=True)
     return seen, (time.time() - start) / 60, tokens_per_epoch
+
+
+def parse_counts(spec: str | None) -> list[int]:
+    """``"250e3,1e6"`` -> ``[250000, 1000000]`` (token counts)."""
+    return [int(float(v)) for v in (spec or "").split(",") if v.strip()]
+
+
+def save_checkpoint(model, tok, out: Path, tokens_seen: int, step: int) -> Path:
+    """A Hugging Face folder ``out/checkpoints/tokens-<seen>`` with ``training_state.json``
+    (``tokens_seen``, ``step``): what ``lensmat linearity --checkpoints`` reads."""
+    folder = out / "checkpoints" / f"tokens-{tokens_seen}"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    (folder / "training_state.json").write_text(json.dumps({"tokens_seen": tokens_seen, "step": step}) + "\n")
+    return folder
 
 
 def save_run(model, tok, args, heldout: dict, trained: tuple[int, float, int], write_card, **extra) -> dict:
@@ -218,6 +253,9 @@ def add_training_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--threads", type=int, default=d["threads"])
     p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--checkpoints", default=None, metavar="TOKENS,...",
+                   help="also save the model once it has seen each of these token counts (e.g. 250e3,1e6), "
+                        "to OUT/checkpoints/tokens-N")
 
 
 def write_model_card(out: Path, summary: dict) -> Path:
@@ -279,6 +317,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cos-reg", type=float, default=0.0, help="λ of the cosine linearity regulariser (0 = off)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from a saved model folder (its tokenizer and weights) instead of starting from scratch")
+    p.add_argument("--sources", default=",".join(SOURCES),
+                   help=f"training text, comma-separated among {', '.join(SOURCES)} (e.g. gutenberg to fine-tune on books)")
     args = p.parse_args(argv)
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -288,7 +328,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    docs, val_lines = training_documents(args.data_dir)
+    docs, val_lines = training_documents(args.data_dir, tuple(s.strip() for s in args.sources.split(",") if s.strip()))
     if args.init_from is not None:
         from transformers import AutoTokenizer
 
@@ -315,7 +355,8 @@ def main(argv=None) -> dict:
 
     print(json.dumps({"params": n_params, "train_docs": len(docs), "vocab": len(tok)}), flush=True)
     trained = train_loop(model, lambda epoch: pack_rows(docs, tok, args.seq_len, args.seed + epoch), step_loss,
-                         lambda: evaluate(model, tok, val_lines), args)
+                         lambda: evaluate(model, tok, val_lines), args,
+                         checkpoint=lambda seen, step: save_checkpoint(model, tok, args.out, seen, step))
     model.eval()
     return save_run(model, tok, args, evaluate(model, tok, heldout), trained, write_model_card)
 

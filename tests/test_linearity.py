@@ -172,3 +172,41 @@ def test_pruning_matches_a_hand_made_skip(tiny_model):
     p1 = float((logits.argmax(-1) == full.argmax(-1)).double().mean())
     assert pruning["identity"][1]["precision@1"] == pytest.approx(p1)
     assert p1 < 1.0  # a random block matters, so the check above is not vacuous
+
+
+def test_checkpoint_models_are_ordered_by_tokens_seen(tmp_path):
+    import json
+
+    from lensmat.linearity import checkpoint_models, tokens_seen
+
+    for n in (1000, 0, 250):
+        folder = tmp_path / "checkpoints" / f"tokens-{n}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "training_state.json").write_text(json.dumps({"tokens_seen": n, "step": n // 10}))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "training_summary.json").write_text(json.dumps({"train_tokens_seen": 2000}))
+    found = checkpoint_models(tmp_path)
+    assert [tokens_seen(f) for f in found] == [0, 250, 1000, 2000] and found[-1] == str(tmp_path)
+    assert tokens_seen("reference") == 8_003_584  # the bundled model's training summary
+    with pytest.raises(ValueError, match="No model folders"):
+        checkpoint_models(tmp_path / "checkpoints" / "tokens-0" / "nothing")
+
+
+def test_linearity_over_models_equals_each_models_own_report(reference_model, tmp_path):
+    import json
+
+    import lensmat
+    from lensmat.linearity import linearity, linearity_over_models
+
+    twin = lensmat.load_model(random_init=0, device="cpu")
+    budget = dict(max_fit_tokens=1_500, max_eval_tokens=200, max_k=1, progress=False)
+    summary = linearity_over_models([reference_model, twin], out=tmp_path / "lin", **budget)
+    for row, model in zip(summary["models"], (reference_model, twin)):
+        alone = linearity(model, **budget)
+        assert row["linearity"] == alone["linearity"] and row["mean_heldout_linearity"] == alone["mean_heldout_linearity"]
+        assert row["ce"] == alone["pruning"]["identity"][0]["ce"]
+    assert [r["tokens_seen"] for r in summary["models"]] == [8_003_584, None]
+    assert json.loads((tmp_path / "lin" / "report.json").read_text())["models"][1]["model"].endswith("seed 0)")
+    assert (tmp_path / "lin" / "linearity_models.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "lin").iterdir() if p.is_dir())[0].startswith("00-")
