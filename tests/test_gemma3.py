@@ -75,7 +75,7 @@ def test_every_command_runs_on_small_budgets(gemma, tmp_path):
                                                      progress=False),
         "linearity": lambda out: lensmat.linearity(gemma, max_fit_tokens=1_000, max_eval_tokens=40, max_k=2, out=out,
                                                    progress=False),
-        "saturation": lambda out: lensmat.saturation(gemma, max_eval_tokens=60, n_permutations=50, out=out,
+        "saturation": lambda out: lensmat.saturation(gemma, max_eval_tokens=60, n_permutations=50, max_pairs=10, out=out,
                                                      progress=False),
         "early-exit": lambda out: lensmat.early_exit(gemma, lenses="logit,mat", max_fit_tokens=1_000, max_eval_tokens=60,
                                                      max_probe_tokens=100, out=out, progress=False),

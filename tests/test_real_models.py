@@ -123,7 +123,7 @@ def test_every_command_runs_on_small_budgets(smol, tmp_path):
                                          progress=False),
         "linearity": lensmat.linearity(smol, max_fit_tokens=1_500, max_eval_tokens=100, max_k=2,
                                        out=tmp_path / "linearity", progress=False),
-        "saturation": lensmat.saturation(smol, max_eval_tokens=150, n_permutations=100, out=tmp_path / "saturation",
+        "saturation": lensmat.saturation(smol, max_eval_tokens=150, n_permutations=100, max_pairs=10, out=tmp_path / "saturation",
                                          progress=False),
         "early-exit": lensmat.early_exit(smol, lenses="logit,mat", max_fit_tokens=1_500, max_eval_tokens=150,
                                          max_probe_tokens=300, out=tmp_path / "early-exit", progress=False),
