@@ -267,9 +267,11 @@ def class_matched_noise(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) 
 
 
 def pooled_probe(resid: Float[torch.Tensor, "layers n d"], s: Int[torch.Tensor, "n k"], n_layers: int, *,
-                 start: int | None = None, folds: int = 5, seed: int = 0, control: bool = False) -> dict:
-    """One task probe over the pooled layers ``≥ start`` (default :func:`pooled_start_layer`), as in the
-    authors' ``run_task_transition_probing.py``: class-balanced data (:func:`pooled_probe_data`),
+                 n_tasks: int = 3, start: int | None = None, folds: int = 5, seed: int = 0,
+                 control: bool = False) -> dict:
+    """One probe of tasks ``1..n_tasks`` over the pooled layers ``≥ start`` (default
+    :func:`pooled_start_layer`), as in the authors' ``run_task_transition_probing.py`` (their
+    ``--num_tasks``, "between 3 and 5"; states in later tasks are left out): class-balanced data (:func:`pooled_probe_data`),
     standardised one-vs-rest logistic regression, shuffled ``folds``-fold CV. ``control=True`` trains
     on :func:`class_matched_noise` instead. Returns ``{start_layer, layers, n_samples,
     balanced_accuracy, ste, roc_auc [K], accuracy_per_task [K]}`` (``None`` values without data)."""
@@ -281,6 +283,7 @@ def pooled_probe(resid: Float[torch.Tensor, "layers n d"], s: Int[torch.Tensor, 
     from sklearn.preprocessing import StandardScaler
 
     start = pooled_start_layer(n_layers) if start is None else start
+    s = s[:, :n_tasks]
     x, y, used = pooled_probe_data(resid, task_labels(s, n_layers), start)
     tasks = list(range(1, int(s.shape[1]) + 1))
     out = {"start_layer": start, "layers": used, "n_samples": int(len(y)), "balanced_accuracy": None, "ste": None,

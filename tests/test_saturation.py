@@ -162,6 +162,7 @@ def test_pooled_probe_reads_an_encoded_task_and_its_noise_control_does_not():
     scrambled = pooled_probe(torch.randn(L + 1, n, d, generator=g), s, L, start=1)
     assert scrambled["balanced_accuracy"] < 0.45 and max(scrambled["roc_auc"]) < 0.6
     assert pooled_probe(resid[:, :3], s[:3], L, start=1)["balanced_accuracy"] is None  # too few tokens
+    assert len(pooled_probe(resid, s, L, n_tasks=2, start=1)["roc_auc"]) == 2  # tasks after the second left out
 
 
 def test_rankings_at_the_last_layer_are_the_model_and_implanting_a_tokens_own_state_changes_nothing(tiny_model):
