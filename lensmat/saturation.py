@@ -314,24 +314,33 @@ def pooled_probe(resid: Float[torch.Tensor, "layers n d"], s: Int[torch.Tensor, 
 
 
 @torch.no_grad()
-def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int, state: Float[torch.Tensor, "d"]
-                   ) -> Int[torch.Tensor, "layers"]:
+def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int | list[int],
+                   state: Float[torch.Tensor, "... d"]) -> Int[torch.Tensor, "... layers"]:
     """The lens's top-1 at ``pos`` at every layer ``0..L`` (``L`` = the model) after replacing
-    ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``)."""
+    ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``).
+
+    With a list of ``n`` layers and ``state`` ``[n, d]``, the ``n`` implants run as one batch of
+    copies of ``tokens`` (row ``i`` gets ``state[i]`` at ``layer[i]``) and the result is ``[n, L+1]``."""
+    single = isinstance(layer, int)
+    layers, states = ([layer], state[None]) if single else (list(layer), state)
     n_layers = int(model.cfg.n_layers)
     hooks = resid_hooks(n_layers)
 
-    def put(act, hook):
-        act[0, pos] = state.to(act.device, act.dtype)
-        return act
+    def put(rows: list[int]):
+        def hook(act, hook):
+            act[rows, pos] = states[rows].to(act.device, act.dtype)
+            return act
+        return hook
 
+    implants = [(resid_hook(j), put([i for i, x in enumerate(layers) if x == j])) for j in sorted(set(layers))]
     captured = {}
-    capture = [(h, lambda act, hook, h=h: captured.__setitem__(h, act[0, pos].clone())) for h in hooks]
-    logits = model.run_with_hooks(torch.tensor([tokens], device=input_device(model)),
-                                  fwd_hooks=[(resid_hook(layer), put), *capture])[0, pos]
-    top1 = [lens(captured[h][None], i)[0].argmax() if lens.covers(i) else logits.argmax()
+    capture = [(h, lambda act, hook, h=h: captured.__setitem__(h, act[:, pos].clone())) for h in hooks]
+    batch = torch.tensor([tokens] * len(layers), device=input_device(model))
+    logits = model.run_with_hooks(batch, fwd_hooks=[*implants, *capture])[:, pos]
+    top1 = [lens(captured[h], i).argmax(-1) if lens.covers(i) else logits.argmax(-1)
             for i, h in enumerate(hooks[:-1])]
-    return torch.stack([*top1, logits.argmax()]).cpu()
+    out = torch.stack([*top1, logits.argmax(-1)], dim=-1).cpu()
+    return out[0] if single else out
 
 
 OFFSETS = tuple(range(-5, 6))  # the authors' sweep for GPT-2: 5 layers either side of s_1(early)
@@ -378,13 +387,14 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
     successes, trials = dict.fromkeys(offsets, 0), dict.fromkeys(offsets, 0)
     for early, late in pairs:
         line, pos = rankings.origin[late]
-        for o in offsets:
-            j = int(s1[early]) + o
-            if not 0 <= j < min(int(s1[late]), n_layers):
-                continue
-            new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, j, rankings.resid[j, early])
-            new_s1 = int(saturation_layers(new_top1[:, None, None], new_top1[-1:, None], start=1)[0, 0])
-            successes[o] += int(new_s1 == j and int(new_top1[-1]) == int(top1[late]))
+        tried = [o for o in offsets if 0 <= int(s1[early]) + o < min(int(s1[late]), n_layers)]
+        if not tried:
+            continue
+        layers = [int(s1[early]) + o for o in tried]  # one batch: every offset of this pair
+        new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, layers, rankings.resid[layers, early])
+        new_s1 = saturation_layers(new_top1.T[:, :, None], new_top1[:, -1:], start=1)[:, 0]
+        for o, j, row, first in zip(tried, layers, new_top1, new_s1.tolist()):
+            successes[o] += int(first == j and int(row[-1]) == int(top1[late]))
             trials[o] += 1
     by_offset = [{"offset": o, "success": successes[o] / trials[o] if trials[o] else None, "n_trials": trials[o]}
                  for o in offsets]
