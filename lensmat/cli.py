@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lensmat
 from lensmat import data, models, pipeline
+from lensmat.plan import COMMANDS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,12 @@ def _load(args: argparse.Namespace):
     from lensmat.run import refuse_existing
 
     refuse_existing(getattr(args, "out", None), getattr(args, "force", False))
-    return models.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+    return _load_spec(args, args.model)
+
+
+def _load_spec(args: argparse.Namespace, spec):
+    """The model ``spec`` with the placement, dtype and random init of the command line."""
+    return models.load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
                              n_devices=args.n_devices, random_init=args.random_init)
 
 
@@ -103,7 +109,7 @@ def _memory(args: argparse.Namespace) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lensmat.plan import COMMANDS, GB, available_bytes, plan, shape_from_config
+    from lensmat.plan import GB, available_bytes, plan, shape_from_config
 
     shape = shape_from_config(args.model)
     commands = COMMANDS if args.command_name == "all" else [args.command_name]
@@ -203,12 +209,9 @@ def cmd_linearity(args: argparse.Namespace) -> int:
     specs = checkpoint_models(args.checkpoints) if args.checkpoints else (
         [m.strip() for m in args.model.split(",")] if args.model and "," in args.model else None)
     if specs is not None:
-        def load(spec):
-            return models.load_model(spec, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                                     n_devices=args.n_devices, random_init=args.random_init)
-
         summary = linearity_over_models(
-            specs, args.dataset, out=out, force=args.force, load=load, max_fit_tokens=args.max_fit_tokens,
+            specs, args.dataset, out=out, force=args.force, load=lambda spec: _load_spec(args, spec),
+            max_fit_tokens=args.max_fit_tokens,
             max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
             max_length=args.max_length, progress=not args.quiet, **_memory(args))
         print(f"{'model':<48} {'tokens seen':>12} {'LS train':>9} {'LS held out':>11} {'no res. train':>13} "
@@ -323,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="the memory each command's statistics and chunks will take, from the model's config")
     p.add_argument("--model", default=None, help="as for the other commands; only its config is read")
-    p.add_argument("--command", dest="command_name", default="all", choices=("all", "fit", "compare", "linearity",
-                                                                           "submodules", "early-exit", "saturation"))
+    p.add_argument("--command", dest="command_name", default="all", choices=("all", *COMMANDS))
     p.add_argument("--all-pairs", action="store_true", help="plan statistics of every layer pair")
     p.add_argument("--batch-size", type=int, default=16, help="lines per forward pass")
     p.add_argument("--max-length", type=int, default=data.DEFAULT_MAX_LENGTH, help="tokens per line, BOS included")

@@ -98,7 +98,14 @@ def solve_spd(
 
 
 def fit_map(stats: GramStats, source: str, target: str, *, intercept: bool = False, ridge: float = 0.0) -> LinearMap:
-    """Least-squares map from hook ``source`` to hook ``target`` (both in ``stats.hooks``)."""
+    """Least-squares map from hook ``source`` to hook ``target`` (both in ``stats.hooks``), stored in float32."""
+    W, b = solve_map(stats, source, target, intercept=intercept, ridge=ridge)
+    return LinearMap(W.float(), None if b is None else b.float(), source, target)
+
+
+def solve_map(stats: GramStats, source: str, target: str, *, intercept: bool = False, ridge: float = 0.0
+              ) -> tuple[Float[torch.Tensor, "d_in d_out"], Float[torch.Tensor, "d_out"] | None]:
+    """``(W, b)`` of :func:`fit_map` in float64, as solved (``b`` is ``None`` without intercept)."""
     for hook in (source, target):
         if hook not in stats.offsets:
             raise KeyError(f"Hook {hook!r} is not in these statistics (they hold {list(stats.hooks)}).")
@@ -109,8 +116,7 @@ def fit_map(stats: GramStats, source: str, target: str, *, intercept: bool = Fal
     else:
         A, B = stats.block(source, source), stats.block(source, target)
     W = solve_spd(A, B, ridge, n_tokens=stats.n, what=source)  # A depends on the source only: one warning per source
-    b = stats.mean(target) - stats.mean(source) @ W if intercept else None
-    return LinearMap(W.float(), None if b is None else b.float(), source, target)
+    return W, (stats.mean(target) - stats.mean(source) @ W if intercept else None)
 
 
 def residual_sums(stats: GramStats, m: LinearMap | None, source: str, target: str) -> Float[torch.Tensor, "d_out"]:

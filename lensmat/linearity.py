@@ -36,7 +36,7 @@ import torch
 from lensmat import data
 from lensmat.collect import resid_hook
 from lensmat.statistics import GramStats
-from lensmat.fit import LinearMap, MapSet, centred, fit_map, residual_sums, solve_spd
+from lensmat.fit import LinearMap, MapSet, centred, fit_map, residual_sums, solve_map, solve_spd
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
 from lensmat.pipeline import collect_layer_stats, tokenized
@@ -65,28 +65,32 @@ def heldout_linearity_score(train: GramStats, heldout: GramStats, source: str, t
     """The in-sample minimiser's score on other tokens: ``1 − Σ‖y − xW − b‖² / Σ‖y − ȳ‖²`` over the
     tokens of ``heldout``, with ``W, b`` the affine least-squares map fitted on ``train`` (target
     ``y − x`` with ``residual=True``: the same residual, the variance of ``y − x`` below). At most 1."""
-    W = solve_spd(centred(train, source, source), centred(train, source, target), n_tokens=train.n, what=source)
-    m = LinearMap(W, train.mean(target) - train.mean(source) @ W, source, target)  # float64: not fit_map's float32
+    m = LinearMap(*solve_map(train, source, target, intercept=True), source, target)  # float64, not fit_map's float32
     unexplained = float(residual_sums(heldout, m, source, target).sum())
-    cyy = centred(heldout, target, target)
+    cxx, cyy = centred(heldout, source, source), centred(heldout, target, target)
     if residual:
-        cxx, cxy = centred(heldout, source, source), centred(heldout, source, target)
+        cxy = centred(heldout, source, target)
         cyy = cyy - cxy - cxy.T + cxx
     total = float(torch.trace(cyy))
-    if total <= 1e-12 * float(torch.trace(centred(heldout, source, source)) + torch.trace(cyy)):
+    if total <= 1e-12 * float(torch.trace(cxx) + torch.trace(cyy)):
         return 1.0  # a constant target, as in linearity_score
     return 1.0 - unexplained / total
 
 
+def _inner_products(stats: GramStats, x: str, y: str) -> tuple[float, float, float]:
+    """``(Σ‖x‖², Σ x·y, Σ‖y‖²)`` over the tokens of ``stats``."""
+    return tuple(float(torch.trace(stats.block(a, b))) for a, b in ((x, x), (x, y), (y, y)))
+
+
 def norm_ratio(stats: GramStats, source: str, target: str) -> float:
     """``sqrt(Σ‖y − x‖² / Σ‖x‖²)`` over the tokens of ``stats``: what a block adds, relative to its input."""
-    xx, xy, yy = (float(torch.trace(stats.block(a, b))) for a, b in ((source, source), (source, target), (target, target)))
+    xx, xy, yy = _inner_products(stats, source, target)
     return max(yy - 2 * xy + xx, 0.0) ** 0.5 / xx ** 0.5
 
 
 def pooled_cosine(stats: GramStats, source: str, target: str) -> float:
     """``Σ x·y / sqrt(Σ‖x‖² Σ‖y‖²)`` over the tokens of ``stats`` (in ``[-1, 1]``)."""
-    xx, xy, yy = (float(torch.trace(stats.block(a, b))) for a, b in ((source, source), (source, target), (target, target)))
+    xx, xy, yy = _inner_products(stats, source, target)
     return xy / (xx * yy) ** 0.5
 
 
@@ -185,9 +189,8 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     ``k = 0..max_k`` (default ``L // 2``). ``max_eval_tokens`` caps the held-out tokens of both.
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`.
     """
-    from lensmat.plan import check_memory
-
     from lensmat import plots
+    from lensmat.plan import check_memory
     from lensmat.run import start_run, write_report
 
     model = start_run(model, out, force, causal_only="The linearity analysis")
@@ -253,8 +256,8 @@ def checkpoint_models(folder: str | os.PathLike) -> list[str]:
     from pathlib import Path
 
     folder = Path(folder)
-    found = sorted((p for p in (folder / "checkpoints").glob("*") if (p / "config.json").is_file()),
-                   key=lambda p: (tokens_seen(p) is None, tokens_seen(p) or 0, p.name))
+    seen = {p: tokens_seen(p) for p in (folder / "checkpoints").glob("*") if (p / "config.json").is_file()}
+    found = sorted(seen, key=lambda p: (seen[p] is None, seen[p] or 0, p.name))
     if (folder / "config.json").is_file():
         found.append(folder)
     if not found:
@@ -287,9 +290,10 @@ def linearity_over_models(models: list, dataset: str | None = None, *, out: str 
     load = load or load_model
     rows = []
     for i, spec in enumerate(models):
-        name = spec if isinstance(spec, (str, os.PathLike)) or spec is None else describe(spec).name
+        is_spec = spec is None or isinstance(spec, (str, os.PathLike))
+        name = spec if is_spec else describe(spec).name
         sub = None if out is None else Path(out) / f"{i:02d}-{Path(str(name or 'reference')).name}"
-        model = load(spec) if spec is None or isinstance(spec, (str, os.PathLike)) else spec
+        model = load(spec) if is_spec else spec
         r = linearity(model, dataset, out=sub, force=force, **kwargs)
         rows.append({"model": r["model"], "tokens_seen": tokens_seen(name),
                      **{k: r[k] for k in ("mean_linearity", "mean_linearity_no_residual", "mean_heldout_linearity",

@@ -72,8 +72,7 @@ class MemoryPlan:
     shape: ModelShape
     items: dict[str, int]
     stats_device: str = "cpu"
-    model_device: str = "cpu"
-    devices: dict[str, str] = field(default_factory=dict)  # item -> device
+    devices: dict[str, str] = field(default_factory=dict)  # item -> device, where not stats_device
 
     def per_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -99,12 +98,11 @@ class MemoryPlan:
                 for item, n in self.items.items()]
         return "\n".join([head, *rows, f"  {'total':<50} {self.total / GB:>9.3f} GB"])
 
-    def check(self, available: dict[str, int] | int | None = None, cheaper: list[str] | None = None) -> None:
+    def check(self, limit: int | None = None, cheaper: list[str] | None = None) -> None:
         """Raise :class:`MemoryPlanError` when the bytes planned on a device exceed what it has
-        (``available``: bytes per device, one limit for all, or ``None`` to ask each device)."""
+        (``limit``: bytes per device, or ``None`` to ask each device for its free memory)."""
         for dev, need in self.per_device().items():
-            have = available.get(dev) if isinstance(available, dict) else available
-            have = available_bytes(dev) if have is None else have
+            have = available_bytes(dev) if limit is None else limit
             if need > have:
                 options = "; ".join(cheaper or []) or "a machine with more memory"
                 raise MemoryPlanError(
@@ -163,14 +161,14 @@ def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size
             groups * stats_nbytes([shape.d_model, shape.d_model]))
     tokens = batch_size * max_length if batch_tokens is None else batch_tokens
     width = (shape.n_layers + 1) * shape.d_model
-    devices = {}
-    items[f"activation chunk ({tokens} tokens), model dtype"] = 2 * tokens * width * shape.dtype_bytes
-    devices[f"activation chunk ({tokens} tokens), model dtype"] = model_device
-    items[f"activation chunk ({tokens} tokens), float64"] = tokens * width * 8
+    chunk, readout = f"activation chunk ({tokens} tokens)", f"readout chunk ({tokens} tokens × vocabulary)"
+    items[f"{chunk}, model dtype"] = 2 * tokens * width * shape.dtype_bytes
+    items[f"{chunk}, float64"] = tokens * width * 8
+    on_model = [f"{chunk}, model dtype"]
     if command in READS_LENSES:
-        items[f"readout chunk ({tokens} tokens × vocabulary)"] = READOUT_ARRAYS * tokens * shape.d_vocab * 4
-        devices[f"readout chunk ({tokens} tokens × vocabulary)"] = model_device
-    return MemoryPlan(command, shape, items, str(stats_device), str(model_device), devices)
+        items[readout] = READOUT_ARRAYS * tokens * shape.d_vocab * 4
+        on_model.append(readout)
+    return MemoryPlan(command, shape, items, str(stats_device), dict.fromkeys(on_model, str(model_device)))
 
 
 def cheaper_options(p: MemoryPlan, all_pairs: bool, batch_size: int) -> list[str]:
