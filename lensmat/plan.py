@@ -134,17 +134,19 @@ def _resid_stats(shape: ModelShape, pattern: str) -> int:
 
 
 def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size: int = 16, max_length: int = 128,
-         batch_tokens: int | None = None, n_submodule_groups: int | None = None, fits_maps: bool = True,
+         batch_tokens: int | None = None, n_submodule_groups: int | None = None, fits_maps: bool | None = None,
          stats_device: str = "cpu", model_device: str = "cpu") -> MemoryPlan:
     """The memory plan of ``command`` (one of :data:`COMMANDS`) on a model of ``shape``.
 
     ``batch_tokens``: positions one batch captures (default ``batch_size · max_length``, the most
     lines of ``max_length`` tokens can hold); ``n_submodule_groups``: the (input, output) groups
     ``submodules`` collects (default: its default kinds ``attn``, ``mlp``, ``ln`` = 4 per block);
-    ``fits_maps=False`` for ``early-exit`` / ``saturation`` runs that fit no mat lens.
+    ``fits_maps``: whether an ``early-exit`` / ``saturation`` run fits a mat lens (default: as their
+    default lenses do, ``early-exit`` yes, ``saturation`` no).
     """
     if command not in COMMANDS:
         raise ValueError(f"Unknown command {command!r} for a memory plan; plans exist for {', '.join(COMMANDS)}.")
+    fits_maps = command != "saturation" if fits_maps is None else fits_maps
     pattern = "all" if all_pairs else "to_last"
     pairs = "every layer pair" if all_pairs else "blocks (l, l), (l, L)"
     items: dict[str, int] = {}

@@ -129,3 +129,10 @@ def test_a_synthetic_12x768_run_keeps_memory_flat_in_tokens(tmp_path):
         peaks[n] = peak
     # 1,792 more tokens would add 1792 × 13 × 768 × 8 = 143 MB if anything were kept per token
     assert peaks[2048] - peaks[256] < 40e6, json.dumps(peaks)
+
+
+def test_config_plans_follow_each_commands_default_lenses():
+    shape = ModelShape("x", 4, 8, 50)
+    assert not stats_items(plan("saturation", shape))  # the logit lens: no maps fitted
+    assert stats_items(plan("saturation", shape, fits_maps=True))  # --lens mat
+    assert stats_items(plan("early-exit", shape))  # logit and mat by default
