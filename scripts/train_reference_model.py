@@ -163,10 +163,15 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args, checkpoint=None
         frac = (step - args.warmup) / max(1, steps - args.warmup)
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    while pending and checkpoint is not None and pending[0] <= 0:  # the initialisation itself
-        pending.pop(0)
-        model.eval()
-        checkpoint(0, 0)
+    def save_due(seen: int, step: int) -> None:
+        """Run ``checkpoint`` once for every pending count that ``seen`` has reached (in eval mode)."""
+        while pending and checkpoint is not None and seen >= pending[0]:
+            pending.pop(0)
+            model.eval()
+            checkpoint(seen, step)
+            model.train()
+
+    save_due(0, 0)  # the initialisation itself, when 0 is asked for
     model.train()
     epoch, rows, cursor = 0, rows_for_epoch(0), 0
     tokens_per_epoch = rows.numel()
@@ -187,11 +192,7 @@ def train_loop(model, rows_for_epoch, step_loss, validate, args, checkpoint=None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         seen += x.numel()
-        while pending and checkpoint is not None and seen >= pending[0]:
-            pending.pop(0)
-            model.eval()
-            checkpoint(seen, step + 1)
-            model.train()
+        save_due(seen, step + 1)
         bar.set_postfix(loss=f"{shown.item():.3f}", tok_s=f"{seen / (time.time() - start):.0f}", epoch=epoch)
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             model.eval()
