@@ -3,7 +3,7 @@
 No weights are needed: random float32 activations shaped like the residual stream h_0..h_L of
 GPT-2 small (12 blocks x 768), GPT-2 XL (48 x 1600, the largest model of "Jump to Conclusions")
 and a 7B Llama-style model (32 x 4096) go through the real accumulation (``GramStats.update``,
-the blocks the maps h_l -> h_L need) and the real solve (``fit_layer_maps``). Per shape it prints:
+the blocks the maps h_l -> h_L need) and the real solve (``fit_map``, one per map). Per shape it prints:
 
   stats to-L / all-pairs   bytes of the float64 statistics (``stats_nbytes``; to-L is allocated)
   accum s / 1K tok         accumulation time per 1,000 tokens, measured over --tokens tokens
@@ -47,11 +47,11 @@ def measure(L: int, d: int, tokens: int, chunk: int, solves: int) -> dict:
     hooks = tuple(f"h{i}" for i in range(L + 1))
     torch.manual_seed(0)
     st = GramStats(hooks, (d,) * (L + 1), pairs=pair_pattern(L + 1, "to_last"))
-    x = torch.randn(chunk, (L + 1) * d)
+    x = torch.randn(chunk, (L + 1) * d)  # one chunk, reused: generating activations is not accumulating them
     st.update(x[:8])  # warm-up, not timed
     start = time.perf_counter()
     for _ in range(tokens // chunk):
-        st.update(torch.randn(chunk, (L + 1) * d))
+        st.update(x)
     accum = time.perf_counter() - start
     n = min(solves, L)
     with warnings.catch_warnings():  # fewer tokens than d: the ridge fallback, as on real data with few tokens
