@@ -12,6 +12,8 @@ from pathlib import Path
 import lensmat
 from lensmat import data, models, pipeline
 from lensmat.plan import COMMANDS
+from lensmat.run import LENS_KINDS
+from lensmat.saturation import SATURATION_LENSES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -351,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="fit maps on train, compare lenses per layer on heldout (the main job)")
     _add_model_args(p)
     _add_run_args(p)
-    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine, tuned, jacobian")
+    p.add_argument("--lenses", default="logit,mat", help=f"comma-separated: {', '.join(LENS_KINDS)}")
     p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on heldout tokens (default: all)")
     p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit`")
@@ -390,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("saturation", help="order in which the top-k tokens saturate across layers, probe, intervention")
     _add_model_args(p)
     _add_run_args(p)
-    p.add_argument("--lens", default="logit", choices=("logit", "mat", "mat-affine", "tuned"))
+    p.add_argument("--lens", default="logit", choices=SATURATION_LENSES)
     p.add_argument("--k", type=int, default=5, help="ranks followed (default 5)")
     p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for mat/tuned (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=5_000, help="heldout tokens (default 5000)")
@@ -404,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("early-exit", help="confidence exit per lens (layers saved) and saturation-based exit")
     _add_model_args(p)
     _add_run_args(p)
-    p.add_argument("--lenses", default="logit,mat", help="comma-separated: logit, mat, mat-affine, tuned")
+    p.add_argument("--lenses", default="logit,mat", help=f"comma-separated: {', '.join(SATURATION_LENSES)}")
     p.add_argument("--retention", type=float, default=0.95, help="Precision@1 kept when counting layers saved")
     p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for mat/tuned (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=10_000, help="heldout tokens (default 10000)")

@@ -33,7 +33,8 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
-from lensmat.saturation import Rankings, balanced_probe, collect_rankings, saturation_layers, single_blas_thread
+from lensmat.saturation import (SATURATION_LENSES, Rankings, balanced_probe, collect_rankings, saturation_layers,
+                                single_blas_thread)
 
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
 TAU = 4.0
@@ -187,8 +188,9 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     from lensmat.pipeline import tokenized
 
     names = parse_lenses(lenses)
-    if "jacobian" in names:
-        raise ValueError("Early exit supports the logit, mat, mat-affine and tuned lenses.")
+    if set(names) - set(SATURATION_LENSES):
+        raise ValueError(f"Early exit needs lenses defined at every layer: {', '.join(SATURATION_LENSES)} "
+                         f"(not {', '.join(sorted(set(names) - set(SATURATION_LENSES)))}).")
     model = start_run(model, out, force, causal_only="Early exit")
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length)

@@ -19,8 +19,8 @@ from lensmat.lenses import LogitLens, MatLens
 from lensmat.models import load_model, require_causal
 from lensmat.pipeline import collect_layer_stats, maps_from_stats
 
-LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "jacobian")
-MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # tuned and jacobian are trained on next-token prediction
+LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian")
+MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # the tuned lenses and jacobian are trained on next-token prediction
 
 
 def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -33,10 +33,15 @@ def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def _cost(provenance: dict | None, reused: bool) -> dict:
+def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> dict:
+    """Seconds and tokens spent on a lens; ``init``: the cost of the maps it started from (mat-tuned),
+    added to its seconds and kept beside them."""
     provenance = provenance or {}
     cost = {"seconds": float(provenance.get("fit_seconds", 0.0)), "tokens": int(provenance.get("n_tokens", 0)),
             "reused": reused}
+    if init is not None:
+        cost["seconds"] += init["seconds"]
+        cost["init"] = {"seconds": init["seconds"], "tokens": init["tokens"]}
     if "n_positions" in provenance:  # the J-lens averages fewer positions than the tokens it runs
         cost["positions"] = int(provenance["n_positions"])
     return cost
@@ -64,7 +69,8 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
         maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
         maps.check_model(model)
         fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
-    wanted = [n for n in names if n.startswith("mat")] + (["mat"] if with_maps or all_pairs else [])
+    wanted = ([n for n in names if n in ("mat", "mat-affine")] + (["mat-affine"] if "mat-tuned" in names else [])
+              + (["mat"] if with_maps or all_pairs else []))
     to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
     if to_fit:
         start = time.perf_counter()
@@ -79,8 +85,11 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
     for name in names:
         if name == "logit":
             lenses[name] = LogitLens(model)
-        elif name.startswith("mat"):
+        elif name in ("mat", "mat-affine"):
             lenses[name] = MatLens(model, fitted[name], name=name)
+        elif name == "mat-tuned":
+            lenses[name] = train_tuned_lens(model, train, tuned_config, init=fitted["mat-affine"], progress=progress)
+            cost[name] = _cost(lenses[name].meta.get("provenance"), False, init=cost["mat-affine"])
         elif name == "tuned":
             reused = tuned is not None
             if isinstance(tuned, (str, os.PathLike)):

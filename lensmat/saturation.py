@@ -128,6 +128,7 @@ def mean_ranks(s: Int[torch.Tensor, "n k"], n_layers: int) -> list[float | None]
 
 
 ORDER_RULES = ("authors", "leading")
+SATURATION_LENSES = ("logit", "mat", "mat-affine", "tuned", "mat-tuned")  # lenses defined at every layer
 
 
 def order_prefix(s: Int[torch.Tensor, "n k"], n_layers: int, rule: str = "authors") -> Int[torch.Tensor, "n"]:
@@ -408,8 +409,8 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
                max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
                memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
                progress: bool = True, seed: int = 0) -> dict:
-    """The saturation protocol on ``heldout`` under one lens (``logit``, ``mat``, ``mat-affine`` or
-    ``tuned``, fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report.
+    """The saturation protocol on ``heldout`` under one lens (one of :data:`SATURATION_LENSES`,
+    fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report.
     ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules.
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
@@ -417,8 +418,8 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     from lensmat.run import build_lenses, start_run, write_report
     from lensmat.pipeline import tokenized
 
-    if lens not in ("logit", "mat", "mat-affine", "tuned"):
-        raise ValueError(f"Unknown lens {lens!r} for saturation; valid: logit, mat, mat-affine, tuned.")
+    if lens not in SATURATION_LENSES:
+        raise ValueError(f"Unknown lens {lens!r} for saturation; valid: {', '.join(SATURATION_LENSES)}.")
     if order_rule not in ORDER_RULES:
         raise ValueError(f"Unknown order rule {order_rule!r}; valid: {', '.join(ORDER_RULES)}.")
     model = start_run(model, out, force, causal_only="The top-k saturation analysis")

@@ -5,6 +5,11 @@ Per residual layer ``l = 0..L-1`` an affine translator ``T_l(h) = h + h @ W_l + 
 ``KL(p_final ‖ p_lens)`` averaged over scored tokens of the ``train`` split, then read through
 the model's final norm and unembedding. At ``l = L`` the lens is the identity.
 
+``mat-tuned`` is the same training started from the affine least-squares map of "Jump to
+Conclusions" instead of the identity: ``W_l = A_{l→L} − I``, ``b_l = b_{l→L}`` (so at step 0 it is
+the ``mat-affine`` lens). Weight decay then pulls ``W`` towards ``0`` (the identity translator),
+as in the identity-started lens.
+
 Default recipe as the reference implementation: SGD with Nesterov momentum 0.9, learning rate
 0.1 decaying linearly to 0, weight decay 1e-3, gradient-norm clipping at 1.0; ``optimizer="adam"``
 is an option. Memory is bounded: activations of one batch at a time, one layer's
@@ -23,7 +28,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lensmat import data
-from lensmat.collect import check_layer, resid_hooks, run_capture
+from lensmat.collect import check_layer, resid_hook, resid_hooks, run_capture
+from lensmat.fit import MapSet
 from lensmat.lenses import Lens
 from lensmat.models import check_same_model, describe, require_causal
 from lensmat.pipeline import Tokenized, tokenized
@@ -49,8 +55,9 @@ class TunedLens(Lens):
     name = "tuned"
 
     def __init__(self, model, W: Float[torch.Tensor, "L d d"] | None = None, b: Float[torch.Tensor, "L d"] | None = None,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, name: str = "tuned") -> None:
         super().__init__(model)
+        self.name = name
         L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
         self.W = torch.zeros(L, d, d) if W is None else W.float().cpu()
         self.b = torch.zeros(L, d) if b is None else b.float().cpu()
@@ -68,7 +75,8 @@ class TunedLens(Lens):
     def save(self, path: str | os.PathLike, force: bool = False):
         from lensmat import io
 
-        return io.save_artifact(path, "lens", {"W": self.W, "b": self.b}, {"lens": "tuned", **self.meta}, force=force)
+        return io.save_artifact(path, "lens", {"W": self.W, "b": self.b}, {"lens": "tuned", "name": self.name, **self.meta},
+                                force=force)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "TunedLens":
@@ -79,7 +87,7 @@ class TunedLens(Lens):
         if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
             raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
         check_same_model(meta["model"], model, what="this tuned lens")
-        return cls(model, tensors["W"], tensors["b"], meta)
+        return cls(model, tensors["W"], tensors["b"], meta, name=meta.get("name", "tuned"))
 
 
 def kl_backward(model, W, b, captured: dict, hooks: list[str], logp_final) -> float:
@@ -103,13 +111,31 @@ def kl_backward(model, W, b, captured: dict, hooks: list[str], logp_final) -> fl
     return total
 
 
+def translator_init(model, maps: MapSet) -> tuple[Float[torch.Tensor, "L d d"], Float[torch.Tensor, "L d"]]:
+    """``(W, b)`` of the tuned-lens translators that reproduce the maps ``h_l -> h_L`` of ``maps``:
+    ``W_l = A_{l→L} − I`` and ``b_l`` the map's intercept (zero without one)."""
+    maps.check_model(model)
+    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    W, b = torch.zeros(L, d, d), torch.zeros(L, d)
+    for layer in range(L):
+        m = maps.get(resid_hook(layer), resid_hook(L))
+        W[layer] = m.W.float().cpu() - torch.eye(d)
+        if m.b is not None:
+            b[layer] = m.b.float().cpu()
+    return W, b
+
+
 def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: TunedLensConfig | None = None, *,
-                     max_length: int = data.DEFAULT_MAX_LENGTH, progress: bool = True) -> TunedLens:
+                     init: MapSet | None = None, max_length: int = data.DEFAULT_MAX_LENGTH,
+                     progress: bool = True) -> TunedLens:
     """Train a tuned lens on the ``train`` split (or on a given :class:`~lensmat.pipeline.Tokenized`);
     returns it with its provenance in ``lens.meta``.
 
     The loss is the sum over layers of the mean ``KL(p_final ‖ p_lens)`` per token (nats); the
-    corpus is cycled until ``config.tokens`` scored tokens have been used.
+    corpus is cycled until ``config.tokens`` scored tokens have been used. ``init``: residual maps
+    ``h_l -> h_L`` (e.g. affine ones from :func:`~lensmat.pipeline.fit_maps`) to start from instead
+    of the identity; the lens is then named ``mat-tuned`` and ``config.tokens = 0`` returns the
+    maps' lens itself.
     """
     require_causal(model, "The tuned lens")
     config = config or TunedLensConfig()
@@ -119,8 +145,8 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
     corpus = dataset if isinstance(dataset, Tokenized) else tokenized(model, dataset, "train", max_length)
     L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     device = model.W_U.device
-    W = torch.zeros(L, d, d, device=device, requires_grad=True)
-    b = torch.zeros(L, d, device=device, requires_grad=True)
+    W0, b0 = translator_init(model, init) if init is not None else (torch.zeros(L, d, d), torch.zeros(L, d))
+    W, b = W0.to(device).requires_grad_(True), b0.to(device).requires_grad_(True)
     if config.optimizer == "sgd":
         opt = torch.optim.SGD([W, b], lr=config.lr, momentum=config.momentum, nesterov=True,
                               weight_decay=config.weight_decay)
@@ -157,5 +183,7 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
     meta = {"model": describe(model).to_dict(), "config": asdict(config),
             "provenance": {"dataset": corpus.dataset, "split": "train", "max_length": corpus.max_length,
                            "n_tokens": seen, "fit_seconds": time.perf_counter() - start,
-                           "final_train_kl_per_layer": sum(losses[-10:]) / max(1, len(losses[-10:]))}}
-    return TunedLens(model, W.detach().cpu(), b.detach().cpu(), meta)
+                           "final_train_kl_per_layer": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}}
+    if init is not None:
+        meta["init"] = {"intercept": init.intercept, "provenance": init.provenance}
+    return TunedLens(model, W.detach().cpu(), b.detach().cpu(), meta, name="tuned" if init is None else "mat-tuned")

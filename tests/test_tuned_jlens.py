@@ -48,6 +48,32 @@ def test_tuned_lens_training_lowers_heldout_kl_and_round_trips(model, tmp_path):
         TunedLens.load(tmp_path / "tuned", make_tiny_model(n_layers=3, d_model=16, seed=5))
 
 
+def affine_maps(model, corpus):
+    stats = collect(model, corpus.batches(8), [resid_hooks(3)], progress=False)[0]
+    return MapSet(fit_layer_maps(stats, intercept=True), describe(model).to_dict(), intercept=True)
+
+
+def test_mat_tuned_starts_as_the_affine_mat_lens_and_training_lowers_its_kl(model, tmp_path):
+    train = tiny_corpus(1)
+    maps = affine_maps(model, train)
+    start = train_tuned_lens(model, train, TunedLensConfig(tokens=0), init=maps, progress=False)
+    assert start.name == "mat-tuned"
+    h = torch.randn(2, 5, 16)
+    mat = MatLens(model, maps)
+    with torch.no_grad():
+        for layer in range(4):
+            torch.testing.assert_close(start(h, layer), mat(h, layer), atol=1e-4, rtol=1e-4)
+    trained = train_tuned_lens(model, train, TunedLensConfig(tokens=6000, batch_size=8, lr=0.05), init=maps,
+                               progress=False)
+    on_train = list(train.batches(16))
+    scores, _, _ = evaluate_lenses(model, {"start": start, "trained": trained}, on_train, progress=False)
+    assert sum(scores["trained"]["kl"][:3]) < sum(scores["start"]["kl"][:3])
+    assert trained.meta["init"]["intercept"] is True
+    trained.save(tmp_path / "mat-tuned")
+    again = TunedLens.load(tmp_path / "mat-tuned", model)
+    assert again.name == "mat-tuned" and torch.equal(again.b, trained.b)
+
+
 @torch.no_grad()
 def test_jlens_wrapper_equals_transformer_lens_readout(model, tmp_path):
     from transformer_lens.tools.analysis import JacobianLens
