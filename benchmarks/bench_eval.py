@@ -2,11 +2,11 @@
 
   (b) evaluate_lenses (logit + mat, every layer 0..L, all metrics) ÷ plain forward passes over the
       same held-out tokens (the unembedding runs in row chunks: never [layers, batch, pos, vocab]);
-  (c) a forward with every block's attention (or MLP) swapped for its linear map ÷ a plain forward;
-  (d) tuned-lens training versus mat fitting: wall time and mean held-out KL(p‖q) over layers
-      0..L-1, at several token budgets.
+  (c) a forward with every block's attention (or MLP) swapped for its linear map ÷ a plain forward.
 
-    python benchmarks/bench_eval.py --eval-tokens 20000 --tuned-tokens 20000 100000
+Lens quality against its cost (mat, tuned, mat-tuned at several budgets) is bench_lenses.py.
+
+    python benchmarks/bench_eval.py --eval-tokens 10000 --fit-tokens 20000
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ def main() -> None:
     import torch
 
     import lensmat
-    from lensmat.tuned import TunedLensConfig, train_tuned_lens
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--eval-tokens", type=int, default=20_000)
-    p.add_argument("--mat-tokens", type=int, nargs="+", default=[20_000, 100_000])
-    p.add_argument("--tuned-tokens", type=int, nargs="+", default=[20_000, 100_000])
+    p.add_argument("--fit-tokens", type=int, default=20_000, help="train tokens for the maps")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
 
@@ -41,7 +39,6 @@ def main() -> None:
     model = lensmat.load_model(args.model, device="cpu")
     L = int(model.cfg.n_layers)
     print(f"{machine()}; model: {args.model or 'reference'} ({L} blocks, d_vocab {model.cfg.d_vocab})")
-    train = lensmat.tokenized(model, split="train")
     heldout = lensmat.tokenized(model, split="heldout")
     batches = list(heldout.batches(args.batch_size, args.eval_tokens))
     n = sum(b.n_scored for b in batches)
@@ -53,14 +50,13 @@ def main() -> None:
 
     forward()  # warm-up
     _, t_fwd = timed(forward)
-    maps = {t: lensmat.fit_maps(model, max_tokens=t, progress=False) for t in args.mat_tokens}
-    mat = maps[args.mat_tokens[0]]
+    mat = lensmat.fit_maps(model, max_tokens=args.fit_tokens, progress=False)
     lenses = {"logit": lensmat.LogitLens(model), "mat": lensmat.MatLens(model, mat)}
     _, t_eval = timed(lambda: lensmat.evaluate_lenses(model, lenses, batches, progress=False))
     print(f"\n(b) {n} held-out tokens: forward {t_fwd:.2f} s; evaluate logit+mat at {L + 1} layers {t_eval:.2f} s; "
           f"ratio {t_eval / t_fwd:.2f}x (target <= 2x)")
 
-    sub = lensmat.fit_submodule_maps(model, kinds=["attn", "mlp"], max_tokens=args.mat_tokens[0], progress=False)
+    sub = lensmat.fit_submodule_maps(model, kinds=["attn", "mlp"], max_tokens=args.fit_tokens, progress=False)
     print("\n(c) swapped forward / plain forward")
     for kind in ("attn", "mlp"):
         hooks = lensmat.swap_hooks(model, sub, [kind])
@@ -72,19 +68,6 @@ def main() -> None:
 
         _, t = timed(swapped)
         print(f"    {kind:<5} in all {L} blocks: {t:.2f} s, {t / t_fwd:.2f}x")
-
-    print("\n(d) held-out mean KL(p || q) over layers 0..L-1, and the cost to get it")
-    print(f"    {'lens':<6} {'tokens':>8} {'seconds':>8} {'mean KL':>8}")
-    kl_batches = batches[: max(1, len(batches) // 4)]
-    for t, m in maps.items():
-        scores, _, _ = lensmat.evaluate_lenses(model, {"mat": lensmat.MatLens(model, m)}, kl_batches, progress=False)
-        kl = sum(scores["mat"]["kl"][:L]) / L
-        print(f"    {'mat':<6} {t:>8} {m.provenance['fit_seconds']:>8.1f} {kl:>8.3f}")
-    for t in args.tuned_tokens:
-        tuned, secs = timed(lambda t=t: train_tuned_lens(model, train, TunedLensConfig(tokens=t), progress=False))
-        scores, _, _ = lensmat.evaluate_lenses(model, {"tuned": tuned}, kl_batches, progress=False)
-        kl = sum(scores["tuned"]["kl"][:L]) / L
-        print(f"    {'tuned':<6} {t:>8} {secs:>8.1f} {kl:>8.3f}")
 
 
 if __name__ == "__main__":

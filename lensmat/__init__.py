@@ -25,6 +25,7 @@ from lensmat.saturation import saturation, saturation_layers
 from lensmat.submodules import evaluate_swaps, fit_submodule_maps, submodules
 from lensmat.swap import SUBMODULE_KINDS, swap, swap_hooks
 from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
+from lensmat.trajectory import Trajectory, trajectory
 
 try:
     __version__ = version("lensmat")
@@ -37,5 +38,5 @@ __all__ = [
     "load_lines", "load_maps", "load_model", "r2", "r2_matrices", "resid_hook", "resid_hooks", "save_maps",
     "tokenize", "tokenized", "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "submodules", "swap",
     "swap_hooks", "JLens", "fit_jlens", "TunedLens", "TunedLensConfig", "train_tuned_lens",
-    "predictions_table", "top_predictions", "Masking", "is_masked_lm", "early_exit", "generate", "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
+    "predictions_table", "top_predictions", "Trajectory", "trajectory", "Masking", "is_masked_lm", "early_exit", "generate", "saturation", "saturation_layers", "evaluate_pruning", "linearity", "linearity_profile", "linearity_score",
 ]

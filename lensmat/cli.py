@@ -14,6 +14,7 @@ from lensmat import data, models, pipeline
 from lensmat.plan import COMMANDS
 from lensmat.run import LENS_KINDS
 from lensmat.saturation import SATURATION_LENSES
+from lensmat.trajectory import STATISTICS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -163,12 +164,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      **_memory(args), maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
                      jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed,
-                     scoring=_scoring(args),
-                     all_pairs=args.all_pairs, out=out, force=args.force, progress=not args.quiet)
+                     scoring=_scoring(args), all_pairs=args.all_pairs, sites=args.sites, out=out, force=args.force,
+                     progress=not args.quiet)
     what = "masked tokens" if report["protocol"] == "masked" else "tokens"
     print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
           f"evaluated on {report['n_eval_tokens']} held-out {what}")
     print(format_table(report))
+    if "mid" in report:
+        print(format_table(report, site="mid"))
     print(f"report and plots in {out}/")
     return 0
 
@@ -315,6 +318,28 @@ def cmd_import_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trajectory(args: argparse.Namespace) -> int:
+    from lensmat.trajectory import trajectory_report
+    from lensmat.tuned import TunedLensConfig
+
+    args.out = out = args.out or "runs/trajectory"
+    traj, report = trajectory_report(
+        _load(args), args.text, args.dataset, lenses=args.lenses, statistic=args.statistic, k=args.k, maps=args.maps,
+        tuned=args.tuned, tuned_config=TunedLensConfig(tokens=args.tuned_tokens), max_fit_tokens=args.max_fit_tokens,
+        batch_size=args.batch_size, max_length=args.max_length, out=out, force=args.force, progress=not args.quiet,
+        **_memory(args))
+    last = len(traj.tokens) - 1
+    what = "token there" if traj.masked else "next token"
+    print(f"{traj.model}: {len(traj.tokens)} tokens, {traj.n_layers} blocks; the model's {what} at the last position "
+          f"is {report['final_top1'][last]!r}")
+    for name in traj.lenses:
+        layer = report["summary"][name]["settles_at_layer"][last]
+        print(f"  {name:<10} top-1 = the model's from layer {'-' if layer is None else layer} on; "
+              f"fit {report['fit_cost'][name]['seconds']:.1f} s on {report['fit_cost'][name]['tokens']} tokens")
+    print(f"heatmap ({args.statistic}) {out}/trajectory.png, table {out}/trajectory.csv, report {out}/report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lensmat",
@@ -359,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit`")
     p.add_argument("--all-pairs", action="store_true",
                    help="fit and score every h_l -> h_l' (the full R2 heatmap; statistics grow as (L+1)^2 d^2)")
+    p.add_argument("--sites", default="post",
+                   help="residual sites read: post (layers 0..L) or post,mid (also hook_resid_mid of every block, "
+                        "logit and mat lenses)")
     p.add_argument("--tuned", default=None, help="reuse a saved tuned lens folder instead of training one")
     p.add_argument("--tuned-tokens", type=int, default=200_000, help="train tokens for the tuned lens")
     p.add_argument("--tuned-optimizer", choices=("sgd", "adam"), default="sgd")
@@ -420,6 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--no-transpose", action="store_true", help="the files hold W for y = x W (row vectors)")
     p.set_defaults(func=cmd_import_maps)
+
+    p = sub.add_parser("trajectory", help="one text: each lens's top-1 per layer and position as a heatmap and a table")
+    _add_model_args(p)
+    _add_run_args(p)
+    p.add_argument("--text", required=True, help="the text to read (BOS is prepended; [MASK] allowed for a masked LM)")
+    p.add_argument("--lenses", default="logit,mat", help=f"comma-separated: {', '.join(LENS_KINDS)}")
+    p.add_argument("--statistic", default="kl", choices=tuple(STATISTICS),
+                   help="the heatmap's colour: the probability of the model's final top-1, entropy (nats), "
+                        "KL(p_final || p_lens) (nats) or the rank of the target token (default kl)")
+    p.add_argument("--k", type=int, default=5, help="top tokens per cell in the table (default 5)")
+    p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for the mat maps (default: all)")
+    p.add_argument("--maps", default=None, help="reuse maps saved by `lensmat fit` for the mat lens")
+    p.add_argument("--tuned", default=None, help="reuse a saved tuned lens folder instead of training one")
+    p.add_argument("--tuned-tokens", type=int, default=200_000, help="train tokens for the tuned lens")
+    p.set_defaults(func=cmd_trajectory)
     return parser
 
 

@@ -5,7 +5,9 @@ position (non-padding, not BOS) and adds them to that group's float64 statistics
 are never stored. It checkpoints and resumes those statistics.
 
 Residual layers: ``resid_hooks(L)`` = ``[h_0, ..., h_L]`` with
-``h_0 = blocks.0.hook_resid_pre`` and ``h_l = blocks.{l-1}.hook_resid_post``.
+``h_0 = blocks.0.hook_resid_pre`` and ``h_l = blocks.{l-1}.hook_resid_post`` (site ``post``);
+site ``mid`` is ``blocks.{l}.hook_resid_mid`` for blocks ``l = 0..L-1`` (after attention, before the
+MLP, between ``h_l`` and ``h_{l+1}``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,33 @@ def resid_hook(layer: int) -> str:
 def resid_hooks(n_layers: int) -> list[str]:
     """``[h_0, ..., h_L]`` for an ``L``-block model."""
     return [resid_hook(layer) for layer in range(n_layers + 1)]
+
+
+SITES = ("post", "mid")
+
+
+def check_site(site: str) -> str:
+    """``site`` if it is one of :data:`SITES`, else a ``ValueError`` naming them."""
+    if site not in SITES:
+        raise ValueError(f"Unknown residual site {site!r}; valid sites: {', '.join(SITES)}.")
+    return site
+
+
+def site_hooks(n_layers: int, site: str) -> list[str]:
+    """The hooks of a residual site: ``post`` = ``resid_hooks(L)`` (L+1), ``mid`` = the ``L`` blocks'
+    ``hook_resid_mid``."""
+    if check_site(site) == "post":
+        return resid_hooks(n_layers)
+    return [f"blocks.{block}.hook_resid_mid" for block in range(n_layers)]
+
+
+def parse_sites(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"post,mid"`` -> ``("post", "mid")``: known sites in :data:`SITES` order, ``post`` always first."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    for name in names:
+        if name:
+            check_site(name)
+    return tuple(n for n in SITES if n == "post" or n in names)
 
 
 def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:

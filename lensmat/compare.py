@@ -10,6 +10,11 @@ A masked LM (BERT family) runs the masked protocol of "Jump to Conclusions": map
 masked positions of ``train``, lenses read through the model's masked-LM head and scored at the
 masked positions of ``heldout`` against the full model's distribution there (``ce``: against the
 original token). The ``logit`` lens is then the paper's ``id`` baseline.
+
+``sites=("post", "mid")`` also reads ``blocks.{l}.hook_resid_mid`` (after attention, before the
+MLP) through the logit and mat lenses (TransformerLens's ``logit_lens(incl_mid=True)``): the maps
+``resid_mid_l -> h_L`` are fitted in the same pass, and the report gains ``mid.{layers, hooks,
+lenses.{name}.{metric}, r2.{mat,id}}`` with one value per block ``l = 0..L-1``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import os
 
 from lensmat import data
-from lensmat.collect import resid_hooks
-from lensmat.fit import MapSet, r2_matrices
+from lensmat.collect import parse_sites, resid_hook, resid_hooks, site_hooks
+from lensmat.fit import MapSet, r2, r2_matrices
+from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import describe, is_masked_lm
 from lensmat.pipeline import tokenized
@@ -45,6 +51,7 @@ def compare(
     mask_seed: int = 0,
     scoring: data.Scoring | None = None,
     all_pairs: bool = False,
+    sites: str | tuple[str, ...] = ("post",),
     stats_device: str | None = None,
     memory_limit: int | None = None,
     out: str | os.PathLike | None = None,
@@ -61,6 +68,8 @@ def compare(
         maps: saved no-intercept maps (folder or :class:`MapSet`) to reuse instead of fitting.
         all_pairs: fit and score every pair ``l < l'`` for the full R² heatmap (statistics grow
             as ``(L+1)²·d²``); by default only ``l -> L`` (``(L+1)·2·d²``).
+        sites: ``("post",)`` (residual layers 0..L) or ``("post", "mid")`` to read ``hook_resid_mid``
+            of every block too, with the ``logit``, ``mat`` and ``mat-affine`` lenses named.
         tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
             :class:`~lensmat.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
         n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
@@ -79,6 +88,10 @@ def compare(
     from lensmat import plots
 
     names = parse_lenses(lenses)
+    sites = parse_sites(sites)
+    mid = "mid" in sites
+    if mid and all_pairs:
+        raise ValueError("The mid site is fitted to the last layer only; drop all_pairs (--all-pairs) or the mid site.")
     model = start_run(model, out, force)
     masked = is_masked_lm(model)
     if masked and set(names) - set(MASKED_LM_LENSES):
@@ -89,16 +102,23 @@ def compare(
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     memory = check_memory(model, "compare", train, all_pairs=all_pairs, batch_size=batch_size,
-                          stats_device=stats_device, memory_limit=memory_limit, progress=progress)
+                          stats_device=stats_device, memory_limit=memory_limit, progress=progress, mid=mid)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
-        with_maps=True, stats_device=stats_device, progress=progress)
-    hooks = resid_hooks(n_layers)
+        with_maps=True, stats_device=stats_device, sites=sites, progress=progress)
+    groups = [resid_hooks(n_layers)] + ([site_hooks(n_layers, "mid") + [resid_hook(n_layers)]] if mid else [])
+    mid_lenses = {}
+    if mid:
+        for name in names:
+            if name == "logit":
+                mid_lenses[f"{name}@mid"] = LogitLens(model, site="mid")
+            elif name in ("mat", "mat-affine"):
+                mid_lenses[f"{name}@mid"] = MatLens(model, lens_objs[name].maps, name=name, site="mid")
     scores, held_stats, n_eval = evaluate_lenses(
-        model, lens_objs, heldout.batches(batch_size, max_eval_tokens), stats_groups=[hooks],
-        stats_pairs=[pair_pattern(len(hooks), "all" if all_pairs else "to_last")], stats_device=stats_device,
-        total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+        model, {**lens_objs, **mid_lenses}, heldout.batches(batch_size, max_eval_tokens), stats_groups=groups,
+        stats_pairs=[pair_pattern(len(g), "all" if all_pairs else "to_last") for g in groups],
+        stats_device=stats_device, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": info.name,
         "model_info": info.to_dict(),
@@ -107,12 +127,21 @@ def compare(
         "layers": list(range(n_layers + 1)),
         "n_fit_tokens": fit_cost["mat"]["tokens"],
         "n_eval_tokens": n_eval,
-        "lenses": scores,
+        "lenses": {n: scores[n] for n in lens_objs},
         "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names},
         "protocol": "masked" if masked else "causal",
         "memory_plan": memory,
     }
+    if mid:
+        mid_hooks, last = groups[1][:-1], resid_hook(n_layers)
+        report["mid"] = {
+            "layers": list(range(n_layers)), "hooks": mid_hooks,
+            "lenses": {n.removesuffix("@mid"): scores[n] for n in mid_lenses},
+            "r2": {"mat": [r2(held_stats[1], mat_maps.get(h, last), h, last) for h in mid_hooks],
+                   "id": [r2(held_stats[1], None, h, last) for h in mid_hooks]},
+        }
+    report["sites"] = list(sites)
     if masked:
         report["masking"] = heldout.provenance()["masking"]
     else:
@@ -123,17 +152,24 @@ def compare(
     return report
 
 
-def format_table(report: dict, metric: str = "precision@1") -> str:
-    """A compact per-layer table of one metric for every lens, plus R² of mat and id to the last layer."""
-    names = list(report["lenses"])
+def format_table(report: dict, metric: str = "precision@1", site: str = "post") -> str:
+    """A compact per-layer table of one metric for every lens, plus R² of mat and id to the last
+    layer; ``site="mid"`` tabulates the report's ``mid`` readings (rows: blocks 0..L-1)."""
     last = report["n_layers"]
+    if site == "mid":
+        part, r2_of = report["mid"], lambda kind, layer: report["mid"]["r2"][kind][layer]
+        label, header = "block", [f"{n}@mid" for n in report["mid"]["lenses"]]
+    else:
+        part, r2_of = report, lambda kind, layer: report["r2"][kind][layer][last]
+        label, header = "layer", list(report["lenses"])
+    names = list(part["lenses"])
 
     def cell(v, width):
         return f"{v:>{width}.4f}" if v is not None else f"{'-':>{width}}"
 
-    rows = [f"{'layer':>5} " + " ".join(f"{n:>11}" for n in names) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
+    rows = [f"{label:>5} " + " ".join(f"{n:>11}" for n in header) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
             + f"   ({metric})"]
-    for layer in report["layers"]:
-        vals = " ".join(cell(report["lenses"][n][metric][layer], 11) for n in names)
-        rows.append(f"{layer:>5} {vals} {cell(report['r2']['mat'][layer][last], 10)} {cell(report['r2']['id'][layer][last], 10)}")
+    for layer in part["layers"]:
+        vals = " ".join(cell(part["lenses"][n][metric][layer], 11) for n in names)
+        rows.append(f"{layer:>5} {vals} {cell(r2_of('mat', layer), 10)} {cell(r2_of('id', layer), 10)}")
     return "\n".join(rows)

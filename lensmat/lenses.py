@@ -18,9 +18,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
-from lensmat.collect import check_layer, resid_hook
+from lensmat.collect import check_layer, check_site, resid_hook, site_hooks
 from lensmat.fit import MapSet
 from lensmat.models import input_device, is_masked_lm, mlm_head, model_device
 
@@ -30,6 +30,7 @@ class Lens(ABC):
 
     name: str = "lens"
     readout_chunk: int = 1024  # rows per unembedding chunk: [chunk, vocab] at a time
+    site: str = "post"  # the residual site it reads: "post" (layers 0..L) or "mid" (blocks 0..L-1)
 
     def __init__(self, model) -> None:
         self.model = model
@@ -39,9 +40,9 @@ class Lens(ABC):
         return int(self.model.cfg.n_layers)
 
     def covers(self, layer: int) -> bool:
-        """Whether the lens is defined at residual layer ``layer`` (all layers unless overridden)."""
+        """Whether the lens is defined at layer ``layer`` of its site (all unless overridden)."""
         check_layer(layer, self.n_layers)
-        return True
+        return self.site == "post" or layer < self.n_layers
 
     @abstractmethod
     def transform(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
@@ -71,9 +72,14 @@ def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024
 
 
 class LogitLens(Lens):
-    """The logit lens: the final norm and unembedding applied to ``h_l`` itself."""
+    """The logit lens: the final norm and unembedding applied to ``h_l`` itself; ``site="mid"``
+    reads ``blocks.{l}.hook_resid_mid`` instead (TransformerLens's ``logit_lens(incl_mid=True)``)."""
 
     name = "logit"
+
+    def __init__(self, model, site: str = "post") -> None:
+        super().__init__(model)
+        self.site = check_site(site)
 
     def transform(self, h, layer):
         return h
@@ -84,42 +90,84 @@ class MatLens(Lens):
 
     ``maps`` must hold the residual maps ``h_l -> h_L`` for every layer it is asked about
     (see :func:`lensmat.fit.fit_layer_maps`); it is checked against the model on construction.
+    ``site="mid"`` reads ``blocks.{l}.hook_resid_mid`` through the maps ``resid_mid_l -> h_L``
+    (fitted with ``sites=("post", "mid")``), for blocks ``l = 0..L-1``.
     """
 
-    def __init__(self, model, maps: MapSet, name: str | None = None) -> None:
+    def __init__(self, model, maps: MapSet, name: str | None = None, site: str = "post") -> None:
         super().__init__(model)
         maps.check_model(model)
         self.maps = maps
         self.name = name or ("mat-affine" if maps.intercept else "mat")
+        self.site = check_site(site)
 
     def transform(self, h, layer):
         layer = check_layer(layer, self.n_layers)
-        if layer == self.n_layers:
+        if self.site == "post" and layer == self.n_layers:
             return h
-        return self.maps.get(resid_hook(layer), resid_hook(self.n_layers))(h)
+        if not self.covers(layer):
+            raise IndexError(f"Site {self.site!r} has blocks 0..{self.n_layers - 1}; layer {layer} is not one of them.")
+        source = site_hooks(self.n_layers, self.site)[layer]
+        return self.maps.get(source, resid_hook(self.n_layers))(h)
+
+
+def encode_text(model, text: str) -> Int[torch.Tensor, "1 pos"]:
+    """One text as the model reads it, on its input device: BOS + text (causal), ``[CLS] text [SEP]``
+    (masked LM). Refuses an empty text and one longer than the model's context ``n_ctx`` (instead of
+    cutting it)."""
+    from lensmat.pipeline import encode
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"The text is empty ({text!r}); pass at least one word to read.")
+    ids = encode(model, [text], 1 << 30)[0]  # no truncation: checked against n_ctx below
+    n_ctx = int(model.cfg.n_ctx)
+    if len(ids) > n_ctx:
+        raise ValueError(f"The text is {len(ids)} tokens long (special tokens included), longer than the model's "
+                         f"context of {n_ctx} tokens; shorten it.")
+    return torch.tensor([ids]).to(input_device(model))
 
 
 @torch.no_grad()
+def layer_logits(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"]):
+    """One forward of ``ids`` (one sequence) and every lens's readout of every layer 0..L of its site.
+
+    Returns ``(logits, readouts)``: the model's own logits ``[pos, d_vocab]`` and an iterator over
+    ``(lens name, layer, covered, logits [pos, d_vocab])``, lens by lens, layers 0..L, computed one
+    ``[pos, d_vocab]`` at a time; where a lens does not cover a layer (``covered`` False, e.g. the
+    J-lens at ``L``, a ``mid``-site lens at ``L``) the logits are the model's own output.
+    """
+    n_layers = int(model.cfg.n_layers)
+    hooks = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
+    wanted = {h for hs in hooks.values() for h in hs}
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
+
+    @torch.no_grad()
+    def readouts():
+        for name, lens in lenses.items():
+            for layer in range(n_layers + 1):
+                covered = lens.covers(layer)
+                yield name, layer, covered, (lens(cache[hooks[name][layer]][0], layer) if covered else logits[0])
+
+    return logits[0], readouts()
+
+
 def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> dict:
     """Top-``k`` next-token predictions of every lens at every layer, for one text (BOS prepended;
     for a masked LM: predictions of the token at each position of ``[CLS] text [SEP]``, where
-    ``text`` may hold ``[MASK]`` tokens).
+    ``text`` may hold ``[MASK]`` tokens). The same readout as :func:`lensmat.trajectory`, whose
+    :class:`~lensmat.trajectory.Trajectory` adds per-cell statistics, a table and a heatmap.
 
     Returns ``{"tokens": [str], "lenses": {name: {"ids": [L+1, pos, k], "probs": [L+1, pos, k]}}}``
     where ``pos`` counts the BOS; a lens that does not cover a layer (e.g. tuned at ``L``) shows
     the model's own output there.
     """
-    from lensmat.pipeline import encode
-
-    n_layers = int(model.cfg.n_layers)
-    ids = torch.tensor(encode(model, [text], int(model.cfg.n_ctx))).to(input_device(model))
-    hooks = [resid_hook(layer) for layer in range(n_layers + 1)]
-    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in hooks)
-    out = {}
-    for name, lens in lenses.items():
-        rows = [torch.softmax((lens(cache[h][0], layer) if lens.covers(layer) else logits[0]).float(), -1).topk(k)
-                for layer, h in enumerate(hooks)]
-        out[name] = {"ids": torch.stack([r.indices for r in rows]).cpu(), "probs": torch.stack([r.values for r in rows]).cpu()}
+    ids = encode_text(model, text)
+    _, readouts = layer_logits(model, lenses, ids)
+    rows: dict[str, list] = {name: [] for name in lenses}
+    for name, _, _, logits in readouts:
+        rows[name].append(torch.softmax(logits.float(), -1).topk(k))
+    out = {name: {"ids": torch.stack([r.indices for r in rs]).cpu(), "probs": torch.stack([r.values for r in rs]).cpu()}
+           for name, rs in rows.items()}
     return {"tokens": [model.tokenizer.decode([t]) for t in ids[0].tolist()], "lenses": out}
 
 

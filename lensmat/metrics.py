@@ -173,24 +173,29 @@ def evaluate_lenses(
     """Score every lens at every layer on the same tokens, streaming over ``batches``.
 
     Args:
-        lenses: ``{name: Lens}``.
-        layers: residual layers to score (default ``0..L``).
+        lenses: ``{name: Lens}``; each reads its own site (``lens.site``: ``post`` = residual layers
+            ``0..L``, ``mid`` = ``hook_resid_mid`` of blocks ``0..L-1``).
+        layers: layers to score (default all of each lens's site).
         stats_groups: hook groups whose :class:`~lensmat.statistics.GramStats` are accumulated in
             the same forward passes (e.g. held-out statistics for R²), keeping the index pairs
             ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.statistics.pair_pattern`; default all).
 
-    Returns ``({lens: {metric: [L+1 values]}}, stats or None, n_tokens)``. Only one layer's
-    ``[tokens, vocab]`` logits exist at a time.
+    Returns ``({lens: {metric: [values per layer of its site]}}, stats or None, n_tokens)``: L+1
+    values for a ``post`` lens, L for a ``mid`` one. Only one layer's ``[tokens, vocab]`` logits
+    exist at a time.
     """
     from tqdm.auto import tqdm
 
-    from lensmat.collect import resid_hook, run_capture, update_stats
+    from lensmat.collect import run_capture, site_hooks, update_stats
 
     n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers + 1)) if layers is None else list(layers)
-    hooks = [resid_hook(layer) for layer in layers]
+    sites = {name: getattr(lens, "site", "post") for name, lens in lenses.items()}
+    wanted = range(n_layers + 1) if layers is None else layers
+    site_layers = {site: [(layer, site_hooks(n_layers, site)[layer]) for layer in wanted
+                          if site == "post" or layer < n_layers] for site in set(sites.values())}
+    hooks = [h for pairs in site_layers.values() for _, h in pairs]
     extra = [h for g in (stats_groups or []) for h in g]
-    scores = {name: LensScores(n_layers) for name in lenses}
+    scores = {name: LensScores(n_layers - (sites[name] == "mid")) for name in lenses}
     stats, n_tokens = None, 0
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="evaluate", disable=not progress)
     for batch in batches:
@@ -198,8 +203,8 @@ def evaluate_lenses(
         if stats_groups:
             stats = update_stats(stats, stats_groups, captured, stats_device or "cpu", pairs=stats_pairs)
         ref = Reference(logits, batch)
-        for layer, hook in zip(layers, hooks):
-            for name, lens in lenses.items():
+        for name, lens in lenses.items():
+            for layer, hook in site_layers[sites[name]]:
                 if lens.covers(layer):
                     scores[name].update(layer, lens(captured[hook], layer), ref)
         n_tokens += batch.n_scored

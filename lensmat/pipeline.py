@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from lensmat import data
-from lensmat.collect import collect, resid_hooks
+from lensmat.collect import collect, resid_hooks, site_hooks
 from lensmat.statistics import GramStats, pair_pattern
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
 from lensmat.models import describe, is_masked_lm
@@ -92,13 +92,20 @@ def tokenized(model, dataset: str | None = None, split: str = "train",
 
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
                         pairs: str = "to_last", progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
-                        resume: bool = False, stats_device: str | None = None) -> GramStats:
+                        resume: bool = False, stats_device: str | None = None,
+                        sites: tuple[str, ...] = ("post",)) -> GramStats:
     """Statistics of ``h_0..h_L`` over (up to ``max_tokens`` scored tokens of) ``corpus``, keeping the
     layer pairs of ``pairs`` (``"to_last"``, ``"adjacent"`` or ``"all"``: :func:`~lensmat.statistics.pair_pattern`;
-    see :func:`~lensmat.collect.collect` for checkpoints and resuming)."""
+    see :func:`~lensmat.collect.collect` for checkpoints and resuming). With ``"mid"`` in ``sites``
+    the group is ``[resid_mid_0..resid_mid_{L-1}, h_0..h_L]`` (maps to ``h_L`` only: ``pairs="to_last"``)."""
     from lensmat.distributed import all_reduce_stats, rank_and_world
 
     hooks = resid_hooks(int(model.cfg.n_layers))
+    if "mid" in sites:
+        if pairs != "to_last":
+            raise ValueError(f"The mid site is fitted to the last layer only (pairs='to_last', not {pairs!r}); "
+                             "drop --all-pairs or the mid site.")
+        hooks = site_hooks(int(model.cfg.n_layers), "mid") + hooks
     rank, world = rank_and_world()
     if world > 1:  # each rank its share of lines (and of the token cap), then sum the statistics
         corpus = corpus.shard(rank, world)

@@ -7,10 +7,11 @@ model's config alone, without loading its weights.
 
 What is counted (float64 statistics, :func:`~lensmat.statistics.stats_nbytes`):
 
-- ``fit`` / ``early-exit`` / ``saturation --lens mat``: the ``train`` statistics of ``h_0..h_L``,
+- ``fit`` / ``early-exit`` / ``saturation --lens mat`` / ``trajectory`` (with a mat lens): the ``train`` statistics of ``h_0..h_L``,
   blocks ``(l, l)`` and ``(l, L)``: ``8·((2L+1)·d² + (L+1)·d)`` bytes (every pair with
   ``--all-pairs``: ``8·((L+1)(L+2)/2·d² + (L+1)·d)``);
-- ``compare``: the same for ``train`` and again for ``heldout`` (its R²);
+- ``compare``: the same for ``train`` and again for ``heldout`` (its R²); with ``--sites post,mid``
+  the ``L`` mid hooks join the train group and a held-out group ``resid_mid_0..L-1, h_L`` is added;
 - ``linearity``: adjacent blocks ``(l, l)``, ``(l, l+1)``, for ``train`` and ``heldout``;
 - ``submodules``: the residual statistics to ``L`` plus one two-hook group (input, output) per
   sub-module and block (ln1, attn, ln2 and mlp by default: 4 per block);
@@ -18,6 +19,8 @@ What is counted (float64 statistics, :func:`~lensmat.statistics.stats_nbytes`):
   the model's dtype, their concatenation, and its float64 copy;
 - the readout chunk, for commands that read lenses: five ``[tokens, V]`` float32 arrays (the
   model's logits, log-probabilities and probabilities, one lens's logits, one product).
+  ``trajectory`` reads one text only (a few ``[text tokens, V]`` float64 arrays at a time), which
+  is not counted.
 
 The model's own weights are printed, not checked: once a command runs they are already loaded.
 """
@@ -32,7 +35,7 @@ import torch
 
 from lensmat.statistics import pair_pattern, stats_nbytes
 
-COMMANDS = ("fit", "compare", "linearity", "submodules", "early-exit", "saturation")
+COMMANDS = ("fit", "compare", "linearity", "submodules", "early-exit", "saturation", "trajectory")
 READS_LENSES = ("compare", "early-exit", "saturation")
 GB = 1e9
 READOUT_ARRAYS = 5  # [tokens, V] float32 alive at once: the model's logits, its log-probs and probs, a lens's, a product
@@ -128,21 +131,22 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _resid_stats(shape: ModelShape, pattern: str) -> int:
-    n_hooks = shape.n_layers + 1
+def _resid_stats(shape: ModelShape, pattern: str, extra_hooks: int = 0) -> int:
+    """Bytes of one residual group ``h_0..h_L`` with ``extra_hooks`` more (the mid site) in front."""
+    n_hooks = shape.n_layers + 1 + extra_hooks
     return stats_nbytes([shape.d_model] * n_hooks, pair_pattern(n_hooks, pattern))
 
 
 def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size: int = 16, max_length: int = 128,
          batch_tokens: int | None = None, n_submodule_groups: int | None = None, fits_maps: bool | None = None,
-         stats_device: str = "cpu", model_device: str = "cpu") -> MemoryPlan:
+         mid: bool = False, stats_device: str = "cpu", model_device: str = "cpu") -> MemoryPlan:
     """The memory plan of ``command`` (one of :data:`COMMANDS`) on a model of ``shape``.
 
     ``batch_tokens``: positions one batch captures (default ``batch_size · max_length``, the most
     lines of ``max_length`` tokens can hold); ``n_submodule_groups``: the (input, output) groups
     ``submodules`` collects (default: its default kinds ``attn``, ``mlp``, ``ln`` = 4 per block);
-    ``fits_maps``: whether an ``early-exit`` / ``saturation`` run fits a mat lens (default: as their
-    default lenses do, ``early-exit`` yes, ``saturation`` no).
+    ``fits_maps``: whether an ``early-exit`` / ``saturation`` / ``trajectory`` run fits a mat lens (default:
+    as their default lenses do, ``early-exit`` and ``trajectory`` yes, ``saturation`` no).
     """
     if command not in COMMANDS:
         raise ValueError(f"Unknown command {command!r} for a memory plan; plans exist for {', '.join(COMMANDS)}.")
@@ -154,15 +158,18 @@ def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size
         items["train statistics, adjacent blocks"] = _resid_stats(shape, "adjacent")
         items["held-out statistics, adjacent blocks"] = _resid_stats(shape, "adjacent")
     elif fits_maps or command in ("fit", "compare", "submodules"):
-        items[f"train statistics, {pairs}"] = _resid_stats(shape, pattern)
+        items[f"train statistics, {pairs}" + (" and resid_mid_l -> h_L" if mid else "")] = (
+            _resid_stats(shape, pattern, shape.n_layers if mid else 0))
     if command == "compare":
         items[f"held-out statistics (R²), {pairs}"] = _resid_stats(shape, pattern)
+        if mid:
+            items["held-out statistics (R²), resid_mid_l -> h_L"] = _resid_stats(shape, pattern)
     if command == "submodules":
         groups = 4 * shape.n_layers if n_submodule_groups is None else n_submodule_groups
         items[f"sub-module statistics, {groups} (input, output) groups"] = (
             groups * stats_nbytes([shape.d_model, shape.d_model]))
     tokens = batch_size * max_length if batch_tokens is None else batch_tokens
-    width = (shape.n_layers + 1) * shape.d_model
+    width = (shape.n_layers + 1 + (shape.n_layers if mid else 0)) * shape.d_model
     chunk, readout = f"activation chunk ({tokens} tokens)", f"readout chunk ({tokens} tokens × vocabulary)"
     items[f"{chunk}, model dtype"] = 2 * tokens * width * shape.dtype_bytes
     items[f"{chunk}, float64"] = tokens * width * 8

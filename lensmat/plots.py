@@ -52,12 +52,24 @@ def _subject(report: dict) -> str:
     return model_label(report["model"]) + (", [MASK] positions" if report.get("protocol") == "masked" else "")
 
 
+def mid_curves(report: dict, metric: str, ax) -> None:
+    """A ``compare --sites post,mid`` report's ``resid_mid`` readings, dashed, at ``x = l + 0.5``
+    (after block ``l``'s attention, before its MLP)."""
+    if "mid" not in report:
+        return
+    for name, scores in report["mid"]["lenses"].items():
+        xs = [layer for layer in report["mid"]["layers"] if scores[metric][layer] is not None]
+        ax.plot([x + 0.5 for x in xs], [scores[metric][x] for x in xs], ls="--", marker="x", ms=3, label=f"{name} @ mid")
+    ax.legend(fontsize=8)
+
+
 def precision_figure(report: dict, out=None):
     """Precision@1/5/10 per layer, one line per lens; the model is named once, above the panels."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
     for ax, k in zip(axes, (1, 5, 10)):
         per_layer({n: s[f"precision@{k}"] for n, s in report["lenses"].items()}, f"Precision@{k}",
                   f"Precision@{k} vs the model's top-1", ax)
+        mid_curves(report, f"precision@{k}", ax)
     fig.suptitle(_subject(report))
     fig.tight_layout()
     return _save(fig, out, "precision.png")
@@ -67,6 +79,7 @@ def metric_figure(report: dict, metric: str, ylabel: str, out=None):
     """One metric per layer, one line per lens (e.g. ``kl``, ``surprisal``, ``ce``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     per_layer({n: s[metric] for n, s in report["lenses"].items()}, ylabel, f"{metric} per layer ({_subject(report)})", ax)
+    mid_curves(report, metric, ax)
     fig.tight_layout()
     return _save(fig, out, f"{metric}.png")
 
@@ -257,3 +270,54 @@ def early_exit_plots(report: dict, out=None) -> list:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _close([_save(fig, out, "early_exit.png")], out)
+
+
+def _token_label(token: str, width: int = 7) -> str:
+    """A token as cell or tick text: outer spaces dropped, newlines and tabs visible, cut to ``width``."""
+    text = token.strip(" ").replace("\n", "\\n").replace("\t", "\\t") or repr(token)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def trajectory_figure(tokens: list[str], values: dict, cells: dict, label: str, title: str | None = None,
+                      bounded: bool = False, log_scale: bool = False, out=None):
+    """Layer × position heatmaps side by side, one per name in ``values`` (each ``[L+1, pos]``; NaN
+    drawn grey), sharing one colour scale and colourbar (``label``: the quantity and its unit; 0..1
+    with ``bounded``, symmetric-log with ``log_scale``; otherwise linear from 0, capped at Tukey's far-out
+    fence ``Q3 + 3·IQR`` when outliers exceed it, which the colourbar says). Layer 0 is the bottom row; columns are
+    labelled with ``tokens``; ``cells[name][layer][pos]`` is the text written in each cell. Saved as
+    ``trajectory.png`` in ``out``."""
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    names = list(values)
+    n_layer, n_pos = np.asarray(values[names[0]]).shape
+    finite = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values.values()])
+    finite = finite[np.isfinite(finite)]
+    top = 1.0 if bounded else max(float(finite.max()) if finite.size else 1.0, 1e-6)
+    q1, q3 = np.percentile(finite, [25, 75]) if finite.size else (0.0, 0.0)
+    fence = float(q3 + 3 * (q3 - q1))  # Tukey's far-out fence
+    capped = bool(not (bounded or log_scale) and fence > 0 and top > fence)
+    if capped:  # a few outliers (e.g. the logit lens at the embedding) would leave every other cell one colour
+        top = fence
+        label = f"{label}; colour capped at {top:.3g}"
+    norm = SymLogNorm(linthresh=1.0, vmin=0.0, vmax=max(top, 1.0), base=10) if log_scale else Normalize(0.0, top)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    fig, axes = plt.subplots(1, len(names), squeeze=False, sharey=True, layout="constrained",
+                             figsize=(len(names) * (0.8 + 0.6 * n_pos) + 1.4, 1.6 + 0.34 * n_layer))
+    for ax, name in zip(axes[0], names):
+        grid = np.asarray(values[name], dtype=float)
+        im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, norm=norm)
+        for (layer, pos), v in np.ndenumerate(grid):
+            r, g, b, _ = cmap(norm(v)) if np.isfinite(v) else (0.83, 0.83, 0.83, 1.0)
+            ax.text(pos, layer, _token_label(cells[name][layer][pos]), ha="center", va="center", fontsize=7,
+                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+        ax.set_xticks(range(n_pos), [_token_label(t, 10) for t in tokens], rotation=60, ha="right",
+                      rotation_mode="anchor", fontsize=7.5)
+        ax.set_yticks(range(n_layer))
+        ax.tick_params(axis="y", labelsize=7.5)
+        ax.set_title(f"{name} lens", fontsize=10)
+        ax.set_xlabel("position (input token)", fontsize=8)
+    axes[0, 0].set_ylabel("residual layer l (0 = embedding, bottom)", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label=label, shrink=0.9, pad=0.01, extend="max" if capped else "neither")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, out, "trajectory.png")

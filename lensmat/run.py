@@ -50,7 +50,8 @@ def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> di
 def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
                  jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
-                 stats_device: str | None = None, progress: bool = True) -> tuple[dict, dict, MapSet | None]:
+                 stats_device: str | None = None, sites: tuple[str, ...] = ("post",),
+                 progress: bool = True) -> tuple[dict, dict, MapSet | None]:
     """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
 
     The no-intercept mat maps are fitted (``h_l -> h_L``, and every pair ``l < l'`` for the R²
@@ -58,6 +59,8 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
     mat lens is named or ``maps`` or ``all_pairs`` asks for them (compare always does, for R²);
     otherwise the third value is None.
     ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
+    ``sites=("post", "mid")`` also fits the maps ``resid_mid_l -> h_L`` into the mat map sets
+    (a given ``maps`` must then hold them).
     """
     from lensmat import io
     from lensmat.jlens import JLens, fit_jlens
@@ -76,7 +79,7 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
         start = time.perf_counter()
         stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
                                     pairs="all" if all_pairs else "to_last", progress=progress,
-                                    stats_device=stats_device)
+                                    stats_device=stats_device, sites=sites)
         seconds = time.perf_counter() - start
         for name in to_fit:
             fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",

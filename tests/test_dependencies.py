@@ -109,7 +109,7 @@ def test_weights_processed_flag(tiny_model):
 MODULE_ROWS = [
     ["compat", "models", "gguf_models"], ["data"], ["statistics"], ["fit"], ["io"], ["collect"], ["distributed"],
     ["plan"], ["pipeline"], ["lenses"], ["metrics"], ["tuned", "jlens", "importers"], ["swap"], ["run"], ["plots"],
-    ["saturation"], ["early_exit"], ["generation", "compare", "submodules", "linearity"], ["cli"],
+    ["trajectory"], ["saturation"], ["early_exit"], ["generation", "compare", "submodules", "linearity"], ["cli"],
     ["__init__", "__main__"],
 ]
 

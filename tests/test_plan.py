@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model, random_token_batches
 
 import lensmat
-from lensmat.collect import collect, resid_hooks
+from lensmat.collect import collect, resid_hooks, site_hooks
 from lensmat.plan import MemoryPlanError, ModelShape, plan, resolve_stats_device, shape_from_config
 from lensmat.statistics import GramStats, pair_pattern, stats_nbytes
 from lensmat.submodules import groups_for, submodule_pairs
@@ -35,6 +35,15 @@ def test_plan_counts_the_statistics_the_collector_allocates(all_pairs):
                     progress=False)[0]
     compare_plan = plan("compare", ModelShape.of(model), all_pairs=all_pairs)
     assert list(stats_items(compare_plan).values()) == [resid.nbytes, resid.nbytes]  # train and held-out
+
+
+def test_plan_counts_the_mid_site_statistics_compare_allocates():
+    model = make_tiny_model(n_layers=3, d_model=16)
+    batches = random_token_batches(1, 4, 12, 40, seed=0)
+    mid = site_hooks(3, "mid")
+    groups = [mid + resid_hooks(3), resid_hooks(3), mid + [resid_hooks(3)[-1]]]  # train; held-out post and mid
+    stats = collect(model, batches, groups, pairs=[pair_pattern(len(g), "to_last") for g in groups], progress=False)
+    assert list(stats_items(plan("compare", ModelShape.of(model), mid=True)).values()) == [st.nbytes for st in stats]
 
 
 def test_plan_counts_linearity_and_submodule_statistics():
