@@ -145,9 +145,10 @@ def plot(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, x, label in ((axes[0], "tokens", "training tokens"), (axes[1], "seconds", "wall-clock seconds")):
+    for ax, x, label in ((axes[0], "tokens", "training tokens (thousands)"), (axes[1], "seconds", "wall-clock seconds")):
+        scale = 1e-3 if x == "tokens" else 1.0
         for lens, style in (("tuned", "o-"), ("mat-tuned", "s-")):
-            pts = sorted((r[x], r["mean_kl"]) for r in rows if r["lens"] == lens)
+            pts = sorted((r[x] * scale, r["mean_kl"]) for r in rows if r["lens"] == lens)
             ax.plot([a for a, _ in pts], [b for _, b in pts], style, label=lens)
         for lens, colour in (("mat", "tab:green"), ("mat-affine", "tab:red")):
             r = next(r for r in rows if r["lens"] == lens)

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -80,14 +81,92 @@ class TunedLens(Lens):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "TunedLens":
-        """Load a saved tuned lens, refusing it for a model that differs from the one it was trained on."""
+        """Load a saved tuned lens, refusing it for a model that differs from the one it was trained on:
+        a lensmat folder (``lens.safetensors`` + ``meta.json``) or a folder of the ``tuned-lens``
+        package (``config.json`` + ``params.pt``, see :meth:`from_package`)."""
         from lensmat import io
 
+        if (Path(path) / "config.json").is_file() and not (Path(path) / "meta.json").exists():
+            return cls.from_package(path, model)
         tensors, meta = io.load_artifact(path, "lens")
         if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
             raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
         check_same_model(meta["model"], model, what="this tuned lens")
         return cls(model, tensors["W"], tensors["b"], meta, name=meta.get("name", "tuned"))
+
+    @classmethod
+    def from_package(cls, path: str | os.PathLike, model) -> "TunedLens":
+        """A lens saved by the ``tuned-lens`` package (a ``config.json`` + ``params.pt`` folder, as its
+        hub repository lays out ``lens/<model>/``); checks in :func:`read_package`."""
+        return cls(model, *read_package(path, model))
+
+
+PACKAGE_PARAMS = "params.pt"
+
+
+def package_unembed_hash(model) -> str:
+    """The ``unembed_hash`` the ``tuned-lens`` package records for a model: SHA-256 of numpy's
+    ``array_str(W_U as [d_vocab, d_model] float32, precision=1)`` (its ``tensor_hash``; numpy
+    summarises a large matrix by its corners, so the hash tells models apart, not small edits)."""
+    import hashlib
+
+    import numpy as np
+
+    W = model.W_U.detach().T.float().cpu().numpy()
+    return hashlib.sha256(str.encode(np.array_str(W, precision=1))).hexdigest()
+
+
+def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L d d"], Float[torch.Tensor, "L d"], dict]:
+    """``(W, b, meta)`` of a lens saved by the ``tuned-lens`` package (``TunedLens.save``, and the layout of its hub
+    repository ``AlignmentResearch/tuned-lens``: ``lens/<model>/config.json`` + ``params.pt``).
+
+    ``params.pt`` holds the translators' state dict, ``{i}.weight`` (``[d, d]``, ``nn.Linear``'s
+    ``[out, in]``) and ``{i}.bias`` for ``i = 0..L-1``; the package's translator is ``h + weight·h
+    + bias`` on HF ``hidden_states[i]``, lensmat's residual layer ``i``, so ``W_i = weightᵀ``. It is
+    read with ``torch.load(weights_only=True)``. The config's ``d_model``, ``num_hidden_layers`` and
+    ``unembed_hash`` (:func:`package_unembed_hash`) are checked against ``model``, which must be in
+    the raw Hugging Face basis the package trains in.
+    """
+    import json
+
+    from lensmat.io import ArtifactError
+    from lensmat.models import ModelMismatchError, basis_of
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}/config.json is not a readable tuned-lens config ({err}).") from err
+    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    if (config.get("num_hidden_layers"), config.get("d_model")) != (L, d):
+        raise ModelMismatchError(
+            f"The tuned lens in {path} was trained for {config.get('base_model_name_or_path')!r} "
+            f"({config.get('num_hidden_layers')} layers, d_model {config.get('d_model')}); this model has {L} layers, "
+            f"d_model {d}. Load the lens for this model.")
+    if basis_of(model) != "raw":
+        raise ModelMismatchError(f"The tuned-lens package trains on raw Hugging Face hidden states, but this model is in "
+                                 f"the {basis_of(model)!r} basis; load it with lensmat.load_model (raw weights).")
+    expected = config.get("unembed_hash")
+    if expected and expected != package_unembed_hash(model):
+        raise ModelMismatchError(
+            f"The tuned lens in {path} records the unembedding hash {expected[:12]}…, this model's is "
+            f"{package_unembed_hash(model)[:12]}…: it was trained for another model ({config.get('base_model_name_or_path')!r}).")
+    params = path / PACKAGE_PARAMS
+    if not params.is_file():
+        raise ArtifactError(f"{path} has a tuned-lens config.json but no {PACKAGE_PARAMS}; copy the lens's parameters "
+                            "beside it (the hub repository keeps both in lens/<model>/).")
+    state = torch.load(params, map_location="cpu", weights_only=True)
+    bias = bool(config.get("bias", True))
+    want = {f"{i}.weight" for i in range(L)} | ({f"{i}.bias" for i in range(L)} if bias else set())
+    if not isinstance(state, dict) or set(state) != want:
+        got = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
+        raise ArtifactError(f"{params} is not the state dict of {L} translators (expected keys 0.weight … {L - 1}."
+                            f"{'bias' if bias else 'weight'}, found {got}).")
+    W = torch.stack([state[f"{i}.weight"].float().T for i in range(L)])
+    b = torch.stack([state[f"{i}.bias"].float() for i in range(L)]) if bias else torch.zeros(L, d)
+    meta = {"model": describe(model).to_dict(), "format": "tuned-lens package",
+            "provenance": {"source": str(path), "package_config": config}}
+    return W, b, meta
 
 
 def kl_backward(model, W, b, captured: dict, hooks: list[str], logp_final) -> float:
