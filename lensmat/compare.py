@@ -93,6 +93,8 @@ def compare(
     if mid and all_pairs:
         raise ValueError("The mid site is fitted to the last layer only; drop all_pairs (--all-pairs) or the mid site.")
     model = start_run(model, out, force)
+    if mid:
+        require_mid_site(model)
     masked = is_masked_lm(model)
     if masked and set(names) - set(MASKED_LM_LENSES):
         raise ValueError(f"Lens(es) {sorted(set(names) - set(MASKED_LM_LENSES))} are trained on next-token prediction "
@@ -150,6 +152,17 @@ def compare(
         write_report(report, out)
         plots.compare_plots(report, out)
     return report
+
+
+def require_mid_site(model) -> None:
+    """Refuse the mid site on a model without ``hook_resid_mid`` (parallel attention and MLP, as in
+    GPT-J, GPT-NeoX/Pythia, Phi-1/2, Falcon: there is no residual stream between them)."""
+    missing = [h for h in site_hooks(int(model.cfg.n_layers), "mid") if h not in model.hook_dict]
+    if missing:
+        parallel = " its attention and MLP read the same input in parallel (cfg.parallel_attn_mlp), so" if getattr(
+            model.cfg, "parallel_attn_mlp", False) else ""
+        raise ValueError(f"{model.cfg.model_name!r} has no {missing[0]}:{parallel} there is no residual stream between "
+                         "attention and MLP to read; use the post site only (--sites post).")
 
 
 def format_table(report: dict, metric: str = "precision@1", site: str = "post") -> str:

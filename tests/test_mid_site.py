@@ -96,3 +96,19 @@ def test_cli_compare_with_mat_tuned_and_the_mid_site(tiny_gpt2, tmp_path, capsys
     assert cost["seconds"] >= cost["init"]["seconds"] > 0
     assert set(report["mid"]["lenses"]) == {"logit", "mat"}  # the tuned lenses are not read at mid
     assert report["lenses"]["mat-tuned"]["kl"][-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_mid_site_is_refused_on_parallel_attention(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from conftest import save_tiny_causal_lm
+    import lensmat
+
+    save_tiny_causal_lm(tmp_path, "gpt2")  # its tokenizer; the weights are replaced by a parallel-attention model
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=49, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, bos_token_id=48,
+                                     eos_token_id=48)).eval().save_pretrained(tmp_path)
+    model = lensmat.load_model(str(tmp_path), device="cpu")
+    with pytest.raises(ValueError, match="no blocks.0.hook_resid_mid: its attention and MLP read the same input"):
+        compare(model, None, sites="post,mid", progress=False)
