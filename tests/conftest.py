@@ -61,20 +61,31 @@ def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab:
     return out
 
 
+def save_word_tokenizer(folder, masked: bool = False) -> int:
+    """A word-level tokenizer over ``w0``..``w47`` saved to ``folder``; returns its vocabulary size.
+    Causal: ``<|endoftext|>`` = 48 is BOS and EOS. Masked: ``[CLS] [SEP] [MASK] [PAD]`` = 48..51."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[CLS]", "[SEP]", "[MASK]", "[PAD]"] if masked else ["<|endoftext|>"]
+    vocab = {f"w{i}": i for i in range(48)} | {s: 48 + i for i, s in enumerate(specials)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    names = (dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]") if masked
+             else dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", **names).save_pretrained(folder)
+    return len(vocab)
+
+
 def save_tiny_causal_lm(folder, family: str = "gpt2"):
     """A random 3-block Hugging Face causal LM of ``family`` (``gpt2``, ``llama``, ``gemma3``) over a
     49-word vocabulary (``w0``..``w47``, BOS/EOS 48), saved to ``folder`` with its tokenizer.
     ``gemma3`` has a 6-position sliding window on its first two layers (the third is global), so
     lines longer than 6 tokens exercise the sliding-window cache."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, PreTrainedTokenizerFast)
+                              LlamaForCausalLM)
 
-    vocab = {f"w{i}": i for i in range(48)} | {"<|endoftext|>": 48}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="w0").save_pretrained(folder)
+    save_word_tokenizer(folder)
     torch.manual_seed(0)
     # Gemma scales its embeddings by sqrt(d_model): with 0.2 the embedding swamps the stream and the
     # random model repeats one token; its default 0.02 gives varied greedy continuations.
@@ -146,20 +157,14 @@ def tiny_bert(tmp_path_factory):
     """A random 3-block Hugging Face ``BertForMaskedLM`` over ``w0``..``w47`` plus ``[CLS]``
     ``[SEP]`` ``[MASK]`` ``[PAD]``, saved as a local folder and loaded through
     :func:`lensmat.load_model`, with a ``w``-word corpus. Returns ``(model, folder, corpus path)``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertForMaskedLM
 
     import lensmat
 
     folder = tmp_path_factory.mktemp("tiny_bert")
-    specials = ["[CLS]", "[SEP]", "[MASK]", "[PAD]"]
-    vocab = {f"w{i}": i for i in range(48)} | {s: 48 + i for i, s in enumerate(specials)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                            pad_token="[PAD]", unk_token="w0").save_pretrained(folder)
+    vocab_size = save_word_tokenizer(folder, masked=True)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, type_vocab_size=1, pad_token_id=51,
                      initializer_range=0.2)
     hf = BertForMaskedLM(cfg).eval()
