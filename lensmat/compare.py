@@ -29,7 +29,7 @@ from lensmat.metrics import evaluate_lenses
 from lensmat.models import describe, is_masked_lm
 from lensmat.pipeline import tokenized
 from lensmat.plan import check_memory
-from lensmat.run import MASKED_LM_LENSES, build_lenses, parse_lenses, start_run, write_report
+from lensmat.run import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm, start_run, write_report
 from lensmat.statistics import pair_pattern
 
 
@@ -95,10 +95,8 @@ def compare(
     model = start_run(model, out, force)
     if mid:
         require_mid_site(model)
+    refuse_causal_lenses_on_masked_lm(model, names)
     masked = is_masked_lm(model)
-    if masked and set(names) - set(MASKED_LM_LENSES):
-        raise ValueError(f"Lens(es) {sorted(set(names) - set(MASKED_LM_LENSES))} are trained on next-token prediction "
-                         f"and do not apply to the masked LM {model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)

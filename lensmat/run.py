@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
-from lensmat.models import load_model, require_causal
+from lensmat.models import is_masked_lm, load_model, require_causal
 from lensmat.pipeline import collect_layer_stats, maps_from_stats
 
 LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian")
@@ -31,6 +31,14 @@ def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"Unknown lens name(s) {unknown or names}; valid lenses: {', '.join(LENS_KINDS)}.")
     return names
+
+
+def refuse_causal_lenses_on_masked_lm(model, names: list[str]) -> None:
+    """Refuse lenses trained on next-token prediction (tuned, mat-tuned, jacobian) for a masked LM."""
+    wrong = sorted(set(names) - set(MASKED_LM_LENSES))
+    if is_masked_lm(model) and wrong:
+        raise ValueError(f"Lens(es) {wrong} are trained on next-token prediction and do not apply to the masked LM "
+                         f"{model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
 
 
 def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> dict:

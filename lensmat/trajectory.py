@@ -238,15 +238,13 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
     from lensmat import data
     from lensmat.pipeline import tokenized
     from lensmat.plan import check_memory
-    from lensmat.run import MASKED_LM_LENSES, build_lenses, parse_lenses, start_run, write_report
+    from lensmat.run import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm, start_run, write_report
 
     names = parse_lenses(lenses)
     check_statistic(statistic)
     model = start_run(model, out, force)
     encode_text(model, text)  # refuse a bad text before fitting anything
-    if is_masked_lm(model) and set(names) - set(MASKED_LM_LENSES):
-        raise ValueError(f"Lens(es) {sorted(set(names) - set(MASKED_LM_LENSES))} are trained on next-token prediction "
-                         f"and do not apply to the masked LM {model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
+    refuse_causal_lenses_on_masked_lm(model, names)
     train = tokenized(model, dataset, "train", max_length or data.DEFAULT_MAX_LENGTH)
     memory = check_memory(model, "trajectory", train, batch_size=batch_size, stats_device=stats_device,
                           memory_limit=memory_limit, progress=progress,

@@ -131,8 +131,13 @@ def test_compare_runs_the_masked_protocol(tiny_bert, tmp_path):
                                                "non_finite"}
         assert report["lenses"][name]["precision@1"][L] == 1.0
     assert len(report["r2"]["mat"]) == L + 1 and (tmp_path / "cmp" / "report.json").is_file()
-    with pytest.raises(ValueError, match="next-token prediction"):
-        compare(model, str(corpus), lenses="logit,tuned", progress=False)
+    for lenses in ("logit,tuned", "mat-tuned"):
+        with pytest.raises(ValueError, match="next-token prediction"):
+            compare(model, str(corpus), lenses=lenses, progress=False)
+    from lensmat.trajectory import trajectory_report
+
+    with pytest.raises(ValueError, match=r"\['mat-tuned'\] are trained on next-token prediction"):
+        trajectory_report(model, "w1 w4 w7", str(corpus), lenses="logit,mat-tuned", progress=False)
 
 
 def test_causal_only_analyses_refuse_a_masked_lm(tiny_bert):
