@@ -13,12 +13,15 @@ The package is not a lensmat dependency. Install it beside lensmat without its h
 Its TransformerLens integration touches `transformer_lens.HookedTransformer`, which TransformerLens
 4 removed, so it is switched off (`model_surgery._transformer_lens_available = False`); its
 training script imports a removed torchdata API, so this script drives its `TunedLens` itself.
+The package's lens is scored after a round trip through its own `save` and lensmat's
+`TunedLens.load`, so the check covers the loader of published lenses too.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 
 import torch
 
@@ -76,13 +79,10 @@ def main() -> None:
             sched.step()
             seen += batch.n_scored
 
-    class PackageLens(lensmat.Lens):
-        name = "tuned-lens package"
-
-        def transform(self, h, layer):
-            return h if layer == L else theirs.transform_hidden(h, layer)
-
-    scores, _, n = evaluate_lenses(bridge, {"lensmat": ours, "package": PackageLens(bridge), "logit": lensmat.LogitLens(bridge)},
+    with tempfile.TemporaryDirectory() as folder:  # the package's own saved format, read by lensmat's loader
+        theirs.save(folder)
+        package = lensmat.TunedLens.load(folder, bridge)
+    scores, _, n = evaluate_lenses(bridge, {"lensmat": ours, "package": package, "logit": lensmat.LogitLens(bridge)},
                                    heldout.batches(args.batch_size, args.eval_tokens), progress=False)
     print(f"held-out KL(p_final || p_lens), nats/token, {n} tokens; both trained on {args.tokens} tokens")
     print(f"{'layer':>5} {'logit':>8} {'lensmat tuned':>14} {'package tuned':>14} {'|diff|':>9}")

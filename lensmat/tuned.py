@@ -89,8 +89,10 @@ class TunedLens(Lens):
         if is_package_folder(path):
             return cls.from_package(path, model)
         if not (Path(path) / "meta.json").is_file():
-            raise io.ArtifactError(f"{path} holds neither a lensmat tuned lens (lens.safetensors + meta.json) nor a "
-                                   "tuned-lens package lens (config.json + params.pt); pass the folder that holds one.")
+            what = "holds neither" if Path(path).is_dir() else "is not a folder; pass one that holds either"
+            raise io.ArtifactError(f"{path} {what} a lensmat tuned lens (lens.safetensors + meta.json) "
+                                   f"{'nor' if Path(path).is_dir() else 'or'} a tuned-lens package lens "
+                                   "(config.json + params.pt).")
         tensors, meta = io.load_artifact(path, "lens")
         if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
             raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
