@@ -84,7 +84,7 @@ def test_cli_fit_then_compare_reuses_maps(tmp_path):
     again = run("compare", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "c"))
     assert again.returncode == 2 and "--force" in again.stderr
     bad = run("compare", "--lenses", "logit,magic", "--out", str(tmp_path / "d"))
-    assert bad.returncode == 2 and "valid lenses: logit, mat, mat-affine, tuned, jacobian" in bad.stderr
+    assert bad.returncode == 2 and "valid lenses: logit, mat, mat-affine, tuned, mat-tuned, jacobian" in bad.stderr
 
 
 def test_reports_are_deterministic_apart_from_wall_clock(compare_report, reference_model):
