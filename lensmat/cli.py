@@ -125,13 +125,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from lensmat import distributed, io
+    from lensmat import distributed
 
     if args.distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise ValueError("--distributed needs a launcher that starts the ranks: torchrun --nproc_per_node=N -m lensmat fit ...")
     rank = 0
     if distributed.init_from_env():
         rank, _ = distributed.rank_and_world()
+    try:
+        code = _fit(args, rank)
+    except BaseException:
+        distributed.shutdown(barrier=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def _fit(args: argparse.Namespace, rank: int) -> int:
+    from lensmat import io
+
     if args.out is None:
         raise ValueError("lensmat fit needs --out DIR to save the maps.")
     model = _load(args)

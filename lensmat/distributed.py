@@ -43,6 +43,19 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group: wait for every rank (``barrier``), then ``destroy_process_group``.
+
+    Without the barrier a rank that finishes first tears its gloo threads down while a peer still
+    writes to it, and the process can abort with ``terminate called without an active exception``.
+    Pass ``barrier=False`` on an error path, where the other ranks may never reach it.
+    """
+    if is_distributed():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_stats(stats: list[GramStats]) -> list[GramStats]:
     """Sum every rank's statistics in place (a no-op outside a distributed run)."""
     if not is_distributed():

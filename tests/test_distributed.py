@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model, random_token_batches  # noqa: E402
 
+from lensmat.distributed import shutdown  # noqa: E402
 from lensmat.fit import fit_layer_maps  # noqa: E402
 from lensmat.pipeline import Tokenized, collect_layer_stats  # noqa: E402
 
@@ -31,14 +32,12 @@ def corpus():
 def worker(rank: int, world: int, init_file: str, out: str, pairs: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, pairs=pairs, progress=False)
-        maps = fit_layer_maps(stats, all_pairs=pairs == "all")
-        if rank == 0:
-            torch.save({"n": stats.n, "W": {f"{s}->{t}": m.W.double() for (s, t), m in maps.items()},
-                        "panels": stats.panels}, out)
-    finally:
-        dist.destroy_process_group()
+    stats = collect_layer_stats(make_tiny_model(), corpus(), batch_size=1, pairs=pairs, progress=False)
+    maps = fit_layer_maps(stats, all_pairs=pairs == "all")
+    if rank == 0:
+        torch.save({"n": stats.n, "W": {f"{s}->{t}": m.W.double() for (s, t), m in maps.items()},
+                    "panels": stats.panels}, out)
+    shutdown()
 
 
 @pytest.mark.parametrize("pairs", ["all", "to_last"])
