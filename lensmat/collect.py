@@ -99,11 +99,12 @@ def check_hooks(model, hooks: Iterable[str]) -> None:
 
 @torch.no_grad()
 def run_capture(
-    model, batch: Batch, hooks: Sequence[str], *, logits: bool = False,
+    model, batch: Batch, hooks: Sequence[str], *, logits: bool = False, fwd_hooks: Sequence = (),
 ) -> tuple[dict[str, Float[torch.Tensor, "n d"]], Float[torch.Tensor, "n vocab"] | None]:
     """One forward pass; returns the activations at ``hooks`` and (optionally) the model's logits,
     each restricted to the batch's scored positions (rows in ``batch.score_mask`` order). A masked
     LM also gets the batch's attention mask, so padding never leaks into real positions.
+    ``fwd_hooks`` (``[(name, fn)]``, e.g. :func:`lensmat.swap.swap_hooks`) run before the captures.
 
     Raises :class:`ActivationError` when a captured activation holds NaN/Inf.
     """
@@ -120,7 +121,7 @@ def run_capture(
 
     device = input_device(model)
     extra = {"attention_mask": batch.attention_mask.to(device)} if is_masked_lm(model) else {}
-    out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[(h, capture_into(h)) for h in dict.fromkeys(hooks)],
+    out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[*fwd_hooks, *((h, capture_into(h)) for h in dict.fromkeys(hooks))],
                                return_type="logits" if logits else None, **extra)
     return captured, (out[mask.to(out.device)] if logits else None)
 

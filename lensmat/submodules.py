@@ -24,7 +24,7 @@ from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
 from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
-from lensmat.swap import SUBMODULE_KINDS, expand_kinds, submodule_pair, swap_hooks
+from lensmat.swap import SUBMODULE_KINDS, block_layout, expand_kinds, submodule_pair, swap_hooks
 
 PROTOCOL_KINDS = ("attn", "mlp", "ln")
 
@@ -32,7 +32,7 @@ PROTOCOL_KINDS = ("attn", "mlp", "ln")
 def submodule_pairs(model, kinds=SUBMODULE_KINDS, layers=None) -> list[tuple[str, str]]:
     """Hook pairs of the given kinds (``ln`` = ln1 + ln2) in the given blocks (default: all)."""
     layers = range(int(model.cfg.n_layers)) if layers is None else layers
-    return [submodule_pair(model, kind, layer) for layer in layers for kind in expand_kinds(kinds)]
+    return [submodule_pair(model, kind, layer) for layer in layers for kind in expand_kinds(kinds, model)]
 
 
 def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
@@ -58,8 +58,7 @@ def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KIN
 
 
 def _swapped_logits(model, batch, hooks) -> torch.Tensor:
-    mask = batch.score_mask.to(model.W_U.device)
-    return model.run_with_hooks(batch.tokens.to(model.W_U.device), fwd_hooks=hooks)[mask]
+    return run_capture(model, batch, (), logits=True, fwd_hooks=hooks)[1]
 
 
 @torch.no_grad()
@@ -123,7 +122,7 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
     if bad:
         raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
-    model = start_run(model, out, force, causal_only="Sub-module swapping")
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     train: Tokenized = tokenized(model, dataset, "train", max_length)
     pairs = submodule_pairs(model, kinds)
@@ -147,6 +146,8 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     report = {
         "model": layer_maps.model["name"], "n_layers": n_layers, "layers": list(range(n_layers + 1)),
         "n_fit_tokens": stats[0].n, "n_eval_tokens": n_eval, "intercept": intercept,
+        "protocol": "masked" if train.masking is not None else "causal", "layout": block_layout(model),
+        "pairs": {k: list(submodule_pair(model, k, 0)) for k in expand_kinds(kinds, model)},
         "variants": variants, "single_block": single,
         "ranking": [{"kind": k, "mean_precision@1": means[k],
                      "scored_layers": sum(v is not None for v in variants[k]["precision@1"])} for k in ranking],

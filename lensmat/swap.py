@@ -1,20 +1,26 @@
 """Swap sub-modules for their fitted linear maps inside the live model, with hooks.
 
-Sub-module kinds and the hook pair (input -> output) each replaces, per block ``l``:
+Sub-module kinds and the hook pair (input -> output) each replaces in block ``l`` depend on the
+block's layout (:func:`block_layout`); the pairs are :data:`_PAIRS`, written without ``blocks.{l}.``:
 
-===========  ==================================  ==================================
-kind         input                               output
-===========  ==================================  ==================================
-``ln1``      ``blocks.{l}.hook_resid_pre``       ``blocks.{l}.ln1.hook_out``
-``attn``     ``blocks.{l}.ln1.hook_out``         ``blocks.{l}.hook_attn_out``
-``ln2``      ``blocks.{l}.hook_resid_mid``       ``blocks.{l}.ln2.hook_out``
-``mlp``      ``blocks.{l}.ln2.hook_out``         ``blocks.{l}.hook_mlp_out``
-``block``    ``blocks.{l}.hook_resid_pre``       ``blocks.{l}.hook_resid_post``
-===========  ==================================  ==================================
+- ``pre-norm`` (GPT-2, GPT-Neo, OPT, BLOOM, Llama, Mistral, Mixtral, Qwen, Gemma, Phi-3, StableLM,
+  OLMo): ``ln1`` ``hook_resid_pre -> ln1.hook_out``, ``attn`` ``ln1.hook_out -> hook_attn_out``,
+  ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln2.hook_out -> hook_mlp_out``. Gemma 2/3's
+  extra output norms sit inside ``attn`` and ``mlp`` (``hook_attn_out`` is after them).
+- ``parallel`` (attention and MLP both read ``h_l``; no ``hook_resid_mid``): as pre-norm, with
+  ``ln2`` reading ``hook_resid_pre`` (GPT-NeoX / Pythia). With one norm per block (GPT-J, Phi,
+  Falcon) there is no ``ln2`` and ``mlp`` reads ``ln1.hook_out``.
+- ``post-norm`` (LayerNorm after each residual add: BERT, RoBERTa): ``ln1`` ``ln1.hook_in ->
+  ln1.hook_out``, ``attn`` ``hook_resid_pre -> attn.o.hook_out`` (before the residual add),
+  ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln1.hook_out -> hook_mlp_out``.
+- ``post-sublayer-norm`` (a norm on each sub-layer's output and none on its input: OLMo 2):
+  ``attn`` ``hook_resid_pre -> attn.hook_out``, ``ln1`` ``attn.hook_out -> ln1_post.hook_out``,
+  ``mlp`` ``hook_resid_mid -> mlp.hook_out``, ``ln2`` ``mlp.hook_out -> ln2_post.hook_out``.
+- ``block`` is ``hook_resid_pre -> hook_resid_post`` in every layout.
 
-Models with parallel attention and MLP (``cfg.parallel_attn_mlp``, e.g. GPT-J, Pythia) have
-no ``hook_resid_mid``: there ``ln2`` reads ``hook_resid_pre`` instead (documented substitute).
-Attention-only models have no ``ln2``/``mlp`` and asking for them is an error.
+A kind a family lacks (``ln2`` with one norm per block; ``ln2``/``mlp`` in attention-only models)
+is an error naming the kinds it has (:func:`model_kinds`). ``tests/test_architectures.py`` checks
+every pair of every family: the output is a function of the input alone, and the model reads it.
 
 A swap is a list of ``(hook name, fn)`` pairs (:func:`swap_hooks`) that composes with
 ``run_with_hooks``, ``run_with_cache`` and your own hooks, or the :func:`swap` context manager.
@@ -31,41 +37,85 @@ from typing import Iterable
 from lensmat.fit import MapSet
 
 SUBMODULE_KINDS = ("ln1", "attn", "ln2", "mlp", "block")
+LAYOUTS = ("pre-norm", "parallel", "post-norm", "post-sublayer-norm")
+POST_NORM = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})
+POST_SUBLAYER_NORM = frozenset({"Olmo2ForCausalLM"})
+_PAIRS = {  # layout: kind: (input, output) hook suffixes
+    "pre-norm": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
+                 "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
+    "parallel": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
+                 "ln2": ("hook_resid_pre", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
+    "post-norm": {"ln1": ("ln1.hook_in", "ln1.hook_out"), "attn": ("hook_resid_pre", "attn.o.hook_out"),
+                  "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln1.hook_out", "hook_mlp_out")},
+    "post-sublayer-norm": {"ln1": ("attn.hook_out", "ln1_post.hook_out"), "attn": ("hook_resid_pre", "attn.hook_out"),
+                           "ln2": ("mlp.hook_out", "ln2_post.hook_out"), "mlp": ("hook_resid_mid", "mlp.hook_out")},
+}
+
+
+def block_layout(model) -> str:
+    """How a block wires its norms and sub-layers: one of :data:`LAYOUTS` (see the module docstring),
+    from the Hugging Face architecture name (``cfg.architecture``) and ``cfg.parallel_attn_mlp``."""
+    arch = getattr(model.cfg, "architecture", None)
+    if arch in POST_NORM:
+        return "post-norm"
+    if arch in POST_SUBLAYER_NORM:
+        return "post-sublayer-norm"
+    return "parallel" if getattr(model.cfg, "parallel_attn_mlp", False) else "pre-norm"
+
+
+def _one_norm(model) -> bool:
+    """A parallel block with a single norm read by attention and MLP (GPT-J, Phi, Falcon)."""
+    return block_layout(model) == "parallel" and "blocks.0.ln2.hook_out" not in model.hook_dict
+
+
+def model_kinds(model) -> tuple[str, ...]:
+    """The sub-module kinds this model has, in block order."""
+    missing = set()
+    if getattr(model.cfg, "attn_only", False):
+        missing |= {"ln2", "mlp"}
+    if _one_norm(model):
+        missing.add("ln2")
+    return tuple(k for k in SUBMODULE_KINDS if k not in missing)
 
 
 def submodule_pair(model, kind: str, layer: int) -> tuple[str, str]:
-    """``(input hook, output hook)`` of sub-module ``kind`` in block ``layer`` (0..L-1)."""
+    """``(input hook, output hook)`` of sub-module ``kind`` in block ``layer`` (0..L-1), for the
+    model's :func:`block_layout`."""
     n_blocks = int(model.cfg.n_layers)
     if kind not in SUBMODULE_KINDS:
         raise ValueError(f"Unknown sub-module kind {kind!r}; valid kinds: {', '.join(SUBMODULE_KINDS)}.")
     if not 0 <= layer < n_blocks:
         raise IndexError(f"Block {layer} is out of range: this model has blocks 0..{n_blocks - 1}.")
-    p = f"blocks.{layer}"
-    if kind in ("ln2", "mlp") and getattr(model.cfg, "attn_only", False):
-        raise ValueError(f"This model is attention-only: it has no {kind}; use kinds ln1, attn or block.")
-    mid = f"{p}.hook_resid_pre" if getattr(model.cfg, "parallel_attn_mlp", False) else f"{p}.hook_resid_mid"
-    pair = {
-        "ln1": (f"{p}.hook_resid_pre", f"{p}.ln1.hook_out"),
-        "attn": (f"{p}.ln1.hook_out", f"{p}.hook_attn_out"),
-        "ln2": (mid, f"{p}.ln2.hook_out"),
-        "mlp": (f"{p}.ln2.hook_out", f"{p}.hook_mlp_out"),
-        "block": (f"{p}.hook_resid_pre", f"{p}.hook_resid_post"),
-    }[kind]
+    layout, kinds = block_layout(model), model_kinds(model)
+    if kind not in kinds:
+        why = ("it is attention-only" if getattr(model.cfg, "attn_only", False)
+               else "its attention and MLP read the same norm (ln1.hook_out) in parallel")
+        raise ValueError(f"{model.cfg.model_name} has no {kind} sub-module: {why}. Its kinds: {', '.join(kinds)}.")
+    if kind == "block":
+        src, tgt = "hook_resid_pre", "hook_resid_post"
+    else:
+        src, tgt = _PAIRS[layout][kind]
+        if kind == "mlp" and _one_norm(model):
+            src = "ln1.hook_out"
+    pair = (f"blocks.{layer}.{src}", f"blocks.{layer}.{tgt}")
     missing = [h for h in pair if h not in model.hook_dict]
     if missing:
         raise ValueError(
-            f"This model has no hook {missing[0]!r}, so the {kind} sub-module of block {layer} cannot be "
-            f"fitted or swapped (its architecture differs from pre-norm GPT-2 style blocks); use kinds "
-            f"{', '.join(k for k in SUBMODULE_KINDS if k != kind)}."
+            f"{model.cfg.model_name} has no hook {missing[0]!r}, so the {kind} sub-module of block {layer} cannot "
+            f"be fitted or swapped (its blocks differ from the {layout} layout lensmat assumed from "
+            f"cfg.architecture={getattr(model.cfg, 'architecture', None)!r}); use kinds "
+            f"{', '.join(k for k in kinds if k != kind)}."
         )
     return pair
 
 
-def expand_kinds(kinds: Iterable[str]) -> list[str]:
-    """Kinds in block order; ``"ln"`` stands for ``ln1`` and ``ln2`` together."""
+def expand_kinds(kinds: Iterable[str], model=None) -> list[str]:
+    """Kinds in block order; ``"ln"`` stands for ``ln1`` and ``ln2`` together (only the norms the
+    ``model`` has, when given: ``ln1`` alone with one norm per block)."""
+    norms = {"ln1", "ln2"} if model is None else {"ln1", "ln2"} & set(model_kinds(model))
     wanted = set()
     for k in kinds:
-        wanted |= {"ln1", "ln2"} if k == "ln" else {k}
+        wanted |= norms if k == "ln" else {k}
     unknown = wanted - set(SUBMODULE_KINDS)
     if unknown:
         raise ValueError(f"Unknown sub-module kind(s) {sorted(unknown)}; valid: ln, {', '.join(SUBMODULE_KINDS)}.")
@@ -85,7 +135,7 @@ def swap_hooks(model, maps: MapSet, kinds: Iterable[str] = ("attn",), layers: It
     fwd_hooks=...)`` or ``model.hooks(...)``.
     """
     maps.check_model(model)
-    kinds = expand_kinds(kinds)
+    kinds = expand_kinds(kinds, model)
     if "block" in kinds and len(kinds) > 1:
         raise ValueError("Swap 'block' alone: it already replaces everything inside the block.")
     blocks = range(int(model.cfg.n_layers)) if layers is None else sorted(set(layers))
