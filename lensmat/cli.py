@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lensmat
 from lensmat import data, models, pipeline
+from lensmat.early_exit import MASKED_T
 from lensmat.plan import COMMANDS
 from lensmat.run import LENS_KINDS
 from lensmat.saturation import SATURATION_LENSES
@@ -90,9 +91,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "(default: the device's free memory)")
 
 
-def _add_mask_args(p: argparse.ArgumentParser) -> None:
+def _add_masking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-mask", type=int, default=1, help="masked LMs: positions masked per line (default 1, as in the paper)")
     p.add_argument("--mask-seed", type=int, default=0, help="masked LMs: seed that picks the masked positions")
+
+
+def _add_mask_args(p: argparse.ArgumentParser) -> None:
+    _add_masking_args(p)
     p.add_argument("--positions", choices=data.POSITIONS, default="all",
                    help="causal LMs: fit and score every position (default) or one random position per line "
                         "(the 'Jump to Conclusions' protocol)")
@@ -103,6 +108,16 @@ def _add_mask_args(p: argparse.ArgumentParser) -> None:
 
 def _scoring(args: argparse.Namespace) -> data.Scoring:
     return data.Scoring(args.positions, bos=not args.no_bos, seed=args.position_seed)
+
+
+def _masking(args: argparse.Namespace) -> dict:
+    """``n_mask`` and ``mask_seed`` from ``--n-mask`` / ``--mask-seed``."""
+    return {"n_mask": args.n_mask, "mask_seed": args.mask_seed}
+
+
+def _masked_t(text: str) -> int | None:
+    """--masked-t: an integer ``t``, or ``position`` (each masked token's position)."""
+    return None if text == "position" else int(text)
 
 
 def _memory(args: argparse.Namespace) -> dict:
@@ -203,7 +218,8 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     args.out = out = args.out or "runs/submodules"
     report = submodules(_load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                        intercept=args.intercept, out=out, force=args.force, progress=not args.quiet, **_memory(args))
+                        intercept=args.intercept, n_mask=args.n_mask, mask_seed=args.mask_seed, out=out, force=args.force,
+                        progress=not args.quiet, **_memory(args))
     names = list(report["variants"])
     print(f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)")
     for layer in report["layers"]:
@@ -230,7 +246,7 @@ def cmd_linearity(args: argparse.Namespace) -> int:
             specs, args.dataset, out=out, force=args.force, load=lambda spec: _load_spec(args, spec),
             max_fit_tokens=args.max_fit_tokens,
             max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
-            max_length=args.max_length, progress=not args.quiet, **_memory(args))
+            max_length=args.max_length, progress=not args.quiet, **_masking(args), **_memory(args))
         print(f"{'model':<48} {'tokens seen':>12} {'LS train':>9} {'LS held out':>11} {'no res. train':>13} "
               f"{'no res. held out':>16} {'CE':>6}")
         for r in summary["models"]:
@@ -242,7 +258,8 @@ def cmd_linearity(args: argparse.Namespace) -> int:
         return 0
     report = linearity(_load(args), args.dataset, max_fit_tokens=args.max_fit_tokens,
                        max_eval_tokens=args.max_eval_tokens, max_k=args.max_k, batch_size=args.batch_size,
-                       max_length=args.max_length, out=out, force=args.force, progress=not args.quiet, **_memory(args))
+                       max_length=args.max_length, out=out, force=args.force, progress=not args.quiet,
+                       **_masking(args), **_memory(args))
     print(f"{'':>5} {'train (the paper)':>25} {'held out':>25}")
     print(f"{'block':>5} {'LS':>8} {'LS(no residual)':>16} {'LS':>8} {'LS(no residual)':>16} {'|Δh|/|h|':>9} {'cos':>7}")
     columns = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual")
@@ -265,8 +282,9 @@ def cmd_saturation(args: argparse.Namespace) -> int:
                    max_eval_tokens=args.max_eval_tokens, n_permutations=args.permutations,
                    order_rule=args.order_rule, max_pairs=args.pairs,
                    batch_size=args.batch_size, max_length=args.max_length, out=out, force=args.force,
-                   progress=not args.quiet, **_memory(args))
-    print(f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out tokens with s_1 <= {r['max_s1']} "
+                   progress=not args.quiet, **_masking(args), **_memory(args))
+    what = "masked tokens" if r["protocol"] == "masked" else "tokens"
+    print(f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out {what} with s_1 <= {r['max_s1']} "
           f"(block output {r['max_s1'] - 1} = floor({r['frac']}·L))")
     print("k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)))
     print("mean s_k   " + " ".join(f"{v:>6.2f}" for v in r["mean_layer"]))
@@ -297,8 +315,10 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     r = early_exit(_load(args), args.dataset, lenses=args.lenses, retention=args.retention,
                    max_fit_tokens=args.max_fit_tokens, max_eval_tokens=args.max_eval_tokens,
                    max_probe_tokens=args.max_probe_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                   out=out, force=args.force, progress=not args.quiet, **_memory(args))
-    print(f"confidence exit on {r['n_eval_tokens']} held-out tokens ({r['n_layers']} blocks); "
+                   masked_t=args.masked_t, out=out, force=args.force, progress=not args.quiet, **_masking(args),
+                   **_memory(args))
+    what = "masked tokens (simulated exit at [MASK])" if r["protocol"] == "masked" else "tokens"
+    print(f"confidence exit on {r['n_eval_tokens']} held-out {what} ({r['n_layers']} blocks); "
           "lambda: mean blocks / Precision@1 / accuracy")
     for lens, rows in r["curves"].items():
         print(f"  {lens:<10} saves {r['savings'][lens]:.1%} of the blocks at Precision@1 >= {r['retention']}")
@@ -415,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fit-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=20_000, help="cap on heldout tokens (default: 20000)")
     p.add_argument("--intercept", action="store_true", help="affine maps")
+    _add_masking_args(p)
     p.set_defaults(func=cmd_submodules)
 
     p = sub.add_parser("linearity", help="per-block linearity scores and depth pruning of the most linear blocks")
@@ -427,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every model of a training run (DIR/checkpoints/*, then DIR; see "
                         "scripts/train_reference_model.py --checkpoints) and plot linearity against tokens seen; "
                         "--model A,B,C compares the models listed")
+    _add_masking_args(p)
     p.set_defaults(func=cmd_linearity)
 
     p = sub.add_parser("saturation", help="order in which the top-k tokens saturate across layers, probe, intervention")
@@ -441,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks the Kendall tau compares: up to the last saturated rank (authors, default) or "
                         "the leading run of saturated ranks (leading); the report holds both")
     p.add_argument("--pairs", type=int, default=100, help="token pairs in the intervention")
+    _add_masking_args(p)
     p.set_defaults(func=cmd_saturation)
 
     p = sub.add_parser("early-exit", help="confidence exit per lens (layers saved) and saturation-based exit")
@@ -451,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fit-tokens", type=int, default=None, help="train tokens for mat/tuned (default: all)")
     p.add_argument("--max-eval-tokens", type=int, default=10_000, help="heldout tokens (default 10000)")
     p.add_argument("--max-probe-tokens", type=int, default=5_000, help="train tokens for the saturation probe")
+    _add_masking_args(p)
+    p.add_argument("--masked-t", type=_masked_t, default=MASKED_T, metavar="T",
+                   help=f"masked LMs: t of the threshold theta(t): {MASKED_T} for every token (default, the authors' BERT code) "
+                        "or 'position' (each masked token's position, as the paper's text)")
     p.set_defaults(func=cmd_early_exit)
 
     p = sub.add_parser("import-maps", help="convert the paper's released i_j.pickle matrices (safely) to lensmat maps")

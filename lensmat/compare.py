@@ -29,7 +29,8 @@ from lensmat.metrics import evaluate_lenses
 from lensmat.models import describe, is_masked_lm
 from lensmat.pipeline import tokenized
 from lensmat.plan import check_memory
-from lensmat.run import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm, start_run, write_report
+from lensmat.run import (build_lenses, parse_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run,
+                         write_report)
 from lensmat.statistics import pair_pattern
 
 
@@ -130,7 +131,7 @@ def compare(
         "lenses": {n: scores[n] for n in lens_objs},
         "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names},
-        "protocol": "masked" if masked else "causal",
+        **protocol_fields(heldout),
         "memory_plan": memory,
     }
     if mid:
@@ -142,9 +143,7 @@ def compare(
                    "id": [r2(held_stats[1], None, h, last) for h in mid_hooks]},
         }
     report["sites"] = list(sites)
-    if masked:
-        report["masking"] = heldout.provenance()["masking"]
-    else:
+    if not masked:
         report["scoring"] = heldout.scoring.to_dict()
     if out is not None:
         write_report(report, out)

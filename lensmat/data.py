@@ -185,6 +185,12 @@ class Batch:
     def n_scored(self) -> int:
         return int(self.score_mask.sum())
 
+    def every_position(self) -> "Batch":
+        """The same inputs (a masked LM's ``[MASK]`` tokens in place) scored at every real position,
+        ``[CLS]``/``[SEP]``/BOS included: the positions a swapped module or block map replaces, so
+        the positions to fit such maps on."""
+        return Batch(self.tokens, self.attention_mask, has_bos=False)
+
     def to(self, device: torch.device | str) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device)
         selected = None if self.selected is None else self.selected.to(device)

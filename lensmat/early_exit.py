@@ -19,14 +19,23 @@ accuracy (against the actual next token), as the confidence curves do.
 
 Fixed exit, the baseline of the paper's figure: every token exits at the same layer ``l = 1..L``.
 
+A masked LM (BERT family) is read under the masked protocol (:mod:`lensmat.data`), as in the
+authors' BERT code (``bert_add_results.py``): every exit is simulated at the ``[MASK]`` positions,
+Precision@1 compares with the full model's top-1 there and accuracy with the original token; the
+threshold is evaluated at the constant ``t = 3`` (:data:`MASKED_T`; the paper's text says the token's
+position) with ``N`` = mean of ``position + 1`` over the masked positions (``[CLS]`` at position 0).
+Only the lenses of :data:`~lensmat.run.MASKED_LM_LENSES` apply.
+
 :func:`lensmat.generation.generate` is the real thing: greedy decoding that stops running blocks
 at the exit layer and fills the skipped layers' key/value cache from the exit layer's hidden
-state (CALM's state propagation, Schuster et al. 2022), on any causal architecture.
+state (CALM's state propagation, Schuster et al. 2022), on any causal architecture. An encoder
+does not decode token by token, so it has no such loop: for a masked LM the exit stays simulated.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from jaxtyping import Float, Int
@@ -36,6 +45,7 @@ from lensmat.models import describe
 from lensmat.saturation import (SATURATION_LENSES, Rankings, balanced_probe, collect_rankings, saturation_layers,
                                 single_blas_thread)
 
+MASKED_T = 3  # the authors' BERT code evaluates θ at t = 3 for every token: early_exit_threshold(layer, 3, params)
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
 TAU = 4.0
 THRESHOLDS = {
@@ -81,10 +91,23 @@ def positions(rankings: Rankings) -> Int[torch.Tensor, "n"]:
     return torch.tensor([pos - 1 for _, pos in rankings.origin])
 
 
-def confidence_curve(rankings: Rankings, targets: Int[torch.Tensor, "n"], lambdas=LAMBDAS, tau: float = TAU) -> list[dict]:
-    """The paper's confidence exit for each λ: ``[{lambda, mean_layers, precision@1, accuracy}]``."""
-    t = positions(rankings)
-    n_mean = float((t + 1).double().mean())
+def threshold_positions(rankings: Rankings, masked: bool = False,
+                        masked_t: int | None = MASKED_T) -> tuple[Int[torch.Tensor, "n"], float]:
+    """``(t [n], N)`` of ``θ(t)`` for each ranked token. Causal: ``t`` = :func:`positions`, ``N`` = mean
+    of ``t + 1``. Masked (the authors' BERT code): ``t = masked_t`` for every token (``None``: its
+    position in ``[CLS] line [SEP]``), ``N`` = mean of ``position + 1``."""
+    if not masked:
+        t = positions(rankings)
+        return t, float((t + 1).double().mean())
+    pos = torch.tensor([p for _, p in rankings.origin])
+    return (pos if masked_t is None else torch.full_like(pos, masked_t)), float((pos + 1).double().mean())
+
+
+def confidence_curve(rankings: Rankings, targets: Int[torch.Tensor, "n"], lambdas=LAMBDAS, tau: float = TAU, *,
+                     masked: bool = False, masked_t: int | None = MASKED_T) -> list[dict]:
+    """The paper's confidence exit for each λ: ``[{lambda, mean_layers, precision@1, accuracy}]``;
+    ``masked``: rankings of a masked-protocol corpus (``t`` and ``N`` from :func:`threshold_positions`)."""
+    t, n_mean = threshold_positions(rankings, masked, masked_t)
     gap = rankings.top_two_gap
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
     return [{"lambda": lam, **exit_scores(first_exit(gap, exit_threshold(lam, t, n_mean, tau)), top1, final, targets)}
@@ -110,6 +133,10 @@ def cosine_signal(resid: Float[torch.Tensor, "layers n d"]) -> Float[torch.Tenso
     return torch.cat([torch.zeros_like(cos[:1]), cos])
 
 
+class ProbeDataError(ValueError):
+    """Probe training tokens whose (token, layer) pairs are all saturated, or none is."""
+
+
 class SaturationProbe:
     """Logistic regression on ``h_l`` (standardised) predicting whether the top-1 has saturated
     (``l ≥ s_1``), pooled over layers ``1..L-1``, class-balanced."""
@@ -122,7 +149,9 @@ class SaturationProbe:
         layers = torch.arange(1, n_layers)[:, None]
         y = (layers >= s1[None]).reshape(-1).numpy()
         if y.all() or not y.any():
-            raise ValueError("The probe needs saturated and unsaturated (token, layer) pairs; use more tokens.")
+            raise ProbeDataError(f"The saturation probe needs saturated and unsaturated (token, layer) pairs, but at "
+                                 f"layers 1..{n_layers - 1} {'every' if y.all() else 'no'} pair of its {len(s1)} "
+                                 "tokens is saturated; give it more tokens (--max-probe-tokens).")
         with single_blas_thread():
             self.clf.fit(resid[1:n_layers].reshape(-1, resid.shape[-1]).numpy(), y)
         return self
@@ -148,8 +177,8 @@ def fixed_exit(rankings: Rankings, targets: Int[torch.Tensor, "n"]) -> list[dict
 def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe: SaturationProbe | None = None,
                       thresholds=THRESHOLDS) -> dict:
     """``{method: [{threshold, mean_layers, precision@1, accuracy, speedup}]}``: Precision@1 = the
-    emitted token is the model's final top-1, accuracy = it is the actual next token (``targets``,
-    −1 where there is none)."""
+    emitted token is the model's final top-1, accuracy = it is ``targets`` (:meth:`Rankings.targets`:
+    the actual next token, −1 where there is none, or the original token at a masked position)."""
     n_layers = rankings.lens_topk.shape[0] - 1
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
     s1 = saturation_layers(top1[..., None], final[:, None])[:, 0]
@@ -171,51 +200,64 @@ def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe
 def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"), retention: float = 0.95,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 10_000,
                max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
-               max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
-               memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
-               progress: bool = True, seed: int = 0) -> dict:
+               max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
+               masked_t: int | None = MASKED_T, stats_device: str | None = None, memory_limit: int | None = None,
+               out: str | os.PathLike | None = None, force: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """Confidence-exit curves and savings per lens, and saturation-exit curves per method and lens.
 
     Lenses are fitted on ``train`` (``mat`` maps on up to ``max_fit_tokens``; ``tuned`` trained
     with its defaults), the saturation probe on ``max_probe_tokens`` train tokens, everything is
     scored on ``heldout``. Returns (and with ``out``, writes) the ``early-exit`` report; the
-    top-level ``saturation`` holds the first lens's curves, ``saturation_by_lens`` all of them.
+    top-level ``saturation`` holds the first lens's curves, ``saturation_by_lens`` all of them; a
+    lens whose probe tokens are all saturated, or none is (:class:`ProbeDataError`), has no ``probe``
+    curve (with a warning).
+    A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``; lenses among
+    :data:`~lensmat.run.MASKED_LM_LENSES`; ``θ`` at ``t = masked_t``, ``None`` for each token's
+    position): the report says ``protocol``, ``masking`` and ``threshold_t``.
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`.
     """
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import build_lenses, parse_lenses, start_run, write_report
+    from lensmat.run import (build_lenses, parse_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run,
+                             write_report)
     from lensmat.pipeline import tokenized
 
     names = parse_lenses(lenses)
     if set(names) - set(SATURATION_LENSES):
         raise ValueError(f"Early exit needs lenses defined at every layer: {', '.join(SATURATION_LENSES)} "
                          f"(not {', '.join(sorted(set(names) - set(SATURATION_LENSES)))}).")
-    model = start_run(model, out, force, causal_only="Early exit")
+    model = start_run(model, out, force)
+    refuse_causal_lenses_on_masked_lm(model, names)
     n_layers = int(model.cfg.n_layers)
-    train = tokenized(model, dataset, "train", max_length)
+    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     memory = check_memory(model, "early-exit", train, batch_size=batch_size, stats_device=stats_device,
                           memory_limit=memory_limit, progress=progress, fits_maps=any(n.startswith("mat") for n in names))
     built, cost, _ = build_lenses(model, names, train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
                                   stats_device=stats_device, progress=progress)
-    heldout = tokenized(model, dataset, "heldout", max_length)
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
+    masked = heldout.masking is not None
     curves, savings, fixed, sat = {}, {}, {}, {}
     n_eval = 0
     for name in names:
-        probe_data = collect_rankings(model, built[name], train.seqs, k=2, batch_size=batch_size,
+        probe_data = collect_rankings(model, built[name], train, k=2, batch_size=batch_size,
                                       max_tokens=max_probe_tokens, progress=progress)
         s1 = saturation_layers(probe_data.lens_topk[..., :1], probe_data.final_topk[:, :1])[:, 0]
-        probe = SaturationProbe(seed).fit(probe_data.resid, s1)
-        r = collect_rankings(model, built[name], heldout.seqs, k=2, batch_size=batch_size,
+        try:
+            probe = SaturationProbe(seed).fit(probe_data.resid, s1)
+        except ProbeDataError as err:  # e.g. a few [MASK]s on a shallow model: the other curves still run
+            warnings.warn(f"{err} The {name} lens's probe exit is left out.", RuntimeWarning, stacklevel=2)
+            probe = None
+        r = collect_rankings(model, built[name], heldout, k=2, batch_size=batch_size,
                              max_tokens=max_eval_tokens, progress=progress)
-        n_eval, targets = len(r.origin), r.targets(heldout.seqs)
-        curves[name] = confidence_curve(r, targets, lambdas)
+        n_eval, targets = len(r.origin), r.targets(heldout)
+        curves[name] = confidence_curve(r, targets, lambdas, masked=masked, masked_t=masked_t)
         savings[name] = layers_saved(curves[name], n_layers, retention)
         fixed[name] = fixed_exit(r, targets)
         sat[name] = saturation_curves(r, targets, probe)
     report = {
-        "model": describe(model).name, "n_layers": n_layers, "n_eval_tokens": n_eval, "retention": retention,
-        "tau": TAU, "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
+        "model": describe(model).name, "n_layers": n_layers, **protocol_fields(heldout), "n_eval_tokens": n_eval,
+        "retention": retention, "tau": TAU, "threshold_t": masked_t if masked and masked_t is not None else "position",
+        "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
         "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost, "memory_plan": memory,
     }
     if out is not None:

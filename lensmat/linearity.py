@@ -3,9 +3,10 @@
 Linearity score of block ``l`` (``l = 0..L-1``), for ``X = h_l`` and ``Y = h_{l+1}`` with one row
 per token: centre each by its column mean, scale each to unit Frobenius norm, then
 
-    LS = 1 − min_A ‖X̃A − Ỹ‖²_F = tr(C_xyᵀ C_xx⁻¹ C_xy) / tr(C_yy)
+    LS = 1 − min_A ‖X̃A − Ỹ‖²_F = tr(C_xyᵀ C_xx⁺ C_xy) / tr(C_yy)
 
-where ``C`` are the centred sums of products. It is computed from the core's streaming statistics
+where ``C`` are the centred sums of products and ``⁺`` the pseudo-inverse over the directions ``X``
+spans (:func:`least_squares`: a post-LN encoder's states lie in a hyperplane). It is computed from the core's streaming statistics
 of ``h_0..h_L`` (no activation is stored); ``linearity_no_residual`` uses ``Y = h_{l+1} − h_l``
 (the block's own contribution), whose centred blocks follow from the same statistics.
 
@@ -24,28 +25,66 @@ Depth pruning removes the ``k`` most linear blocks (highest ``linearity``), ``k 
 replacing each by the identity or by its least-squares whole-block map ``h_l -> h_{l+1}`` fitted on
 ``train`` (the swap hooks of :mod:`lensmat.swap`, kind ``block``), and scores the pruned model on
 ``heldout``: cross-entropy against the text (nats/token) and Precision@1 against the full model.
+
+A masked LM (BERT family; encoders are the paper's open question) is read under the masked
+protocol (:mod:`lensmat.data`): every statistic, and so every score, is over the ``[MASK]``
+positions of ``[CLS] line [SEP]`` lines; pruning is scored there too, cross-entropy against the
+original token. A pruned block is replaced at every position of the line, so its ``linear`` map is
+fitted at every position of the ``train`` lines as the model reads them (``[MASK]``s in place).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
+from jaxtyping import Float
 
 from lensmat import data
-from lensmat.collect import resid_hook
-from lensmat.statistics import GramStats
-from lensmat.fit import LinearMap, MapSet, centred, fit_map, residual_sums, solve_map, solve_spd
+from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.statistics import GramStats, pair_pattern
+from lensmat.fit import IllConditionedWarning, LinearMap, MapSet, centred, fit_map, residual_sums
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
 from lensmat.pipeline import collect_layer_stats, tokenized
 from lensmat.swap import submodule_pair, swap_hooks
 
+# Eigenvalues of C_xx below this fraction of the largest are directions the source does not span: the float32
+# rounding of a LayerNorm output leaves ~1e-14 in the direction its hyperplane excludes (the bundled BERT).
+PINV_RTOL = 1e-10
+
+
+def least_squares(stats: GramStats, source: str, target: str, *,
+                  residual: bool = False) -> Float[torch.Tensor, "d_source d_target"]:
+    """``W = C_xx⁺ C_xy`` ``[d_source, d_target]``: the minimum-norm minimiser of
+    ``Σ‖(y − ȳ) − (x − x̄)W‖²`` over the tokens of ``stats`` (``y − x`` for ``y`` with ``residual=True``),
+    the pseudo-inverse taken over the directions the source spans (eigenvalues of ``C_xx`` above
+    :data:`PINV_RTOL` of the largest), as the score's ``min_A`` is. A post-LN model's states (BERT:
+    every ``h_l`` is a LayerNorm output) lie in a hyperplane, so ``C_xx`` is singular for any number
+    of tokens, and a ridge there would lower the score. With fewer than ``4·d`` tokens and fewer than
+    ``d`` directions it warns (:class:`~lensmat.fit.IllConditionedWarning`): the fit is then close to
+    exact in sample."""
+    cxx, cxy = centred(stats, source, source), centred(stats, source, target)
+    if residual:
+        cxy = cxy - cxx
+    evals, evecs = torch.linalg.eigh(cxx)
+    keep = evals > PINV_RTOL * max(float(evals[-1]), 0.0)
+    d, rank = cxx.shape[0], int(keep.sum())
+    if rank < d and stats.n < 4 * d:
+        warnings.warn(f"The Gram matrix of {source} is singular or ill-conditioned: {stats.n} tokens span {rank} of "
+                      f"{d} directions, so the least-squares fit is close to exact in sample. Fit on more tokens "
+                      f"(several times {d}).", IllConditionedWarning, stacklevel=3)
+    basis = evecs[:, keep]
+    return basis @ ((basis.T @ cxy) / evals[keep, None])
+
+
 def linearity_score(stats: GramStats, source: str, target: str, *, residual: bool = False) -> float:
     """LS of ``target`` (``target − source`` with ``residual=True``) given ``source``, from statistics
     holding both hooks. In ``[0, 1]``; 1 when the target is an exact affine function of the source,
-    including a constant target (e.g. a block that adds nothing, with ``residual=True``)."""
+    including a constant target (e.g. a block that adds nothing, with ``residual=True``).
+    The minimiser is :func:`least_squares` (no ridge, also where ``C_xx`` is singular)."""
     cxx = centred(stats, source, source)
     cxy = centred(stats, source, target)
     cyy = centred(stats, target, target)
@@ -56,16 +95,17 @@ def linearity_score(stats: GramStats, source: str, target: str, *, residual: boo
     total = float(torch.trace(cyy))
     if total <= 1e-12 * scale:
         return 1.0
-    explained = float((cxy * solve_spd(cxx, cxy, n_tokens=stats.n, what=source)).sum())
-    return explained / total
+    return float((cxy * least_squares(stats, source, target, residual=residual)).sum()) / total
 
 
 def heldout_linearity_score(train: GramStats, heldout: GramStats, source: str, target: str, *,
                             residual: bool = False) -> float:
     """The in-sample minimiser's score on other tokens: ``1 − Σ‖y − xW − b‖² / Σ‖y − ȳ‖²`` over the
-    tokens of ``heldout``, with ``W, b`` the affine least-squares map fitted on ``train`` (target
-    ``y − x`` with ``residual=True``: the same residual, the variance of ``y − x`` below). At most 1."""
-    m = LinearMap(*solve_map(train, source, target, intercept=True), source, target)  # float64, not fit_map's float32
+    tokens of ``heldout``, with ``W, b`` the affine least-squares map fitted on ``train``
+    (:func:`least_squares`; target ``y − x`` with ``residual=True``: the same residual, the variance
+    of ``y − x`` below). At most 1."""
+    W = least_squares(train, source, target)
+    m = LinearMap(W, train.mean(target) - train.mean(source) @ W, source, target)
     unexplained = float(residual_sums(heldout, m, source, target).sum())
     cxx, cyy = centred(heldout, source, source), centred(heldout, target, target)
     if residual:
@@ -137,10 +177,25 @@ def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bo
     return MapSet(maps, describe(model).to_dict(), intercept and not identity, 0.0, provenance)
 
 
+def every_position_stats(model, corpus, *, max_tokens: int | None = None, batch_size: int = 16,
+                         progress: bool = True, stats_device: str | None = None) -> GramStats:
+    """Adjacent-layer statistics of ``h_0..h_L`` at every real position of ``corpus``'s lines (those
+    of its first ``max_tokens`` scored positions) as the model reads them: a masked LM's ``[MASK]``
+    tokens in place, ``[CLS]`` and ``[SEP]`` included. These are the positions a pruned block's map
+    replaces; fitted at the masked positions alone, the map of block 0 would see only the ``[MASK]``
+    embedding plus a position."""
+    hooks = resid_hooks(int(model.cfg.n_layers))
+    batches = (b.every_position() for b in corpus.batches(batch_size, max_tokens))
+    return collect(model, batches, [hooks], pairs=[pair_pattern(len(hooks), "adjacent")], progress=progress,
+                   stats_device=stats_device or "cpu")[0]
+
+
 @torch.no_grad()
 def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batches, *, max_k: int,
                      total_tokens: int | None = None, progress: bool = True) -> tuple[dict, int]:
-    """Score the model with blocks ``order[:k]`` replaced, for ``k = 0..max_k`` and each variant.
+    """Score the model with blocks ``order[:k]`` replaced, for ``k = 0..max_k`` and each variant, at
+    the batches' scored positions (:func:`~lensmat.collect.run_capture`: a masked LM also gets the
+    attention mask).
 
     Args:
         variants: ``{name: MapSet of block maps}`` (see :func:`block_maps`).
@@ -152,17 +207,16 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
 
     scores = {name: LensScores(max_k) for name in variants}
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="pruning", disable=not progress)
-    device = model.W_U.device
     n_tokens = 0
     for batch in batches:
-        tokens, mask = batch.tokens.to(device), batch.score_mask.to(device)
-        logits = model(tokens)[mask]
+        _, logits = run_capture(model, batch, [], logits=True)
         ref = Reference(logits, batch)
         for name, maps in variants.items():
             scores[name].update(0, logits, ref)
             for k in range(1, max_k + 1):
-                pruned = model.run_with_hooks(tokens, fwd_hooks=swap_hooks(model, maps, ["block"], order[:k]))
-                scores[name].update(k, pruned[mask], ref)
+                _, pruned = run_capture(model, batch, [], logits=True,
+                                        fwd_hooks=swap_hooks(model, maps, ["block"], order[:k]))
+                scores[name].update(k, pruned, ref)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()
@@ -175,9 +229,9 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
 
 def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | None = None,
               max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
-              max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
-              memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
-              progress: bool = True) -> dict:
+              max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
+              stats_device: str | None = None, memory_limit: int | None = None, out: str | os.PathLike | None = None,
+              force: bool = False, progress: bool = True) -> dict:
     """Linearity profile (the paper's in-sample score on ``train``, and the same maps scored on
     ``heldout``), the blocks' norm ratios and consecutive cosines (``heldout``), and depth-pruning
     curves (on ``heldout``).
@@ -187,36 +241,43 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     each, block ``l`` = ``h_l -> h_{l+1}``), the scores' means, ``order`` (blocks, most linear on
     ``train`` first) and ``pruning`` → ``{variant: [{"k", "ce", "precision@1"}]}`` for
     ``k = 0..max_k`` (default ``L // 2``). ``max_eval_tokens`` caps the held-out tokens of both.
+    A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): every score
+    is at the masked positions, and ``protocol`` / ``masking`` say so; its ``linear`` pruning maps are
+    fitted at every position (:func:`every_position_stats`; ``n_pruning_fit_tokens``).
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`.
     """
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import start_run, write_report
+    from lensmat.run import protocol_fields, start_run, write_report
 
-    model = start_run(model, out, force, causal_only="The linearity analysis")
+    model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
     max_k = n_layers // 2 if max_k is None else max_k
     if not 0 <= max_k <= n_layers:
         raise ValueError(f"max_k={max_k} is out of range: prune between 0 and {n_layers} blocks.")
-    train = tokenized(model, dataset, "train", max_length)
+    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     memory = check_memory(model, "linearity", train, batch_size=batch_size, stats_device=stats_device,
                           memory_limit=memory_limit, progress=progress)
     start = time.perf_counter()
     stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, pairs="adjacent",
                                 progress=progress, stats_device=stats_device)
-    provenance = {"dataset": train.dataset, "split": "train", "n_tokens": stats.n,
-                  "fit_seconds": time.perf_counter() - start}
-    heldout = tokenized(model, dataset, "heldout", max_length)
+    block_stats = stats if train.masking is None else every_position_stats(
+        model, train, max_tokens=max_fit_tokens, batch_size=batch_size, progress=progress, stats_device=stats_device)
+    provenance = {**train.provenance(), "n_tokens": block_stats.n, "fit_seconds": time.perf_counter() - start}
+    variants = {"identity": block_maps(model, stats, identity=True),
+                "linear": block_maps(model, block_stats, provenance=provenance)}
+    n_block_tokens = block_stats.n
+    del block_stats  # the maps are kept; the held-out statistics take its memory (the plan counts two sets)
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
     heldout_stats = collect_layer_stats(model, heldout, max_tokens=max_eval_tokens, batch_size=batch_size,
                                         pairs="adjacent", progress=progress, stats_device=stats_device)
     profile = linearity_profile(stats, heldout_stats)
     order = sorted(range(n_layers), key=lambda b: -profile["linearity"][b])
-    variants = {"identity": block_maps(model, stats, identity=True),
-                "linear": block_maps(model, stats, provenance=provenance)}
     pruning, n_eval = evaluate_pruning(model, variants, order, heldout.batches(batch_size, max_eval_tokens),
                                        max_k=max_k, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
-        "model": describe(model).name, "n_layers": n_layers, "n_fit_tokens": stats.n, "n_eval_tokens": n_eval,
+        "model": describe(model).name, "n_layers": n_layers, **protocol_fields(heldout), "n_fit_tokens": stats.n,
+        "n_pruning_fit_tokens": n_block_tokens, "n_eval_tokens": n_eval,
         "linearity": profile["linearity"], "linearity_no_residual": profile["linearity_no_residual"],
         "mean_linearity": profile["mean"], "mean_linearity_no_residual": profile["mean_no_residual"],
         "heldout_linearity": profile["heldout_linearity"],

@@ -304,7 +304,8 @@ def require_causal(model, what: str) -> None:
     if is_masked_lm(model):
         raise ValueError(f"{what} is defined for causal (next-token) language models, and "
                          f"{getattr(model.cfg, 'model_name', 'this model')} is a masked LM. For masked LMs use "
-                         "`lensmat compare` or `lensmat fit` (the masked protocol).")
+                         "`lensmat compare`, `fit`, `submodules`, `linearity`, `saturation` or `early-exit` (the masked protocol; "
+                         "its exit is simulated at the [MASK] positions, as an encoder does not decode token by token).")
 
 
 def model_dtype(model) -> torch.dtype:

@@ -41,6 +41,15 @@ def refuse_causal_lenses_on_masked_lm(model, names: list[str]) -> None:
                          f"{model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
 
 
+def protocol_fields(corpus) -> dict:
+    """The report fields that say which positions were read: ``{"protocol": "masked", "masking":
+    {n_mask, seed}}`` for a masked-protocol corpus (:class:`~lensmat.pipeline.Tokenized`), else
+    ``{"protocol": "causal"}``."""
+    if corpus.masking is None:
+        return {"protocol": "causal"}
+    return {"protocol": "masked", "masking": corpus.provenance()["masking"]}
+
+
 def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> dict:
     """Seconds and tokens spent on a lens; ``init``: the cost of the maps it started from (mat-tuned),
     added to its seconds and kept beside them."""

@@ -17,6 +17,11 @@ saturate count against the order), averaged over tokens, with a permutation test
 stricter rule: ``m`` = the number of *leading* ranks saturated before ``L``, shuffled among
 themselves. Then a probe that reads the current "task" from the residual stream, and an
 intervention that implants an early-saturating token's state into a late one.
+
+A masked LM (BERT family) runs all of it under the masked protocol (:mod:`lensmat.data`): the
+tokens ranked are the ``[MASK]`` positions of ``[CLS] line [SEP]`` lines, and an implant runs the
+late token's whole line, every masked position as ``[MASK]``, exactly as it was ranked (attention
+reads both directions, so a prefix would change every state).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,27 +38,31 @@ from jaxtyping import Float, Int
 from lensmat import data
 from lensmat.collect import resid_hook, resid_hooks, run_capture
 from lensmat.models import describe, input_device
+from lensmat.pipeline import Tokenized
 
 
 @dataclass
 class Rankings:
-    """Per-token top-K ids under a lens at every residual layer, on scored positions.
+    """Per-token top-K ids under a lens at every residual layer, on a corpus's scored positions.
 
     ``lens_topk`` is ``[L+1, n, K]`` (layer ``L`` = the model's output) and ``lens_topp`` their
     probabilities under the lens; ``resid`` ``[L+1, n, d_model]`` (float32, CPU) when kept;
-    ``origin[i] = (line index, position)``.
+    ``origin[i] = (line, position)``, ``line`` indexing the corpus's ``seqs``; ``inputs[line]`` the
+    token ids that line was run with (under the masked protocol, every masked position holds
+    ``[MASK]``; a causal line may be cut by ``max_tokens``).
     """
 
     lens_topk: Int[torch.Tensor, "layers n k"]
     lens_topp: Float[torch.Tensor, "layers n k"]
     resid: Float[torch.Tensor, "layers n d"] | None
     origin: list[tuple[int, int]]
+    inputs: dict[int, list[int]]
 
     def select(self, keep: torch.Tensor) -> "Rankings":
         """The tokens where the boolean mask ``keep`` ``[n]`` is true."""
         return Rankings(self.lens_topk[:, keep], self.lens_topp[:, keep],
                         None if self.resid is None else self.resid[:, keep],
-                        [o for o, m in zip(self.origin, keep.tolist()) if m])
+                        [o for o, m in zip(self.origin, keep.tolist()) if m], self.inputs)
 
     @property
     def final_topk(self) -> Int[torch.Tensor, "n k"]:
@@ -64,24 +74,46 @@ class Rankings:
         """The lens's confidence ``p(1) − p(2)`` at every layer (float64)."""
         return (self.lens_topp[..., 0] - self.lens_topp[..., 1]).double()
 
-    def targets(self, seqs: list[list[int]]) -> Int[torch.Tensor, "n"]:
-        """The actual next token of each ranked position (−1 at the end of a line)."""
-        return torch.tensor([seqs[line][pos + 1] if pos + 1 < len(seqs[line]) else -1 for line, pos in self.origin])
+    def targets(self, corpus: Tokenized) -> Int[torch.Tensor, "n"]:
+        """The token each ranked position is scored against, from the ``corpus`` it was ranked on:
+        the original token at a masked position (masked protocol), else the actual next token
+        (−1 at the end of a line)."""
+        shift = int(corpus.masking is None)
+        seqs = corpus.seqs
+        return torch.tensor([seqs[line][pos + shift] if pos + shift < len(seqs[line]) else -1
+                             for line, pos in self.origin])
+
+
+def batch_lines(seqs: list[list[int]], batches) -> Iterator[tuple[data.Batch, list[int]]]:
+    """Each batch of ``seqs`` with the index in ``seqs`` of each of its rows. Batching skips lines
+    with nothing to score (a masked-protocol line without a maskable token) and may cut the last
+    line, so a row goes to the next line that starts with its original (unmasked) tokens."""
+    line = 0
+    for batch in batches:
+        original = batch.tokens if batch.labels is None else torch.where(batch.labels == data.IGNORE, batch.tokens,
+                                                                         batch.labels)
+        lines = []
+        for row, n in zip(original.tolist(), batch.attention_mask.sum(1).tolist()):
+            while seqs[line][:n] != row[:n]:
+                line += 1
+            lines.append(line)
+            line += 1
+        yield batch, lines
 
 
 @torch.no_grad()
-def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_size: int = 16,
+def collect_rankings(model, lens, corpus: Tokenized, *, k: int = 5, batch_size: int = 16,
                      max_tokens: int | None = None, keep_resid: bool = True, progress: bool = True) -> Rankings:
-    """Run ``seqs`` (token-id lines, BOS first) and record the lens's top-``k`` at every layer."""
+    """Run ``corpus`` (:meth:`~lensmat.pipeline.Tokenized.batches`, so a masked LM reads its lines
+    with their ``[MASK]`` positions) and record the lens's top-``k`` at every layer at its scored
+    positions (up to ``max_tokens`` of them)."""
     from tqdm.auto import tqdm
 
     n_layers = int(model.cfg.n_layers)
     hooks = resid_hooks(n_layers)
-    tops, probs, resids, origin = [], [], [], []
-    total = data.count_tokens(seqs) if max_tokens is None else min(max_tokens, data.count_tokens(seqs))
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="rankings", disable=not progress)
-    line = 0
-    for batch in data.batches(seqs, batch_size, max_tokens):
+    tops, probs, resids, origin, inputs = [], [], [], [], {}
+    bar = tqdm(total=corpus.n_tokens(max_tokens), unit="tok", unit_scale=True, desc="rankings", disable=not progress)
+    for batch, lines in batch_lines(corpus.seqs, corpus.batches(batch_size, max_tokens)):
         captured, logits = run_capture(model, batch, hooks, logits=True)
         per_layer = [torch.softmax((lens(captured[h], layer) if lens.covers(layer) else logits).float(), -1).topk(k, -1)
                      for layer, h in enumerate(hooks[:-1])]
@@ -91,13 +123,14 @@ def collect_rankings(model, lens, seqs: list[list[int]], *, k: int = 5, batch_si
         if keep_resid:
             resids.append(torch.stack([captured[h].float().cpu() for h in hooks]))
         rows, cols = batch.score_mask.nonzero(as_tuple=True)
-        origin += [(line + int(r), int(c)) for r, c in zip(rows, cols)]
-        line += batch.tokens.shape[0]
+        origin += [(lines[int(r)], int(c)) for r, c in zip(rows, cols)]
+        inputs |= {line: batch.tokens[r, : int(batch.attention_mask[r].sum())].tolist() for r, line in enumerate(lines)}
         bar.update(batch.n_scored)
     bar.close()
     if not tops:
         raise ValueError("No tokens to rank: the corpus split is empty.")
-    return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(resids, 1) if keep_resid else None, origin)
+    return Rankings(torch.cat(tops, 1), torch.cat(probs, 1), torch.cat(resids, 1) if keep_resid else None, origin,
+                    inputs)
 
 
 def saturation_layers(lens_topk: Int[torch.Tensor, "layers n k"], final_topk: Int[torch.Tensor, "n k"],
@@ -318,7 +351,9 @@ def pooled_probe(resid: Float[torch.Tensor, "layers n d"], s: Int[torch.Tensor, 
 def implanted_top1(model, lens, tokens: list[int], pos: int, layer: int | list[int],
                    state: Float[torch.Tensor, "... d"]) -> Int[torch.Tensor, "... layers"]:
     """The lens's top-1 at ``pos`` at every layer ``0..L`` (``L`` = the model) after replacing
-    ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``).
+    ``h_layer`` at ``pos`` by ``state`` (a hook at ``blocks.{layer}.hook_resid_pre``) in the line
+    ``tokens``, as the model read it (:attr:`Rankings.inputs`: a masked LM's whole line with every
+    masked position as ``[MASK]``).
 
     With a list of ``n`` layers and ``state`` ``[n, d]``, the ``n`` implants run as one batch of
     copies of ``tokens`` (row ``i`` gets ``state[i]`` at ``layer[i]``) and the result is ``[n, L+1]``."""
@@ -366,7 +401,7 @@ def implant_pairs(top1: Int[torch.Tensor, "n"], s1: Int[torch.Tensor, "n"], *, m
 
 
 @torch.no_grad()
-def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
+def implant(model, lens, rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
             min_gap: int = 3, offsets: tuple[int, ...] = OFFSETS, max_pairs: int = 100, seed: int = 0,
             pairs: list[tuple[int, int]] | None = None) -> dict:
     """Implant an early token's residual state into a late token's stream and re-measure ``s_1``.
@@ -374,7 +409,9 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
     Pairs ``(early, late)`` (:func:`implant_pairs`, unless given) share the final top-1 and
     ``s_1(late) − s_1(early) ≥ min_gap``. For each implant layer ``j = s_1(early) + offset``
     (``0 ≤ j < s_1(late)``), ``h_j`` of the late token is replaced (hook at
-    ``blocks.{j}.hook_resid_pre``) by the early token's ``h_j``. Success (the authors' criterion):
+    ``blocks.{j}.hook_resid_pre``) by the early token's ``h_j``, in the late token's line as it was
+    ranked (:attr:`Rankings.inputs`; under the masked protocol the whole line, all its masked
+    positions as ``[MASK]``). Success (the authors' criterion):
     the late token's new ``s_1`` equals ``j`` and its final top-1 is unchanged. Returns
     ``{"success", "n_trials", "n_pairs", "by_offset": [{"offset", "success", "n_trials"}]}``;
     ``success`` and ``n_trials`` are offset 0's (``None`` / 0 when no pair allows it).
@@ -392,7 +429,7 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
         if not tried:
             continue
         layers = [int(s1[early]) + o for o in tried]  # one batch: every offset of this pair
-        new_top1 = implanted_top1(model, lens, seqs[line][: pos + 1], pos, layers, rankings.resid[layers, early])
+        new_top1 = implanted_top1(model, lens, rankings.inputs[line], pos, layers, rankings.resid[layers, early])
         new_s1 = saturation_layers(new_top1.T[:, :, None], new_top1[:, -1:], start=1)[:, 0]
         for o, j, row, first in zip(tried, layers, new_top1, new_s1.tolist()):
             successes[o] += int(first == j and int(row[-1]) == int(top1[late]))
@@ -406,31 +443,35 @@ def implant(model, lens, seqs: list[list[int]], rankings: Rankings, s1: Int[torc
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 5_000, frac: float = 0.85,
                n_permutations: int = 1000, order_rule: str = "authors", max_pairs: int = 100, batch_size: int = 16,
-               max_length: int = data.DEFAULT_MAX_LENGTH, stats_device: str | None = None,
-               memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
-               progress: bool = True, seed: int = 0) -> dict:
+               max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
+               stats_device: str | None = None, memory_limit: int | None = None, out: str | os.PathLike | None = None,
+               force: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """The saturation protocol on ``heldout`` under one lens (one of :data:`SATURATION_LENSES`,
     fitted on ``train``); returns (and with ``out``, writes) the ``saturation`` report.
     ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules.
+    A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): the ranks,
+    probes and implants are at its ``[MASK]`` positions, and the lens is one of
+    :data:`~lensmat.run.MASKED_LM_LENSES`; the report says which (``protocol``, ``masking``).
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import build_lenses, start_run, write_report
+    from lensmat.run import build_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run, write_report
     from lensmat.pipeline import tokenized
 
     if lens not in SATURATION_LENSES:
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: {', '.join(SATURATION_LENSES)}.")
     if order_rule not in ORDER_RULES:
         raise ValueError(f"Unknown order rule {order_rule!r}; valid: {', '.join(ORDER_RULES)}.")
-    model = start_run(model, out, force, causal_only="The top-k saturation analysis")
+    model = start_run(model, out, force)
+    refuse_causal_lenses_on_masked_lm(model, [lens])
     n_layers = int(model.cfg.n_layers)
-    train = tokenized(model, dataset, "train", max_length)
+    train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     memory = check_memory(model, "saturation", train, batch_size=batch_size, stats_device=stats_device,
                           memory_limit=memory_limit, progress=progress, fits_maps=lens.startswith("mat"))
     lenses, _, _ = build_lenses(model, [lens], train, max_fit_tokens=max_fit_tokens, batch_size=batch_size,
                                 stats_device=stats_device, progress=progress)
-    heldout = tokenized(model, dataset, "heldout", max_length)
-    rankings = collect_rankings(model, lenses[lens], heldout.seqs, k=k, batch_size=batch_size,
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
+    rankings = collect_rankings(model, lenses[lens], heldout, k=k, batch_size=batch_size,
                                 max_tokens=max_eval_tokens, progress=progress)
     s = saturation_layers(rankings.lens_topk, rankings.final_topk, start=1)
     keep = kept_tokens(s, n_layers, frac)
@@ -441,7 +482,7 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     labels = task_labels(sk, n_layers)
     resid = kept.resid
     report = {
-        "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k,
+        "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k, **protocol_fields(heldout),
         "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac, "max_s1": int(frac * n_layers) + 1,
         "mean_layer": sk.double().mean(0).tolist(), "mean_rank": mean_ranks(sk, n_layers),
         "kendall_tau": order["kendall_tau"], "p_value": order["p_value"], "n_order_tokens": order["n_tokens"],
@@ -452,7 +493,7 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     }
     report["pooled_probe"] = pooled_probe(resid, sk, n_layers, seed=seed)
     report["pooled_probe_control"] = pooled_probe(resid, sk, n_layers, seed=seed, control=True)
-    result = implant(model, lenses[lens], heldout.seqs, kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
+    result = implant(model, lenses[lens], kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
     report.update(intervention_success=result["success"], intervention_trials=result["n_trials"],
                   intervention_sweep=result["by_offset"])
     if out is not None:

@@ -43,16 +43,26 @@ def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
     return [(src, *dict.fromkeys(tgts)) for src, tgts in by_source.items()]
 
 
+def module_batches(corpus: Tokenized, batch_size: int, max_tokens: int | None = None):
+    """The batches to fit sub-module maps on: the corpus's scored positions for a causal model; for a
+    masked LM every real position of the lines holding the first ``max_tokens`` masked positions
+    (:meth:`~lensmat.data.Batch.every_position`), since a swapped module replaces all of them."""
+    batches = corpus.batches(batch_size, max_tokens)
+    return batches if corpus.masking is None else (b.every_position() for b in batches)
+
+
 def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KINDS, layers=None,
                        intercept: bool = False, ridge: float = 0.0, split: str = "train",
                        max_tokens: int | None = None, batch_size: int = 16,
-                       max_length: int = data.DEFAULT_MAX_LENGTH, progress: bool = True) -> MapSet:
-    """Fit sub-module maps on the unmodified model's activations (the core collector and fitter)."""
-    corpus = tokenized(model, dataset, split, max_length)
+                       max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
+                       progress: bool = True) -> MapSet:
+    """Fit sub-module maps on the unmodified model's activations (the core collector and fitter),
+    at the positions a swap replaces (:func:`module_batches`)."""
+    corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
     pairs = submodule_pairs(model, kinds, layers)
     start = time.perf_counter()
-    stats = collect(model, corpus.batches(batch_size, max_tokens), groups_for(pairs),
-                    total_tokens=corpus.n_tokens(max_tokens), progress=progress)
+    stats = collect(model, module_batches(corpus, batch_size, max_tokens), groups_for(pairs),
+                    total_tokens=corpus.n_tokens(max_tokens) if corpus.masking is None else None, progress=progress)
     return maps_from_stats(model, stats, corpus, pairs=pairs, intercept=intercept, ridge=ridge,
                            seconds=time.perf_counter() - start)
 
@@ -109,14 +119,18 @@ def _mean_scored(values: list[float | None]) -> float | None:
 
 def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
                max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
-               intercept: bool = False, stats_device: str | None = None, memory_limit: int | None = None,
-               out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> dict:
+               intercept: bool = False, n_mask: int = 1, mask_seed: int = 0, stats_device: str | None = None,
+               memory_limit: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True) -> dict:
     """Fit sub-module and block maps on ``train``, run the paper's protocol and single-block swaps
     on ``heldout``, and return (and with ``out``, write) the ``submodules`` report.
+    A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): scores and
+    the mat lens's maps at the masked positions, the sub-module maps at every position of the same
+    lines (:func:`module_batches`; ``n_submodule_fit_tokens``).
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import start_run, write_report
+    from lensmat.run import protocol_fields, start_run, write_report
 
     kinds = list(kinds)
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
@@ -124,20 +138,26 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
         raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
     model = start_run(model, out, force)
     n_layers = int(model.cfg.n_layers)
-    train: Tokenized = tokenized(model, dataset, "train", max_length)
+    train: Tokenized = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     pairs = submodule_pairs(model, kinds)
     resid = tuple(resid_hooks(n_layers))
     groups = groups_for(pairs)
     memory = check_memory(model, "submodules", train, batch_size=batch_size, stats_device=stats_device,
                           memory_limit=memory_limit, progress=progress, n_submodule_groups=len(groups))
     start = time.perf_counter()
-    stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups],
-                    pairs=[pair_pattern(len(resid), "to_last")] + [None] * len(groups),
-                    total_tokens=train.n_tokens(max_fit_tokens), progress=progress, stats_device=stats_device or "cpu")
+    to_last, where = pair_pattern(len(resid), "to_last"), dict(progress=progress, stats_device=stats_device or "cpu")
+    if train.masking is None:  # one pass: the swaps and the mat lens read the same positions
+        stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid, *groups],
+                        pairs=[to_last] + [None] * len(groups), total_tokens=train.n_tokens(max_fit_tokens), **where)
+        layer_stats, sub_stats = stats[0], stats[1:]
+    else:
+        layer_stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid], pairs=[to_last],
+                              total_tokens=train.n_tokens(max_fit_tokens), **where)[0]
+        sub_stats = collect(model, module_batches(train, batch_size, max_fit_tokens), groups, **where)
     seconds = time.perf_counter() - start
-    layer_maps = maps_from_stats(model, stats[0], train, intercept=intercept, seconds=seconds)
-    sub_maps = maps_from_stats(model, stats[1:], train, pairs=pairs, intercept=intercept, seconds=seconds)
-    heldout = tokenized(model, dataset, "heldout", max_length)
+    layer_maps = maps_from_stats(model, layer_stats, train, intercept=intercept, seconds=seconds)
+    sub_maps = maps_from_stats(model, sub_stats, train, pairs=pairs, intercept=intercept, seconds=seconds)
+    heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
     variants, single, n_eval = evaluate_swaps(
         model, sub_maps, layer_maps, heldout.batches(batch_size, max_eval_tokens), variants=(*kinds, "mat", "id"),
         single_kinds=kinds, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
@@ -145,8 +165,8 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     ranking = sorted(kinds, key=lambda k: -(means[k] if means[k] is not None else -1.0))
     report = {
         "model": layer_maps.model["name"], "n_layers": n_layers, "layers": list(range(n_layers + 1)),
-        "n_fit_tokens": stats[0].n, "n_eval_tokens": n_eval, "intercept": intercept,
-        "protocol": "masked" if train.masking is not None else "causal", "layout": block_layout(model),
+        **protocol_fields(heldout), "n_fit_tokens": layer_stats.n, "n_submodule_fit_tokens": sub_stats[0].n,
+        "n_eval_tokens": n_eval, "intercept": intercept, "layout": block_layout(model),
         "pairs": {k: list(submodule_pair(model, k, 0)) for k in expand_kinds(kinds, model)},
         "variants": variants, "single_block": single,
         "ranking": [{"kind": k, "mean_precision@1": means[k],

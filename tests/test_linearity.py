@@ -17,12 +17,13 @@ def stats_of(x: torch.Tensor, y: torch.Tensor, chunks: int = 3) -> GramStats:
     return st
 
 
-def direct_ls(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The paper's definition on stacked activations, with a pseudo-inverse."""
+def direct_ls(x: torch.Tensor, y: torch.Tensor, rcond: float | None = None) -> float:
+    """The paper's definition on stacked activations, with a pseudo-inverse (singular values below
+    ``rcond`` of the largest left out)."""
     xt = x - x.mean(0)
     yt = y - y.mean(0)
     xt, yt = xt / xt.norm(), yt / yt.norm()
-    a = torch.linalg.pinv(xt) @ yt
+    a = torch.linalg.pinv(xt, rtol=rcond) @ yt
     return float(1 - (xt @ a - yt).norm() ** 2)
 
 
@@ -44,6 +45,26 @@ def test_score_of_an_invertible_linear_image_is_one(seed):
     m = torch.randn(10, 10, generator=g, dtype=torch.float64) + 3 * torch.eye(10, dtype=torch.float64)
     assert abs(linearity_score(stats_of(x, x @ m), "x", "y") - 1.0) <= 1e-8
     assert abs(linearity_score(stats_of(x, x @ m + 7.0), "x", "y") - 1.0) <= 1e-8  # centring removes offsets
+
+
+def test_a_layernorm_output_is_scored_on_the_directions_it_spans_without_a_ridge_or_warning():
+    """Post-LN states (every BERT h_l) lie in a hyperplane, so C_xx is singular for any number of
+    tokens: the score is the least-squares minimum on the other d − 1 directions, exactly."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    gain, bias = 1 + 0.3 * torch.randn(12, generator=g), 0.3 * torch.randn(12, generator=g)
+    x = torch.nn.functional.layer_norm(torch.randn(2000, 12, generator=g) * torch.linspace(0.1, 3, 12), (12,))
+    x = (x * gain + bias).double()  # float32 rounding leaves ~1e-7 in the excluded direction
+    y = torch.tanh(x @ torch.randn(12, 12, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(2000, 12, generator=g,
+                                                                                                    dtype=torch.float64)
+    assert torch.linalg.matrix_rank(x - x.mean(0), rtol=1e-5) == 11
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for target in (y, y - x):
+            expected = direct_ls(x, target, rcond=1e-5)
+            assert abs(linearity_score(stats_of(x, y), "x", "y", residual=target is not y) - expected) <= 1e-8
+            assert abs(expected - direct_ls(x, target)) > 1e-6  # the rounding direction would be fitted otherwise
 
 
 def test_a_constant_target_counts_as_perfectly_linear():
@@ -115,7 +136,7 @@ def test_too_few_training_tokens_look_perfectly_linear_in_sample_but_not_held_ou
     x, y = noisy_pair(0, 10)  # 10 tokens for 12 dimensions: any target is fitted exactly
     xh, yh = noisy_pair(1, 500)
     with pytest.warns(UserWarning, match="ill-conditioned"):
-        assert linearity_score(stats_of(x, y), "x", "y", residual=True) > 0.9999  # only the warning's ridge keeps it below 1
+        assert linearity_score(stats_of(x, y), "x", "y", residual=True) == pytest.approx(1.0, abs=1e-9)  # fitted exactly
     with pytest.warns(UserWarning, match="ill-conditioned"):
         assert heldout_linearity_score(stats_of(x, y), stats_of(xh, yh), "x", "y", residual=True) < 0.5
 

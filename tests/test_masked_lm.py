@@ -140,17 +140,237 @@ def test_compare_runs_the_masked_protocol(tiny_bert, tmp_path):
         trajectory_report(model, "w1 w4 w7", str(corpus), lenses="logit,mat-tuned", progress=False)
 
 
-def test_causal_only_analyses_refuse_a_masked_lm(tiny_bert):
-    from lensmat.linearity import linearity
-    from lensmat.submodules import submodules
+def test_the_tuned_lens_refuses_a_masked_lm(tiny_bert):
     from lensmat.tuned import train_tuned_lens
 
     model, _, corpus = tiny_bert
-    for run in (lambda: submodules(model, str(corpus), progress=False),
-                lambda: linearity(model, str(corpus), progress=False),
-                lambda: train_tuned_lens(model, str(corpus), progress=False)):
-        with pytest.raises(ValueError, match="masked LM"):
+    with pytest.raises(ValueError, match="masked LM"):
+        train_tuned_lens(model, str(corpus), progress=False)
+
+
+def test_early_exit_and_saturation_refuse_next_token_lenses_on_a_masked_lm(tiny_bert):
+    from lensmat.early_exit import early_exit
+    from lensmat.saturation import saturation
+
+    model, _, corpus = tiny_bert
+    for run, wrong in ((lambda: early_exit(model, str(corpus), lenses="logit,tuned", progress=False), "tuned"),
+                       (lambda: early_exit(model, str(corpus), lenses="mat-tuned", progress=False), "mat-tuned"),
+                       (lambda: saturation(model, str(corpus), lens="tuned", progress=False), "tuned")):
+        with pytest.raises(ValueError, match=rf"\['{wrong}'\] are trained on next-token prediction .* use logit, mat"):
             run()
+    with pytest.raises(ValueError, match="defined at every layer"):  # the J-lens is refused for every model
+        early_exit(model, str(corpus), lenses="jacobian", progress=False)
+
+
+def masked_line(corpus, seq: list[int]) -> list[int]:
+    """``seq`` with its masked positions (the corpus's masking) replaced by ``[MASK]``, by hand."""
+    return [corpus.masking.mask_id if t in corpus.masking.positions(seq) else tok for t, tok in enumerate(seq)]
+
+
+@pytest.fixture(scope="module")
+def masked_heldout(tiny_bert):
+    """Held-out lines with 3 masked positions each, and two lines with nothing to mask (``[CLS] [SEP]``)
+    inserted, which batching skips."""
+    from dataclasses import replace
+
+    model, _, corpus = tiny_bert
+    heldout = tokenized(model, str(corpus), "heldout", 64, n_mask=3)
+    specials = [model.tokenizer.cls_token_id, model.tokenizer.sep_token_id]
+    return replace(heldout, seqs=[specials] + heldout.seqs[:10] + [specials] + heldout.seqs[10:])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_maps(tiny_bert):
+    model, _, corpus = tiny_bert
+    with pytest.warns(IllConditionedWarning):  # h_0 at [MASK]: see test_maps_are_fitted_on_masked_positions_only
+        return fit_maps(model, str(corpus), max_length=64, n_mask=3, progress=False)
+
+
+@torch.no_grad()
+def hf_masked_top1(hf_bert, corpus) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """``(origin, top-1, original token)`` at every masked position, line by line through the HF model."""
+    origin, top1, original = [], [], []
+    for line, seq in enumerate(corpus.seqs):
+        positions = corpus.masking.positions(seq)
+        if positions:
+            logits = hf_bert(input_ids=torch.tensor([masked_line(corpus, seq)])).logits[0]
+            origin += [(line, p) for p in positions]
+            top1 += logits[positions].argmax(-1).tolist()
+            original += [seq[p] for p in positions]
+    return origin, top1, original
+
+
+def test_rankings_are_at_the_masked_positions_and_target_the_original_tokens(tiny_bert, masked_heldout):
+    from lensmat.saturation import collect_rankings
+
+    model, _, _ = tiny_bert
+    c = masked_heldout
+    r = collect_rankings(model, LogitLens(model), c, k=2, batch_size=4, progress=False)
+    expected = [(line, p) for line, seq in enumerate(c.seqs) for p in c.masking.positions(seq)]
+    assert r.origin == expected and 0 not in {line for line, _ in r.origin} and 11 not in {line for line, _ in r.origin}
+    labels = torch.cat([b.labels[b.score_mask] for b in c.batches(4)])
+    assert r.targets(c).tolist() == labels.tolist() == [c.seqs[line][p] for line, p in expected]
+    assert all(r.inputs[line] == masked_line(c, c.seqs[line]) for line, _ in expected)
+    capped = collect_rankings(model, LogitLens(model), c, k=2, batch_size=4, max_tokens=7, progress=False)
+    last = c.masking.positions(c.seqs[3], 1)  # the cap leaves one masked position for the third line
+    assert capped.origin == expected[:6] + [(3, last[0])] and capped.targets(c).tolist() == labels[:6].tolist() + [
+        c.seqs[3][last[0]]]
+    assert capped.inputs[3] == [c.masking.mask_id if t in last else tok for t, tok in enumerate(c.seqs[3])]
+
+
+def test_the_oracle_exit_emits_the_models_own_top1_at_the_masked_positions(tiny_bert, hf_bert, masked_heldout,
+                                                                           tiny_bert_maps):
+    from lensmat.early_exit import emitted_tokens, saturation_curves
+    from lensmat.saturation import collect_rankings, saturation_layers
+
+    model, _, _ = tiny_bert
+    L = int(model.cfg.n_layers)
+    r = collect_rankings(model, MatLens(model, tiny_bert_maps), masked_heldout, k=2, batch_size=4, progress=False)
+    origin, top1, original = hf_masked_top1(hf_bert, masked_heldout)
+    assert r.origin == origin and r.final_topk[:, 0].tolist() == top1
+    targets = r.targets(masked_heldout)
+    oracle = saturation_curves(r, targets)["oracle"][0]
+    s1 = saturation_layers(r.lens_topk[..., :1], r.final_topk[:, :1])[:, 0].clamp(min=1)
+    assert bool((s1 < L).any()), "no token exits before L: the check below would be vacuous"
+    assert emitted_tokens(r.lens_topk[..., 0], s1).tolist() == top1
+    assert oracle["precision@1"] == 1.0 and oracle["mean_layers"] == pytest.approx(float(s1.double().mean()))
+    assert oracle["accuracy"] == pytest.approx(sum(a == b for a, b in zip(top1, original)) / len(top1))
+
+
+def test_confidence_exit_on_a_masked_lm_uses_t_3_and_never_exiting_costs_L(tiny_bert, masked_heldout, tiny_bert_maps):
+    import math
+
+    from lensmat.early_exit import LAMBDAS, confidence_curve
+    from lensmat.saturation import collect_rankings
+
+    model, _, _ = tiny_bert
+    L = int(model.cfg.n_layers)
+    r = collect_rankings(model, MatLens(model, tiny_bert_maps), masked_heldout, k=2, batch_size=4, progress=False)
+    targets = r.targets(masked_heldout)
+    curve = confidence_curve(r, targets, masked=True)
+    never = curve[LAMBDAS.index(max(LAMBDAS))]
+    assert never["mean_layers"] == L and never["precision@1"] == 1.0
+    assert never["accuracy"] == pytest.approx(float((r.final_topk[:, 0] == targets).double().mean()))
+    n_mean = sum(p + 1 for _, p in r.origin) / len(r.origin)  # bert_add_results.py: N = mean(token_positions + 1)
+    gap = r.top_two_gap
+    for row in curve:  # the authors' loop: layers 1..L-1 against θ(3), else L
+        theta = 0.9 * row["lambda"] + 0.1 * math.exp(-4 * 3 / n_mean)
+        exits = [next((layer for layer in range(1, L) if gap[layer, i] > theta), L) for i in range(len(r.origin))]
+        assert row["mean_layers"] == pytest.approx(sum(exits) / len(exits))
+    assert any(1 < row["mean_layers"] < L for row in curve)
+    by_position = confidence_curve(r, targets, masked=True, masked_t=None)  # t = the token's position
+    assert [row["mean_layers"] for row in by_position] != [row["mean_layers"] for row in curve]
+
+
+@torch.no_grad()
+def test_implants_run_the_whole_masked_line(tiny_bert, masked_heldout, monkeypatch):
+    import importlib
+
+    saturation = importlib.import_module("lensmat.saturation")  # the module (lensmat.saturation is also the function)
+    model, _, _ = tiny_bert
+    c, lens, L = masked_heldout, LogitLens(model), int(model.cfg.n_layers)
+    r = saturation.collect_rankings(model, lens, c, k=1, batch_size=4, progress=False)
+    i, j = 4, 20  # a masked token, and one of another line whose state is implanted into it
+    (line, pos), (other, _) = r.origin[i], r.origin[j]
+    assert line != other and sum(o[0] == line for o in r.origin) == 3
+    tokens = masked_line(c, c.seqs[line])
+    own = saturation.implanted_top1(model, lens, tokens, pos, 1, r.resid[1, i])
+    assert own.tolist() == r.lens_topk[:, i, 0].tolist()
+    captured = {}
+
+    def put(act, hook):
+        act[0, pos] = r.resid[2, j]
+        return act
+
+    hooks = [(resid_hook(2), put)] + [(resid_hook(layer), lambda act, hook, layer=layer: captured.__setitem__(layer, act[0, pos]))
+                                      for layer in range(L + 1)]
+    logits = model.run_with_hooks(torch.tensor([tokens]), fwd_hooks=hooks)[0, pos]
+    expected = [int(lens(captured[layer], layer).argmax()) for layer in range(L)] + [int(logits.argmax())]
+    assert saturation.implanted_top1(model, lens, tokens, pos, 2, r.resid[2, j]).tolist() == expected
+    seen = []
+    real = saturation.implanted_top1
+    monkeypatch.setattr(saturation, "implanted_top1", lambda m, le, toks, p, *a: seen.append((toks, p)) or real(m, le, toks, p, *a))
+    s1 = torch.full((len(r.origin),), 3)
+    s1[j] = 1
+    saturation.implant(model, lens, r, s1, min_gap=1, offsets=(0, 1), pairs=[(j, i)])
+    assert seen == [(tokens, pos)]
+
+
+def test_linearity_of_a_masked_lm_is_scored_at_the_masked_positions(tiny_bert, hf_bert):
+    from lensmat.linearity import linearity
+    from lensmat.metrics import masked_token_quality
+
+    model, _, corpus = tiny_bert
+    L = int(model.cfg.n_layers)
+    report = linearity(model, str(corpus), max_length=64, n_mask=2, mask_seed=1, max_k=1, progress=False)
+    assert report["protocol"] == "masked" and report["masking"] == {"n_mask": 2, "seed": 1}
+    train = tokenized(model, str(corpus), "train", 64, n_mask=2, mask_seed=1)
+    rows = {layer: [] for layer in range(L + 1)}
+    with torch.no_grad():
+        for seq in train.seqs:  # one unpadded line at a time, masked by hand, through the HF model
+            hidden = hf_bert(input_ids=torch.tensor([masked_line(train, seq)]), output_hidden_states=True).hidden_states
+            for layer in rows:
+                rows[layer].append(hidden[layer][0, train.masking.positions(seq)].double())
+    acts = {layer: torch.cat(v) for layer, v in rows.items()}
+    assert report["n_fit_tokens"] == len(acts[0]) == 2 * len(train.seqs)
+    assert report["n_pruning_fit_tokens"] == sum(map(len, train.seqs))  # block maps: every position they replace
+
+    def score(x, y):  # rcond: h_l is a LayerNorm output, exactly in a hyperplane but for float32 rounding (~1e-7)
+        x, y = x - x.mean(0), y - y.mean(0)
+        x, y = x / x.norm(), y / y.norm()
+        return float(1 - (x @ torch.linalg.lstsq(x, y, rcond=1e-5, driver="gelsd").solution - y).norm() ** 2)
+
+    for block in range(L):
+        x, y = acts[block], acts[block + 1]
+        assert report["linearity"][block] == pytest.approx(score(x, y), abs=1e-6)
+        assert report["linearity_no_residual"][block] == pytest.approx(score(x, y - x), abs=1e-6)
+    heldout = tokenized(model, str(corpus), "heldout", 64, n_mask=2, mask_seed=1)
+    quality = masked_token_quality(lambda t, m: hf_bert(input_ids=t, attention_mask=m.long()).logits,
+                                   heldout.batches(8))
+    for rows in report["pruning"].values():
+        assert rows[0]["precision@1"] == 1.0 and rows[0]["ce"] == pytest.approx(quality["ce"], rel=1e-5)
+        assert rows[1]["precision@1"] < 1.0
+    assert report["n_eval_tokens"] == quality["tokens"]
+
+
+def test_submodule_maps_are_fitted_at_every_position_of_the_masked_lines(tiny_bert):
+    """A swapped module replaces every position, so its map is fitted on all of them (the masked
+    lines as the model reads them); the scores and the mat lens stay at the masked positions."""
+    from lensmat.submodules import submodules
+
+    model, _, corpus = tiny_bert
+    with pytest.warns(IllConditionedWarning):  # h_0 at [MASK], in the mat fits
+        report = submodules(model, str(corpus), max_fit_tokens=50, max_eval_tokens=30, max_length=64, progress=False)
+    train = tokenized(model, str(corpus), "train", 64)
+    lines = list(train.batches(16, 50))
+    assert report["protocol"] == "masked" and report["n_fit_tokens"] == 50 == sum(b.n_scored for b in lines)
+    assert report["n_submodule_fit_tokens"] == sum(int(b.attention_mask.sum()) for b in lines)
+    assert report["n_eval_tokens"] == 30 and report["layout"] == "post-norm"
+    for scores in report["variants"].values():
+        assert scores["precision@1"][-1] == 1.0
+
+
+@pytest.mark.parametrize("command", ["early-exit", "saturation", "linearity", "submodules"])
+def test_cli_analyses_run_the_masked_protocol(command, tiny_bert, tmp_path):
+    import json
+    import warnings
+
+    from lensmat.cli import main
+
+    _, folder, corpus = tiny_bert
+    extra = {"early-exit": ["--masked-t", "position"], "saturation": ["--permutations", "20", "--pairs", "5"],
+             "linearity": [], "submodules": ["--max-eval-tokens", "40"]}[command]
+    out = tmp_path / command
+    args = [command, "--model", str(folder), "--dataset", str(corpus), "--device", "cpu", "--max-length", "64",
+            "--n-mask", "2", "--mask-seed", "4", "--out", str(out), "--quiet", *extra]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)  # h_0 at [MASK], in the mat fits
+        assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"] == "masked" and report["masking"] == {"n_mask": 2, "seed": 4}
+    if command == "early-exit":
+        assert report["threshold_t"] == "position" and set(report["savings"]) == {"logit", "mat"}
+        assert report["curves"]["mat"][-1]["precision@1"] == 1.0
 
 
 def test_top_predictions_read_masked_positions(tiny_bert):

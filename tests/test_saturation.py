@@ -6,6 +6,7 @@ import torch
 from conftest import random_token_batches
 
 from lensmat.lenses import LogitLens
+from lensmat.pipeline import Tokenized
 import numpy as np
 
 from lensmat.saturation import (collect_rankings, implant, implant_pairs, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test,
@@ -169,15 +170,17 @@ def test_rankings_at_the_last_layer_are_the_model_and_implanting_a_tokens_own_st
     batches = random_token_batches(1, 4, 12, 40, seed=2)
     seqs = [batches[0].tokens[i, : int(batches[0].attention_mask[i].sum())].tolist() for i in range(4)]
     lens = LogitLens(tiny_model)
-    r = collect_rankings(tiny_model, lens, seqs, k=3, progress=False)
+    r = collect_rankings(tiny_model, lens, Tokenized(seqs, "random", "all", 32), k=3, progress=False)
     n_layers = 3
     assert r.lens_topk.shape == (n_layers + 1, len(r.origin), 3)
     assert torch.equal(r.lens_topk[-1], r.final_topk)
     line, pos = r.origin[5]
     assert r.origin[0] == (0, 1)  # BOS never scored
-    own = implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, 1, r.resid[1, 5])
+    assert r.inputs == dict(enumerate(seqs))  # each line as it was run
+    own = implanted_top1(tiny_model, lens, r.inputs[line], pos, 1, r.resid[1, 5])
     assert own.tolist() == r.lens_topk[:, 5, 0].tolist()
-    other = implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, 1, 50 * r.resid[1, 0])
+    assert own.tolist() == implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, 1, r.resid[1, 5]).tolist()  # causal
+    other = implanted_top1(tiny_model, lens, r.inputs[line], pos, 1, 50 * r.resid[1, 0])
     assert other.tolist() != own.tolist()
 
 
@@ -185,19 +188,19 @@ def test_implant_sweep_counts_success_only_where_the_new_s1_is_the_implanted_lay
     batches = random_token_batches(2, 6, 14, 40, seed=3)
     seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist() for b in batches for i in range(6)]
     lens = LogitLens(tiny_model)
-    r = collect_rankings(tiny_model, lens, seqs, k=1, progress=False)
+    r = collect_rankings(tiny_model, lens, Tokenized(seqs, "random", "all", 32), k=1, progress=False)
     s1 = saturation_layers(r.lens_topk, r.final_topk, start=1)[:, 0]
     pairs = implant_pairs(r.final_topk[:, 0], s1, min_gap=1, max_pairs=30)
     assert pairs and all(int(s1[late] - s1[early]) >= 1 and int(r.final_topk[early, 0]) == int(r.final_topk[late, 0])
                          for early, late in pairs)
-    res = implant(tiny_model, lens, seqs, r, s1, offsets=(-1, 0, 1), pairs=pairs)
+    res = implant(tiny_model, lens, r, s1, offsets=(-1, 0, 1), pairs=pairs)
     expected = {o: [0, 0] for o in (-1, 0, 1)}  # successes, trials, recomputed from the lens readouts directly
     for early, late in pairs:
         line, pos = r.origin[late]
         for o in (-1, 0, 1):
             j = int(s1[early]) + o
             if 0 <= j < int(s1[late]):
-                top1 = implanted_top1(tiny_model, lens, seqs[line][: pos + 1], pos, j, r.resid[j, early])
+                top1 = implanted_top1(tiny_model, lens, seqs[line], pos, j, r.resid[j, early])
                 matches = (top1 == top1[-1]).tolist()
                 new_s1 = next(layer for layer in range(1, 4) if all(matches[layer:]))  # block outputs 1..L only
                 expected[o][0] += int(new_s1 == j and int(top1[-1]) == int(r.final_topk[late, 0]))
