@@ -5,15 +5,17 @@ block's layout (:func:`block_layout`); the pairs are :data:`_PAIRS`, written wit
 
 - ``pre-norm`` (GPT-2, GPT-Neo, OPT, BLOOM, Llama, Mistral, Mixtral, Qwen, Gemma, Phi-3, StableLM,
   OLMo): ``ln1`` ``hook_resid_pre -> ln1.hook_out``, ``attn`` ``ln1.hook_out -> hook_attn_out``,
-  ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln2.hook_out -> hook_mlp_out``. Gemma 2/3's
-  extra output norms sit inside ``attn`` and ``mlp`` (``hook_attn_out`` is after them).
+  ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln2.hook_out -> hook_mlp_out``.
+- ``sandwich`` (a norm before and after each sub-layer: Gemma 2, Gemma 3): as pre-norm, but
+  ``attn`` and ``mlp`` end at ``attn.hook_out`` / ``mlp.hook_out``, before their output norms
+  (``ln1_post``, ``ln2_post``), which stay exact in every kind but ``block``.
 - ``parallel`` (attention and MLP both read ``h_l``; no ``hook_resid_mid``): as pre-norm, with
   ``ln2`` reading ``hook_resid_pre`` (GPT-NeoX / Pythia). With one norm per block (GPT-J, Phi,
   Falcon) there is no ``ln2`` and ``mlp`` reads ``ln1.hook_out``.
 - ``post-norm`` (LayerNorm after each residual add: BERT, RoBERTa): ``ln1`` ``ln1.hook_in ->
   ln1.hook_out``, ``attn`` ``hook_resid_pre -> attn.o.hook_out`` (before the residual add),
   ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln1.hook_out -> hook_mlp_out``.
-- ``post-sublayer-norm`` (a norm on each sub-layer's output and none on its input: OLMo 2):
+- ``post-sublayer-norm`` (a norm after each sub-layer and none before it: OLMo 2):
   ``attn`` ``hook_resid_pre -> attn.hook_out``, ``ln1`` ``attn.hook_out -> ln1_post.hook_out``,
   ``mlp`` ``hook_resid_mid -> mlp.hook_out``, ``ln2`` ``mlp.hook_out -> ln2_post.hook_out``.
 - ``block`` is ``hook_resid_pre -> hook_resid_post`` in every layout.
@@ -37,14 +39,15 @@ from typing import Iterable
 from lensmat.fit import MapSet
 
 SUBMODULE_KINDS = ("ln1", "attn", "ln2", "mlp", "block")
-LAYOUTS = ("pre-norm", "parallel", "post-norm", "post-sublayer-norm")
-POST_NORM = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})
-POST_SUBLAYER_NORM = frozenset({"Olmo2ForCausalLM"})
+LAYOUTS = ("pre-norm", "parallel", "sandwich", "post-norm", "post-sublayer-norm")
+POST_NORM = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})  # cfg.architecture of post-LN encoders
 _PAIRS = {  # layout: kind: (input, output) hook suffixes
     "pre-norm": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
                  "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
     "parallel": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
                  "ln2": ("hook_resid_pre", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
+    "sandwich": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "attn.hook_out"),
+                 "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln2.hook_out", "mlp.hook_out")},
     "post-norm": {"ln1": ("ln1.hook_in", "ln1.hook_out"), "attn": ("hook_resid_pre", "attn.o.hook_out"),
                   "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln1.hook_out", "hook_mlp_out")},
     "post-sublayer-norm": {"ln1": ("attn.hook_out", "ln1_post.hook_out"), "attn": ("hook_resid_pre", "attn.hook_out"),
@@ -54,12 +57,12 @@ _PAIRS = {  # layout: kind: (input, output) hook suffixes
 
 def block_layout(model) -> str:
     """How a block wires its norms and sub-layers: one of :data:`LAYOUTS` (see the module docstring),
-    from the Hugging Face architecture name (``cfg.architecture``) and ``cfg.parallel_attn_mlp``."""
-    arch = getattr(model.cfg, "architecture", None)
-    if arch in POST_NORM:
+    from the Hugging Face architecture name (``cfg.architecture``: BERT, RoBERTa), the bridge's
+    output-norm hooks (``ln1_post``) and ``cfg.parallel_attn_mlp``."""
+    if getattr(model.cfg, "architecture", None) in POST_NORM:
         return "post-norm"
-    if arch in POST_SUBLAYER_NORM:
-        return "post-sublayer-norm"
+    if "blocks.0.ln1_post.hook_out" in model.hook_dict:
+        return "sandwich" if "blocks.0.ln1.hook_out" in model.hook_dict else "post-sublayer-norm"
     return "parallel" if getattr(model.cfg, "parallel_attn_mlp", False) else "pre-norm"
 
 

@@ -78,12 +78,13 @@ def save_word_tokenizer(folder, masked: bool = False) -> int:
 
 
 def save_tiny_causal_lm(folder, family: str = "gpt2"):
-    """A random 3-block Hugging Face causal LM of ``family`` (``gpt2``, ``llama``, ``gemma3``) over a
+    """A random 3-block Hugging Face causal LM of ``family`` (``gpt2``, ``gpt_neox``, ``opt``,
+    ``llama``, ``gemma3``) over a
     49-word vocabulary (``w0``..``w47``, BOS/EOS 48), saved to ``folder`` with its tokenizer.
     ``gemma3`` has a 6-position sliding window on its first two layers (the third is global), so
     lines longer than 6 tokens exercise the sliding-window cache."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM)
 
     save_word_tokenizer(folder)
     torch.manual_seed(0)
@@ -92,6 +93,12 @@ def save_tiny_causal_lm(folder, family: str = "gpt2"):
     common = dict(vocab_size=49, bos_token_id=48, eos_token_id=48, initializer_range=0.02 if family == "gemma3" else 0.2)
     if family == "gpt2":
         hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=3, n_head=4, **common))
+    elif family == "gpt_neox":  # parallel attention and MLP, partial rotary
+        hf = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, max_position_embeddings=64, **common))
+    elif family == "opt":  # learned positions offset by 2, ReLU MLP
+        hf = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                                      max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=None, **common))
     elif family == "llama":
         hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -105,7 +112,7 @@ def save_tiny_causal_lm(folder, family: str = "gpt2"):
     else:
         raise ValueError(family)
     for module in hf.modules():  # random RMSNorm gains, as after training (Gemma stores them as 1 + w)
-        if family != "gpt2" and "RMSNorm" in type(module).__name__:
+        if family in ("llama", "gemma3") and "RMSNorm" in type(module).__name__:
             torch.nn.init.normal_(module.weight, 1.0 if family == "llama" else 0.0, 0.3)
     hf.eval().save_pretrained(folder)
     return folder
@@ -125,6 +132,18 @@ def tiny_gpt2(tmp_path_factory):
     :func:`lensmat.load_model`, plus a local corpus of ``w`` words whose next word is mostly
     predictable (:func:`word_corpus`). Returns ``(model, folder, corpus path)``."""
     return _tiny_causal(tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neox(tmp_path_factory):
+    """As :func:`tiny_gpt2`, a random 3-block GPT-NeoX (Pythia's layout: parallel attention and MLP)."""
+    return _tiny_causal(tmp_path_factory, "gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory):
+    """As :func:`tiny_gpt2`, a random 3-block OPT."""
+    return _tiny_causal(tmp_path_factory, "opt")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from lensmat.early_exit import (LAMBDAS, SaturationProbe, confidence_curve, earl
                                 fixed_exit, layers_saved, saturation_curves)
 from lensmat.generation import generate, greedy_reference
 from lensmat.lenses import LogitLens
+from lensmat.pipeline import Tokenized
 from lensmat.saturation import Rankings, collect_rankings
 
 
@@ -20,7 +21,7 @@ def random_rankings(n_layers=4, n=300, seed=0) -> tuple[Rankings, torch.Tensor]:
     topp = torch.stack([p1, p1 * torch.rand(n_layers + 1, n, generator=g)], -1)
     origin = [(i // 10, 1 + i % 10) for i in range(n)]
     targets = torch.randint(-1, 6, (n,), generator=g)
-    return Rankings(topk, topp, torch.randn(n_layers + 1, n, 5, generator=g), origin), targets
+    return Rankings(topk, topp, torch.randn(n_layers + 1, n, 5, generator=g), origin, {}), targets
 
 
 def test_threshold_follows_the_paper():
@@ -60,11 +61,13 @@ def test_oracle_saturation_exit_reproduces_the_model_top1(tiny_model):
 
     b = random_token_batches(1, 6, 14, 40, seed=3)[0]
     seqs = [b.tokens[i, : int(b.attention_mask[i].sum())].tolist() for i in range(6)]
-    r = collect_rankings(tiny_model, LogitLens(tiny_model), seqs, k=2, progress=False)
+    corpus = Tokenized(seqs, "random", "all", 32)
+    r = collect_rankings(tiny_model, LogitLens(tiny_model), corpus, k=2, progress=False)
     s1 = torch.randint(0, 4, (len(r.origin),))
     s1[:3] = torch.tensor([0, 3, 1])
     probe = SaturationProbe().fit(r.resid, s1)
-    targets = r.targets(seqs)
+    targets = r.targets(corpus)
+    assert targets.tolist() == [seqs[line][pos + 1] if pos + 1 < len(seqs[line]) else -1 for line, pos in r.origin]
     curves = saturation_curves(r, targets, probe)
     assert set(curves) == {"gap", "cosine", "probe", "oracle"}
     oracle = curves["oracle"][0]
@@ -91,7 +94,7 @@ def test_fixed_exit_reads_each_layer_and_matches_the_always_exiting_lambda():
         k: rows[0][k] for k in ("mean_layers", "precision@1", "accuracy")}
 
 
-FAMILIES = ["tiny_gpt2", "tiny_llama", "tiny_gemma3"]
+FAMILIES = ["tiny_gpt2", "tiny_gpt_neox", "tiny_opt", "tiny_llama", "tiny_gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -198,7 +201,7 @@ def test_generation_refuses_a_bridge_without_a_hugging_face_decoder(tiny_model):
 
 def test_generation_refuses_a_masked_lm(tiny_bert):
     model, _, _ = tiny_bert
-    with pytest.raises(ValueError, match="masked LM"):
+    with pytest.raises(ValueError, match="masked LM.*`early-exit`.*simulated at the \\[MASK\\] positions"):
         generate(model, LogitLens(model), [48, 1], 2)
 
 
@@ -265,3 +268,14 @@ def test_generation_thresholds_use_the_simulated_curves_positions(tiny_gpt2, mon
     prompt = [48, 3, 6, 9]  # BOS + 3 tokens: the first generated token sits at t = 3
     generate(model, LogitLens(model), prompt, 4, lam=0.5)
     assert seen == [3, 4, 5, 6]  # the last one is computed but unused
+
+
+def test_a_probe_without_both_classes_is_left_out_with_a_warning(tiny_bert):
+    from lensmat.early_exit import ProbeDataError
+
+    with pytest.raises(ProbeDataError, match="no pair of its 4 tokens is saturated"):
+        SaturationProbe().fit(torch.randn(4, 4, 3), torch.full((4,), 3))
+    model, _, corpus = tiny_bert  # a few [MASK]s, read by the logit lens, saturate at L only
+    with pytest.warns(RuntimeWarning, match="logit lens's probe exit is left out"):
+        r = early_exit(model, str(corpus), lenses="logit", max_probe_tokens=3, max_eval_tokens=30, progress=False)
+    assert set(r["saturation"]) == {"gap", "cosine", "oracle"} and r["protocol"] == "masked"
