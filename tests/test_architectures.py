@@ -17,19 +17,15 @@ import pytest
 import torch
 
 import lensmat
-from lensmat.collect import collect, run_capture
-from lensmat.data import pad
 from lensmat.early_exit import early_exit
-from lensmat.fit import MapSet, fit_pairs
 from lensmat.generation import generate, greedy_reference
 from lensmat.linearity import linearity
-from lensmat.models import describe
 from lensmat.saturation import saturation
-from lensmat.submodules import groups_for, submodule_pairs, submodules
-from lensmat.swap import block_layout, model_kinds, submodule_pair, swap_hooks
+from lensmat.submodules import submodules
+from lensmat.swap import block_layout, model_kinds, submodule_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import save_word_tokenizer, word_corpus  # noqa: E402
+from conftest import one_token_attention_swap, save_word_tokenizer, word_corpus  # noqa: E402
 
 W = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 GQA = dict(W, num_key_value_heads=2)
@@ -172,15 +168,10 @@ def test_every_submodule_pair_is_the_module(family, zoo):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_swapping_attention_for_its_exact_map_changes_nothing(family, zoo):
-    """On one-token inputs attention is affine in its input (softmax over one key is 1), so the
-    affine attn maps fitted there reproduce it: swapped into every block, the logits are unchanged."""
+    """On one-token inputs attention is affine in its input, so the affine attn maps fitted there
+    reproduce it: swapped into every block, the logits are unchanged."""
     model, _, _ = zoo(family)
-    batch = pad([[t] for t in range(48)], has_bos=False)
-    pairs = submodule_pairs(model, ["attn"])
-    maps = MapSet(fit_pairs(collect(model, [batch], groups_for(pairs), progress=False), pairs, intercept=True),
-                  describe(model).to_dict(), True)
-    plain = run_capture(model, batch, (), logits=True)[1]
-    swapped = run_capture(model, batch, (), logits=True, fwd_hooks=swap_hooks(model, maps, ["attn"]))[1]
+    plain, swapped = one_token_attention_swap(model, range(48))
     torch.testing.assert_close(swapped, plain, atol=2e-4, rtol=1e-3)
 
 

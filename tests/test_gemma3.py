@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lensmat
-from conftest import hf_twin, load_named_model, strict_json
+from conftest import check_real_attention_swap, hf_twin, load_named_model, strict_json
 
 pytestmark = pytest.mark.gemma
 NAME = "gemma3-270m"
@@ -83,3 +83,9 @@ def test_every_command_runs_on_small_budgets(gemma, tmp_path):
     for name, run in runs.items():
         run(tmp_path / name)
         strict_json(tmp_path / name / "report.json")
+
+
+
+def test_swapping_attention_for_its_one_token_map_changes_nothing(gemma):
+    """The attn hook pair is the attention module on the real model too (one-token attention is affine)."""
+    check_real_attention_swap(gemma)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lensmat
-from conftest import hf_twin, load_named_model, require_named_model, strict_json
+from conftest import check_real_attention_swap, hf_twin, load_named_model, require_named_model, strict_json
 from lensmat.gguf_models import named_gguf
 
 pytestmark = pytest.mark.real_model
@@ -151,3 +151,9 @@ def test_cli_info_names_the_real_model(capsys):
     assert main(["info", "--model", NAME]) == 0
     out = capsys.readouterr().out
     assert "30" in out and "576" in out
+
+
+
+def test_swapping_attention_for_its_one_token_map_changes_nothing(smol):
+    """The attn hook pair is the attention module on the real model too (one-token attention is affine)."""
+    check_real_attention_swap(smol)
