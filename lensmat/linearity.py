@@ -56,35 +56,47 @@ from lensmat.swap import submodule_pair, swap_hooks
 PINV_RTOL = 1e-10
 
 
-def least_squares(stats: GramStats, source: str, target: str, *,
-                  residual: bool = False) -> Float[torch.Tensor, "d_source d_target"]:
-    """``W = C_xx⁺ C_xy`` ``[d_source, d_target]``: the minimum-norm minimiser of
-    ``Σ‖(y − ȳ) − (x − x̄)W‖²`` over the tokens of ``stats`` (``y − x`` for ``y`` with ``residual=True``),
-    the pseudo-inverse taken over the directions the source spans (eigenvalues of ``C_xx`` above
-    :data:`PINV_RTOL` of the largest), as the score's ``min_A`` is. A post-LN model's states (BERT:
-    every ``h_l`` is a LayerNorm output) lie in a hyperplane, so ``C_xx`` is singular for any number
-    of tokens, and a ridge there would lower the score. With fewer than ``4·d`` tokens and fewer than
-    ``d`` directions it warns (:class:`~lensmat.fit.IllConditionedWarning`): the fit is then close to
-    exact in sample."""
-    cxx, cxy = centred(stats, source, source), centred(stats, source, target)
-    if residual:
-        cxy = cxy - cxx
-    evals, evecs = torch.linalg.eigh(cxx)
+Span = tuple[Float[torch.Tensor, "d rank"], Float[torch.Tensor, "rank"]]
+
+
+def source_span(stats: GramStats, source: str) -> Span:
+    """``(basis [d, r], eigenvalues [r])`` of the centred ``C_xx``: the directions the source spans
+    (eigenvalues above :data:`PINV_RTOL` of the largest), the pseudo-inverse :func:`least_squares`
+    takes. One eigendecomposition per source serves every target and score of it. With fewer than
+    ``4·d`` tokens and fewer than ``d`` directions it warns (:class:`~lensmat.fit.IllConditionedWarning`):
+    a fit is then close to exact in sample."""
+    evals, evecs = torch.linalg.eigh(centred(stats, source, source))
     keep = evals > PINV_RTOL * max(float(evals[-1]), 0.0)
-    d, rank = cxx.shape[0], int(keep.sum())
+    d, rank = evals.shape[0], int(keep.sum())
     if rank < d and stats.n < 4 * d:
         warnings.warn(f"The Gram matrix of {source} is singular or ill-conditioned: {stats.n} tokens span {rank} of "
                       f"{d} directions, so the least-squares fit is close to exact in sample. Fit on more tokens "
                       f"(several times {d}).", IllConditionedWarning, stacklevel=3)
-    basis = evecs[:, keep]
-    return basis @ ((basis.T @ cxy) / evals[keep, None])
+    return evecs[:, keep], evals[keep]
 
 
-def linearity_score(stats: GramStats, source: str, target: str, *, residual: bool = False) -> float:
+def least_squares(stats: GramStats, source: str, target: str, *, residual: bool = False,
+                  span: Span | None = None) -> Float[torch.Tensor, "d_source d_target"]:
+    """``W = C_xx⁺ C_xy`` ``[d_source, d_target]``: the minimum-norm minimiser of
+    ``Σ‖(y − ȳ) − (x − x̄)W‖²`` over the tokens of ``stats`` (``y − x`` for ``y`` with ``residual=True``),
+    the pseudo-inverse taken over the directions the source spans (``span``: :func:`source_span`,
+    computed here when not given), as the score's ``min_A`` is. A post-LN model's states (BERT:
+    every ``h_l`` is a LayerNorm output) lie in a hyperplane, so ``C_xx`` is singular for any number
+    of tokens, and a ridge there would lower the score."""
+    basis, evals = source_span(stats, source) if span is None else span
+    cxy = centred(stats, source, target)
+    if residual:
+        cxy = cxy - centred(stats, source, source)
+    return basis @ ((basis.T @ cxy) / evals[:, None])
+
+
+def linearity_score(stats: GramStats, source: str, target: str, *, residual: bool = False,
+                    span: Span | None = None) -> float:
     """LS of ``target`` (``target − source`` with ``residual=True``) given ``source``, from statistics
     holding both hooks. In ``[0, 1]``; 1 when the target is an exact affine function of the source,
     including a constant target (e.g. a block that adds nothing, with ``residual=True``).
-    The minimiser is :func:`least_squares` (no ridge, also where ``C_xx`` is singular)."""
+    The minimiser is :func:`least_squares` (no ridge, also where ``C_xx`` is singular; ``span``:
+    the source's :func:`source_span`, when already computed)."""
     cxx = centred(stats, source, source)
     cxy = centred(stats, source, target)
     cyy = centred(stats, target, target)
@@ -95,16 +107,16 @@ def linearity_score(stats: GramStats, source: str, target: str, *, residual: boo
     total = float(torch.trace(cyy))
     if total <= 1e-12 * scale:
         return 1.0
-    return float((cxy * least_squares(stats, source, target, residual=residual)).sum()) / total
+    return float((cxy * least_squares(stats, source, target, residual=residual, span=span)).sum()) / total
 
 
 def heldout_linearity_score(train: GramStats, heldout: GramStats, source: str, target: str, *,
-                            residual: bool = False) -> float:
+                            residual: bool = False, span: Span | None = None) -> float:
     """The in-sample minimiser's score on other tokens: ``1 − Σ‖y − xW − b‖² / Σ‖y − ȳ‖²`` over the
     tokens of ``heldout``, with ``W, b`` the affine least-squares map fitted on ``train``
     (:func:`least_squares`; target ``y − x`` with ``residual=True``: the same residual, the variance
-    of ``y − x`` below). At most 1."""
-    W = least_squares(train, source, target)
+    of ``y − x`` below; ``span``: the source's :func:`source_span` on ``train``). At most 1."""
+    W = least_squares(train, source, target, span=span)
     m = LinearMap(W, train.mean(target) - train.mean(source) @ W, source, target)
     unexplained = float(residual_sums(heldout, m, source, target).sum())
     cxx, cyy = centred(heldout, source, source), centred(heldout, target, target)
@@ -145,8 +157,9 @@ def linearity_profile(stats: GramStats, heldout: GramStats | None = None) -> dic
     ``"heldout_mean"``, ``"heldout_mean_no_residual"`` when ``heldout`` statistics of the same hooks
     are given (the block ratios then come from ``heldout``)."""
     pairs = list(zip(stats.hooks[:-1], stats.hooks[1:]))
-    lin = [linearity_score(stats, a, b) for a, b in pairs]
-    lin_nr = [linearity_score(stats, a, b, residual=True) for a, b in pairs]
+    spans = [source_span(stats, a) for a, _ in pairs]  # one eigendecomposition per block serves its four scores
+    lin = [linearity_score(stats, a, b, span=sp) for (a, b), sp in zip(pairs, spans)]
+    lin_nr = [linearity_score(stats, a, b, residual=True, span=sp) for (a, b), sp in zip(pairs, spans)]
     ratios = heldout if heldout is not None else stats
     out = {"linearity": lin, "linearity_no_residual": lin_nr, "mean": _mean(lin), "mean_no_residual": _mean(lin_nr),
            "norm_ratio": [norm_ratio(ratios, a, b) for a, b in pairs],
@@ -154,8 +167,8 @@ def linearity_profile(stats: GramStats, heldout: GramStats | None = None) -> dic
     if heldout is not None:
         if heldout.hooks != stats.hooks:
             raise ValueError(f"Held-out statistics of hooks {heldout.hooks} do not match the training ones {stats.hooks}.")
-        h = [heldout_linearity_score(stats, heldout, a, b) for a, b in pairs]
-        h_nr = [heldout_linearity_score(stats, heldout, a, b, residual=True) for a, b in pairs]
+        h = [heldout_linearity_score(stats, heldout, a, b, span=sp) for (a, b), sp in zip(pairs, spans)]
+        h_nr = [heldout_linearity_score(stats, heldout, a, b, residual=True, span=sp) for (a, b), sp in zip(pairs, spans)]
         out |= {"heldout_linearity": h, "heldout_linearity_no_residual": h_nr,
                 "heldout_mean": _mean(h), "heldout_mean_no_residual": _mean(h_nr)}
     return out
