@@ -139,7 +139,8 @@ class Batch:
     """A right-padded batch of tokenized lines (see module docstring for the masks).
 
     A masked-protocol batch also has ``labels``: the original tokens, ``-100`` everywhere but at
-    the masked positions (whose ``tokens`` hold the ``[MASK]`` id).
+    the masked positions (whose ``tokens`` hold the ``[MASK]`` id). A batch from :func:`batches`
+    has ``lines``: the index in its ``seqs`` of each row (lines with nothing to score are skipped).
     """
 
     tokens: Int[torch.Tensor, "batch pos"]
@@ -147,6 +148,7 @@ class Batch:
     has_bos: bool = True  # False: position 0 is a real token and is scored too
     labels: Int[torch.Tensor, "batch pos"] | None = None
     selected: Bool[torch.Tensor, "batch pos"] | None = None  # Scoring(positions="one-random"): the scored positions
+    lines: tuple[int, ...] | None = None
 
     @property
     def is_masked(self) -> bool:
@@ -189,12 +191,12 @@ class Batch:
         """The same inputs (a masked LM's ``[MASK]`` tokens in place) scored at every real position,
         ``[CLS]``/``[SEP]``/BOS included: the positions a swapped module or block map replaces, so
         the positions to fit such maps on."""
-        return Batch(self.tokens, self.attention_mask, has_bos=False)
+        return Batch(self.tokens, self.attention_mask, has_bos=False, lines=self.lines)
 
     def to(self, device: torch.device | str) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device)
         selected = None if self.selected is None else self.selected.to(device)
-        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos, labels, selected)
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.has_bos, labels, selected, self.lines)
 
 
 IGNORE = -100  # label of an unmasked position (the Hugging Face convention)
@@ -370,7 +372,7 @@ def batches(
     """Batches of ``batch_size`` sequences in corpus order, stopping once ``max_tokens`` scored
     positions have been yielded: non-BOS, non-padding tokens (the last sequence may be cut to fit),
     with ``scoring`` its positions (:class:`Scoring`), or with ``masking`` the masked positions (the
-    last line may get fewer of them)."""
+    last line may get fewer of them). Each batch's ``lines`` are the indices of its rows in ``seqs``."""
     if batch_size < 1:
         raise CorpusError(f"batch_size must be at least 1, got {batch_size}.")
     scoring = scoring or Scoring()
@@ -378,7 +380,8 @@ def batches(
     budget = math.inf if max_tokens is None else max_tokens
     chunk: list[Sequence[int]] = []
     chosen: list[list[int]] = []
-    for seq in seqs:
+    lines: list[int] = []
+    for line, seq in enumerate(seqs):
         if budget <= 0:
             break
         limit = None if math.isinf(budget) else int(budget)
@@ -393,17 +396,21 @@ def batches(
                 seq = seq[: int(budget) + has_bos]
             budget -= len(seq) - has_bos
         chunk.append(seq)
+        lines.append(line)
         if len(chunk) == batch_size:
-            yield _padded(chunk, chosen, masking, scoring, pad_id)
-            chunk, chosen = [], []
+            yield _padded(chunk, chosen, lines, masking, scoring, pad_id)
+            chunk, chosen, lines = [], [], []
     if chunk:
-        yield _padded(chunk, chosen, masking, scoring, pad_id)
+        yield _padded(chunk, chosen, lines, masking, scoring, pad_id)
 
 
-def _padded(chunk, chosen, masking: Masking | None, scoring: Scoring, pad_id: int) -> Batch:
+def _padded(chunk, chosen, lines: list[int], masking: Masking | None, scoring: Scoring, pad_id: int) -> Batch:
     if masking is not None:
-        return pad(chunk, pad_id, masked=chosen, mask_id=masking.mask_id)
-    return pad(chunk, pad_id, has_bos=scoring.bos, selected=chosen if scoring.positions != "all" else None)
+        batch = pad(chunk, pad_id, masked=chosen, mask_id=masking.mask_id)
+    else:
+        batch = pad(chunk, pad_id, has_bos=scoring.bos, selected=chosen if scoring.positions != "all" else None)
+    batch.lines = tuple(lines)
+    return batch
 
 
 def count_tokens(seqs: Sequence[Sequence[int]], masking: Masking | None = None, scoring: Scoring | None = None) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -84,23 +83,6 @@ class Rankings:
                              for line, pos in self.origin])
 
 
-def batch_lines(seqs: list[list[int]], batches) -> Iterator[tuple[data.Batch, list[int]]]:
-    """Each batch of ``seqs`` with the index in ``seqs`` of each of its rows. Batching skips lines
-    with nothing to score (a masked-protocol line without a maskable token) and may cut the last
-    line, so a row goes to the next line that starts with its original (unmasked) tokens."""
-    line = 0
-    for batch in batches:
-        original = batch.tokens if batch.labels is None else torch.where(batch.labels == data.IGNORE, batch.tokens,
-                                                                         batch.labels)
-        lines = []
-        for row, n in zip(original.tolist(), batch.attention_mask.sum(1).tolist()):
-            while seqs[line][:n] != row[:n]:
-                line += 1
-            lines.append(line)
-            line += 1
-        yield batch, lines
-
-
 @torch.no_grad()
 def collect_rankings(model, lens, corpus: Tokenized, *, k: int = 5, batch_size: int = 16,
                      max_tokens: int | None = None, keep_resid: bool = True, progress: bool = True) -> Rankings:
@@ -113,7 +95,8 @@ def collect_rankings(model, lens, corpus: Tokenized, *, k: int = 5, batch_size: 
     hooks = resid_hooks(n_layers)
     tops, probs, resids, origin, inputs = [], [], [], [], {}
     bar = tqdm(total=corpus.n_tokens(max_tokens), unit="tok", unit_scale=True, desc="rankings", disable=not progress)
-    for batch, lines in batch_lines(corpus.seqs, corpus.batches(batch_size, max_tokens)):
+    for batch in corpus.batches(batch_size, max_tokens):
+        lines = batch.lines  # each row's index in corpus.seqs (batching skips lines with nothing to score)
         captured, logits = run_capture(model, batch, hooks, logits=True)
         per_layer = [torch.softmax((lens(captured[h], layer) if lens.covers(layer) else logits).float(), -1).topk(k, -1)
                      for layer, h in enumerate(hooks[:-1])]

@@ -56,6 +56,16 @@ def test_batches_respect_token_budget():
     got = list(data.batches(seqs, batch_size=2, max_tokens=25))
     assert sum(b.n_scored for b in got) == 25
     assert [b.tokens.shape[0] for b in got] == [2, 1]
+    assert [b.lines for b in got] == [(0, 1), (2,)]
+
+
+def test_batches_name_each_rows_line_past_skipped_lines():
+    """A masked-protocol line with nothing to mask is skipped; the rows still name their lines."""
+    masking = data.Masking(mask_id=4, special_ids=frozenset({9, 8}))
+    seqs = [[9, 5, 6, 8], [9, 8], [9, 3, 8], [9, 8], [9, 7, 8]]
+    got = list(data.batches(seqs, batch_size=2, masking=masking))
+    assert [b.lines for b in got] == [(0, 2), (4,)]
+    assert [b.to("cpu").lines for b in got] == [b.every_position().lines for b in got] == [(0, 2), (4,)]
 
 
 def test_tokenize_prepends_bos_and_truncates_with_one_warning(reference_tokenizer):
