@@ -166,8 +166,8 @@ def _fit(args: argparse.Namespace, rank: int) -> int:
     maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume, n_mask=args.n_mask,
-                             mask_seed=args.mask_seed, scoring=_scoring(args), **_memory(args))
+                             checkpoint_every=args.checkpoint_every, resume=args.resume, scoring=_scoring(args),
+                             **_masking(args), **_memory(args))
     if rank == 0:
         path = io.save_maps(maps, args.out, force=args.force)
         print(f"saved {len(maps.maps)} maps fitted on {maps.provenance['n_tokens']} tokens to {path}")
@@ -190,8 +190,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report = compare(_load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
                      **_memory(args), maps=args.maps, tuned=args.tuned, jlens=args.jlens, tuned_config=tuned_config,
-                     jlens_prompts=args.jlens_prompts, n_mask=args.n_mask, mask_seed=args.mask_seed,
-                     scoring=_scoring(args), all_pairs=args.all_pairs, sites=args.sites, out=out, force=args.force,
+                     jlens_prompts=args.jlens_prompts, **_masking(args), scoring=_scoring(args), all_pairs=args.all_pairs, sites=args.sites, out=out, force=args.force,
                      progress=not args.quiet)
     what = "masked tokens" if report["protocol"] == "masked" else "tokens"
     print(f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
@@ -218,8 +217,8 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     args.out = out = args.out or "runs/submodules"
     report = submodules(_load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, max_length=args.max_length,
-                        intercept=args.intercept, n_mask=args.n_mask, mask_seed=args.mask_seed, out=out, force=args.force,
-                        progress=not args.quiet, **_memory(args))
+                        intercept=args.intercept, out=out, force=args.force, progress=not args.quiet,
+                        **_masking(args), **_memory(args))
     names = list(report["variants"])
     print(f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)")
     for layer in report["layers"]:

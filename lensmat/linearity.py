@@ -192,13 +192,13 @@ def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bo
 
 def every_position_stats(model, corpus, *, max_tokens: int | None = None, batch_size: int = 16,
                          progress: bool = True, stats_device: str | None = None) -> GramStats:
-    """Adjacent-layer statistics of ``h_0..h_L`` at every real position of ``corpus``'s lines (those
-    of its first ``max_tokens`` scored positions) as the model reads them: a masked LM's ``[MASK]``
-    tokens in place, ``[CLS]`` and ``[SEP]`` included. These are the positions a pruned block's map
-    replaces; fitted at the masked positions alone, the map of block 0 would see only the ``[MASK]``
-    embedding plus a position."""
+    """Adjacent-layer statistics of ``h_0..h_L`` at the positions a pruned block's map replaces
+    (:meth:`~lensmat.pipeline.Tokenized.replaced_batches`): for a masked LM every real position of
+    ``corpus``'s lines (those of its first ``max_tokens`` scored positions) as the model reads them,
+    ``[MASK]`` tokens in place, ``[CLS]`` and ``[SEP]`` included. Fitted at the masked positions
+    alone, the map of block 0 would see only the ``[MASK]`` embedding plus a position."""
     hooks = resid_hooks(int(model.cfg.n_layers))
-    batches = (b.every_position() for b in corpus.batches(batch_size, max_tokens))
+    batches = corpus.replaced_batches(batch_size, max_tokens)
     return collect(model, batches, [hooks], pairs=[pair_pattern(len(hooks), "adjacent")], progress=progress,
                    stats_device=stats_device or "cpu")[0]
 

@@ -39,6 +39,13 @@ class Tokenized:
     def batches(self, batch_size: int, max_tokens: int | None = None):
         return data.batches(self.seqs, batch_size, max_tokens, self.masking, self.pad_id, self.scoring)
 
+    def replaced_batches(self, batch_size: int, max_tokens: int | None = None):
+        """The batches to fit the maps of a swapped module or pruned block on: :meth:`batches` for a
+        causal model; for a masked LM the lines holding the first ``max_tokens`` masked positions at
+        every real position (:meth:`~lensmat.data.Batch.every_position`), since a swap replaces them all."""
+        batches = self.batches(batch_size, max_tokens)
+        return batches if self.masking is None else (b.every_position() for b in batches)
+
     def shard(self, rank: int, world_size: int) -> "Tokenized":
         """Lines ``rank::world_size``: this rank's share of a data-parallel run."""
         return replace(self, seqs=self.seqs[rank::world_size])

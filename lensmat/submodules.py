@@ -43,25 +43,17 @@ def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
     return [(src, *dict.fromkeys(tgts)) for src, tgts in by_source.items()]
 
 
-def module_batches(corpus: Tokenized, batch_size: int, max_tokens: int | None = None):
-    """The batches to fit sub-module maps on: the corpus's scored positions for a causal model; for a
-    masked LM every real position of the lines holding the first ``max_tokens`` masked positions
-    (:meth:`~lensmat.data.Batch.every_position`), since a swapped module replaces all of them."""
-    batches = corpus.batches(batch_size, max_tokens)
-    return batches if corpus.masking is None else (b.every_position() for b in batches)
-
-
 def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KINDS, layers=None,
                        intercept: bool = False, ridge: float = 0.0, split: str = "train",
                        max_tokens: int | None = None, batch_size: int = 16,
                        max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
                        progress: bool = True) -> MapSet:
     """Fit sub-module maps on the unmodified model's activations (the core collector and fitter),
-    at the positions a swap replaces (:func:`module_batches`)."""
+    at the positions a swap replaces (:meth:`~lensmat.pipeline.Tokenized.replaced_batches`)."""
     corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
     pairs = submodule_pairs(model, kinds, layers)
     start = time.perf_counter()
-    stats = collect(model, module_batches(corpus, batch_size, max_tokens), groups_for(pairs),
+    stats = collect(model, corpus.replaced_batches(batch_size, max_tokens), groups_for(pairs),
                     total_tokens=corpus.n_tokens(max_tokens) if corpus.masking is None else None, progress=progress)
     return maps_from_stats(model, stats, corpus, pairs=pairs, intercept=intercept, ridge=ridge,
                            seconds=time.perf_counter() - start)
@@ -126,7 +118,8 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     on ``heldout``, and return (and with ``out``, write) the ``submodules`` report.
     A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): scores and
     the mat lens's maps at the masked positions, the sub-module maps at every position of the same
-    lines (:func:`module_batches`; ``n_submodule_fit_tokens``).
+    lines (:meth:`~lensmat.pipeline.Tokenized.replaced_batches`;
+    ``n_submodule_fit_tokens``).
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
     from lensmat.plan import check_memory
@@ -153,7 +146,7 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     else:
         layer_stats = collect(model, train.batches(batch_size, max_fit_tokens), [resid], pairs=[to_last],
                               total_tokens=train.n_tokens(max_fit_tokens), **where)[0]
-        sub_stats = collect(model, module_batches(train, batch_size, max_fit_tokens), groups, **where)
+        sub_stats = collect(model, train.replaced_batches(batch_size, max_fit_tokens), groups, **where)
     seconds = time.perf_counter() - start
     layer_maps = maps_from_stats(model, layer_stats, train, intercept=intercept, seconds=seconds)
     sub_maps = maps_from_stats(model, sub_stats, train, pairs=pairs, intercept=intercept, seconds=seconds)
