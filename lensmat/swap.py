@@ -10,8 +10,9 @@ block's layout (:func:`block_layout`); the pairs are :data:`_PAIRS`, written wit
   ``attn`` and ``mlp`` end at ``attn.hook_out`` / ``mlp.hook_out``, before their output norms
   (``ln1_post``, ``ln2_post``), which stay exact in every kind but ``block``.
 - ``parallel`` (attention and MLP both read ``h_l``; no ``hook_resid_mid``): as pre-norm, with
-  ``ln2`` reading ``hook_resid_pre`` (GPT-NeoX / Pythia). With one norm per block (GPT-J, Phi,
-  Falcon) there is no ``ln2`` and ``mlp`` reads ``ln1.hook_out``.
+  ``ln2`` reading ``hook_resid_pre`` (GPT-NeoX / Pythia).
+- ``parallel-one-norm`` (the same with one norm per block: GPT-J, Phi, Falcon): no ``ln2``, and
+  ``mlp`` reads ``ln1.hook_out``.
 - ``post-norm`` (LayerNorm after each residual add: BERT, RoBERTa): ``ln1`` ``ln1.hook_in ->
   ln1.hook_out``, ``attn`` ``hook_resid_pre -> attn.o.hook_out`` (before the residual add),
   ``ln2`` ``hook_resid_mid -> ln2.hook_out``, ``mlp`` ``ln1.hook_out -> hook_mlp_out``.
@@ -39,13 +40,15 @@ from typing import Iterable
 from lensmat.fit import MapSet
 
 SUBMODULE_KINDS = ("ln1", "attn", "ln2", "mlp", "block")
-LAYOUTS = ("pre-norm", "parallel", "sandwich", "post-norm", "post-sublayer-norm")
+LAYOUTS = ("pre-norm", "parallel", "parallel-one-norm", "sandwich", "post-norm", "post-sublayer-norm")
 POST_NORM = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})  # cfg.architecture of post-LN encoders
 _PAIRS = {  # layout: kind: (input, output) hook suffixes
     "pre-norm": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
                  "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
     "parallel": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
                  "ln2": ("hook_resid_pre", "ln2.hook_out"), "mlp": ("ln2.hook_out", "hook_mlp_out")},
+    "parallel-one-norm": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "hook_attn_out"),
+                          "mlp": ("ln1.hook_out", "hook_mlp_out")},
     "sandwich": {"ln1": ("hook_resid_pre", "ln1.hook_out"), "attn": ("ln1.hook_out", "attn.hook_out"),
                  "ln2": ("hook_resid_mid", "ln2.hook_out"), "mlp": ("ln2.hook_out", "mlp.hook_out")},
     "post-norm": {"ln1": ("ln1.hook_in", "ln1.hook_out"), "attn": ("hook_resid_pre", "attn.o.hook_out"),
@@ -58,27 +61,23 @@ _PAIRS = {  # layout: kind: (input, output) hook suffixes
 def block_layout(model) -> str:
     """How a block wires its norms and sub-layers: one of :data:`LAYOUTS` (see the module docstring),
     from the Hugging Face architecture name (``cfg.architecture``: BERT, RoBERTa), the bridge's
-    output-norm hooks (``ln1_post``) and ``cfg.parallel_attn_mlp``."""
+    norm hooks (``ln1_post``, ``ln2``) and ``cfg.parallel_attn_mlp``."""
     if getattr(model.cfg, "architecture", None) in POST_NORM:
         return "post-norm"
     if "blocks.0.ln1_post.hook_out" in model.hook_dict:
         return "sandwich" if "blocks.0.ln1.hook_out" in model.hook_dict else "post-sublayer-norm"
-    return "parallel" if getattr(model.cfg, "parallel_attn_mlp", False) else "pre-norm"
-
-
-def _one_norm(model) -> bool:
-    """A parallel block with a single norm read by attention and MLP (GPT-J, Phi, Falcon)."""
-    return block_layout(model) == "parallel" and "blocks.0.ln2.hook_out" not in model.hook_dict
+    if not getattr(model.cfg, "parallel_attn_mlp", False):
+        return "pre-norm"
+    return "parallel" if "blocks.0.ln2.hook_out" in model.hook_dict else "parallel-one-norm"
 
 
 def model_kinds(model) -> tuple[str, ...]:
-    """The sub-module kinds this model has, in block order."""
-    missing = set()
+    """The sub-module kinds this model has, in block order: those of its layout, without ``ln2`` and
+    ``mlp`` in an attention-only model."""
+    kinds = set(_PAIRS[block_layout(model)]) | {"block"}
     if getattr(model.cfg, "attn_only", False):
-        missing |= {"ln2", "mlp"}
-    if _one_norm(model):
-        missing.add("ln2")
-    return tuple(k for k in SUBMODULE_KINDS if k not in missing)
+        kinds -= {"ln2", "mlp"}
+    return tuple(k for k in SUBMODULE_KINDS if k in kinds)
 
 
 def submodule_pair(model, kind: str, layer: int) -> tuple[str, str]:
@@ -94,12 +93,7 @@ def submodule_pair(model, kind: str, layer: int) -> tuple[str, str]:
         why = ("it is attention-only" if getattr(model.cfg, "attn_only", False)
                else "its attention and MLP read the same norm (ln1.hook_out) in parallel")
         raise ValueError(f"{model.cfg.model_name} has no {kind} sub-module: {why}. Its kinds: {', '.join(kinds)}.")
-    if kind == "block":
-        src, tgt = "hook_resid_pre", "hook_resid_post"
-    else:
-        src, tgt = _PAIRS[layout][kind]
-        if kind == "mlp" and _one_norm(model):
-            src = "ln1.hook_out"
+    src, tgt = ("hook_resid_pre", "hook_resid_post") if kind == "block" else _PAIRS[layout][kind]
     pair = (f"blocks.{layer}.{src}", f"blocks.{layer}.{tgt}")
     missing = [h for h in pair if h not in model.hook_dict]
     if missing:

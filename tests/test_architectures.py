@@ -73,7 +73,7 @@ NO_HOOKS = {  # block hooks a family lacks, and why (the README's support table)
 }
 
 
-LAYOUT = {"gpt_neox": "parallel", "gptj": "parallel", "phi": "parallel", "falcon": "parallel",
+LAYOUT = {"gpt_neox": "parallel", "gptj": "parallel-one-norm", "phi": "parallel-one-norm", "falcon": "parallel-one-norm",
           "gemma2": "sandwich", "gemma3_text": "sandwich", "bert": "post-norm", "roberta": "post-norm",
           "olmo2": "post-sublayer-norm"}  # else pre-norm
 COMMANDS = ("compare", "submodules", "linearity", "saturation", "early-exit")
@@ -235,6 +235,7 @@ def test_families_the_bridge_cannot_load_are_refused_with_the_reason(family, tmp
 
 
 KIND_NOTE = {"pre-norm": "ln1 attn ln2 mlp", "parallel": "ln1 attn ln2 mlp (parallel)",
+             "parallel-one-norm": "ln1 attn mlp (parallel, one norm)",
              "sandwich": "ln1 attn ln2 mlp (output norms kept)",
              "post-norm": "ln1 attn ln2 mlp (post-norm)", "post-sublayer-norm": "ln1 attn ln2 mlp (ln = output norms)"}
 
@@ -245,11 +246,7 @@ def support_table() -> str:
     lines = ["| family | " + " | ".join(f"`{c}`" if c in COMMANDS else c for c in cols) + " |",
              "|" + " --- |" * (len(cols) + 1)]
     for family in sorted(FAMILIES, key=lambda f: (f in MASKED, NAMES[f])):
-        layout = LAYOUT.get(family, "pre-norm")
-        kinds = KIND_NOTE[layout]
-        if layout == "parallel" and "ln2.hook_out" in NO_HOOKS.get(family, ()):
-            kinds = "ln1 attn mlp (parallel, one norm)"
-        cells = ["yes", kinds, *(["yes"] * len(COMMANDS)), "no: encoder" if family in MASKED else "yes"]
+        cells = ["yes", KIND_NOTE[LAYOUT.get(family, "pre-norm")], *(["yes"] * len(COMMANDS)), "no: encoder" if family in MASKED else "yes"]
         lines.append(f"| {NAMES[family]} | " + " | ".join(cells) + " |")
     for family, spec in sorted(UNSUPPORTED.items()):
         lines.append(f"| {NAMES[family]} | no: \"{spec[3]}\" |" + " — |" * (len(cols) - 1))
