@@ -15,14 +15,16 @@ import os
 import time
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lensmat import data
 from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
 from lensmat.statistics import pair_pattern
-from lensmat.fit import MapSet
+from lensmat.fit import MapSet, fit_pairs
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
+from lensmat.models import describe
 from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
 from lensmat.swap import SUBMODULE_KINDS, block_layout, expand_kinds, submodule_pair, swap_hooks
 
@@ -57,6 +59,24 @@ def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KIN
                     total_tokens=corpus.n_tokens(max_tokens) if corpus.masking is None else None, progress=progress)
     return maps_from_stats(model, stats, corpus, pairs=pairs, intercept=intercept, ridge=ridge,
                            seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def one_token_attention_swap(model, token_ids) -> tuple[Float[torch.Tensor, "n vocab"], Float[torch.Tensor, "n vocab"]]:
+    """``(logits, swapped logits)`` of one-token inputs, one per id in ``token_ids``, with every
+    block's attention swapped for its affine map fitted on those same inputs. At one position
+    attention is affine in its input (softmax over one key is 1), so the two agree (to float
+    rounding) exactly when the ``attn`` hook pair (:func:`~lensmat.swap.submodule_pair`) is the
+    attention module: a check of the pairs on any model."""
+    ids = list(token_ids)
+    batches = [data.pad([[t] for t in ids[i:i + 256]], has_bos=False) for i in range(0, len(ids), 256)]
+    pairs = submodule_pairs(model, ["attn"])
+    maps = MapSet(fit_pairs(collect(model, batches, groups_for(pairs), progress=False), pairs, intercept=True),
+                  describe(model).to_dict(), True)
+    hooks = swap_hooks(model, maps, ["attn"])
+    plain = torch.cat([run_capture(model, b, (), logits=True)[1] for b in batches])
+    swapped = torch.cat([run_capture(model, b, (), logits=True, fwd_hooks=hooks)[1] for b in batches])
+    return plain, swapped
 
 
 def _swapped_logits(model, batch, hooks) -> torch.Tensor:

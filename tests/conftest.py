@@ -296,33 +296,12 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@torch.no_grad()
-def one_token_attention_swap(model, token_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, swapped logits)`` of one-token inputs, one per id of ``token_ids``, with every
-    block's attention swapped for its affine map fitted on those inputs. At one position attention
-    is affine in its input (softmax over one key is 1), so the two agree when the attn hook pair is
-    the attention module (:func:`lensmat.swap.submodule_pair`)."""
-    from lensmat.collect import collect, run_capture
-    from lensmat.data import pad
-    from lensmat.fit import MapSet, fit_pairs
-    from lensmat.models import describe
-    from lensmat.submodules import groups_for, submodule_pairs
-    from lensmat.swap import swap_hooks
-
-    ids = list(token_ids)
-    batches = [pad([[t] for t in ids[i:i + 256]], has_bos=False) for i in range(0, len(ids), 256)]
-    pairs = submodule_pairs(model, ["attn"])
-    maps = MapSet(fit_pairs(collect(model, batches, groups_for(pairs), progress=False), pairs, intercept=True),
-                  describe(model).to_dict(), True)
-    hooks = swap_hooks(model, maps, ["attn"])
-    plain = torch.cat([run_capture(model, b, (), logits=True)[1] for b in batches])
-    swapped = torch.cat([run_capture(model, b, (), logits=True, fwd_hooks=hooks)[1] for b in batches])
-    return plain, swapped
-
-
 def check_real_attention_swap(model, n_tokens: int = 1024) -> None:
     """On ``n_tokens`` random one-token inputs of a real model, the one-token attention swap
-    (:func:`one_token_attention_swap`) moves no logit by 1e-4 of the largest and keeps every top-1."""
+    (:func:`lensmat.submodules.one_token_attention_swap`) moves no logit by 1e-4 of the largest and
+    keeps every top-1."""
+    from lensmat.submodules import one_token_attention_swap
+
     g = torch.Generator().manual_seed(0)
     plain, swapped = one_token_attention_swap(model, torch.randperm(int(model.cfg.d_vocab), generator=g)[:n_tokens].tolist())
     assert float((swapped - plain).abs().max() / plain.abs().max()) < 1e-4

@@ -21,11 +21,11 @@ from lensmat.early_exit import early_exit
 from lensmat.generation import generate, greedy_reference
 from lensmat.linearity import linearity
 from lensmat.saturation import saturation
-from lensmat.submodules import submodules
+from lensmat.submodules import one_token_attention_swap, submodules
 from lensmat.swap import block_layout, model_kinds, submodule_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import one_token_attention_swap, save_word_tokenizer, word_corpus  # noqa: E402
+from conftest import save_word_tokenizer, word_corpus  # noqa: E402
 
 W = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 GQA = dict(W, num_key_value_heads=2)
