@@ -28,6 +28,7 @@ import torch
 
 from lensmat.collect import resid_hook
 from lensmat.fit import LinearMap, MapSet
+from lensmat.io import owned
 from lensmat.models import describe
 
 
@@ -73,7 +74,7 @@ def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
         obj = torch.from_numpy(obj)
     if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
         raise ValueError(f"{path} does not hold a 2-D matrix (got {type(obj).__name__}).")
-    return obj
+    return owned(obj)
 
 
 def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = True) -> MapSet:

@@ -48,6 +48,86 @@ def test_killed_fit_resumes_to_identical_statistics(tmp_path):
         collect(model, batches, [resid_hooks(3)[:2]], checkpoint=ckpt, resume=True, progress=False)
 
 
+def misaligned(t: torch.Tensor, offset: int = 40) -> torch.Tensor:
+    """A copy of ``t`` viewing a larger buffer ``offset`` bytes past a 64-byte boundary (as safetensors hands
+    tensors back), in storage PyTorch did not allocate for it alone."""
+    raw = torch.empty(t.nbytes + 2 * io.ALIGNMENT + offset, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % io.ALIGNMENT + offset
+    out = raw[start: start + t.nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % io.ALIGNMENT == offset % io.ALIGNMENT
+    return out
+
+
+class MisalignedSafeOpen:
+    """``safetensors.safe_open`` whose tensors are all :func:`misaligned` (counts them in ``served``)."""
+
+    served = 0
+
+    def __init__(self, *args, **kwargs):
+        from safetensors import safe_open
+
+        self.file = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def get_tensor(self, key):
+        MisalignedSafeOpen.served += 1
+        return misaligned(self.file.get_tensor(key), offset=8 if key.endswith(".n") else 40)
+
+
+def is_owned(t: torch.Tensor) -> bool:
+    return t.untyped_storage().resizable() and t.data_ptr() % io.ALIGNMENT == 0 and t.is_contiguous()
+
+
+def test_resume_from_misaligned_checkpoint_is_bit_identical(tmp_path, monkeypatch):
+    """Issue 37: MKL on some CPUs adds into a misaligned C matrix in another order, so statistics resumed from
+    tensors viewing a file buffer drifted from an uninterrupted fit by ~1e-14. Loaders must hand back owned,
+    aligned memory; the alignment check fails without that fix on any CPU, the equality on the affected ones."""
+    model = make_tiny_model()
+    batches = random_token_batches(12, 4, 12, 40, seed=0)
+    collect(model, batches[:4], [resid_hooks(3)], checkpoint=tmp_path / "ckpt", checkpoint_every=2, progress=False)
+    monkeypatch.setattr(io, "safe_open", MisalignedSafeOpen)
+    MisalignedSafeOpen.served = 0
+    resumed = collect(model, batches, [resid_hooks(3)], checkpoint=tmp_path / "ckpt", resume=True, progress=False)[0]
+    assert MisalignedSafeOpen.served == 2 + len(resumed.panels)  # sum, n and every panel came misaligned
+    assert all(is_owned(t) for t in (resumed.sum, *resumed.panels))
+    straight = collect(model, batches, [resid_hooks(3)], progress=False)[0]
+    assert resumed.n == straight.n
+    assert torch.equal(resumed.gram, straight.gram) and torch.equal(resumed.sum, straight.sum)
+
+
+def test_every_loader_hands_back_owned_aligned_tensors(tmp_path, monkeypatch):
+    import numpy as np
+
+    x = torch.randn(6, 5, dtype=torch.float64)
+    assert io.owned(x) is x  # already owned: no copy
+    for foreign in (misaligned(x), x.T, x[1:], torch.from_numpy(x.numpy().copy())):
+        got = io.owned(foreign)
+        assert is_owned(got) and torch.equal(got, foreign) and got.data_ptr() != foreign.data_ptr()
+    model = make_tiny_model()
+    stats = collect(model, random_token_batches(2, 4, 10, 40), [resid_hooks(3)], progress=False)[0]
+    io.save_maps(MapSet(fit_layer_maps(stats, intercept=True), describe(model).to_dict()), tmp_path / "maps")
+    monkeypatch.setattr(io, "safe_open", MisalignedSafeOpen)
+    loaded = io.load_maps(tmp_path / "maps")
+    assert all(is_owned(m.W) and is_owned(m.b) for m in loaded.maps.values())
+    from lensmat.importers import load_tensor_pickle
+
+    import pickle
+
+    with open(tmp_path / "a.pickle", "wb") as f:
+        pickle.dump(np.arange(12.0).reshape(3, 4)[:, 1:], f)
+    assert is_owned(load_tensor_pickle(tmp_path / "a.pickle"))
+
+
 def test_same_inputs_give_bit_identical_maps_and_scores():
     def run():
         model = make_tiny_model(seed=4)
