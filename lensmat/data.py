@@ -5,6 +5,8 @@ A corpus *spec* names where lines of text come from:
 - ``"leipzig-wiki"`` (default): the bundled Leipzig Wikipedia sentences
   (``eng_wikipedia_2016_10K``, CC BY 4.0, see ``lensmat/assets/corpora/ATTRIBUTION.md``).
 - a path to a local ``.txt`` file: one document per line; a leading ``id<TAB>`` is stripped.
+  Lines end at ``\n`` or ``\r\n`` only: U+2028, U+0085, form feed, a lone ``\r`` and the other
+  characters ``str.splitlines`` also cuts at stay inside their document.
 - ``"hf:name[:config][:split][:column]"`` (or any other string containing no path separator
   that is not a file): a Hugging Face dataset, loaded through ``datasets`` (needs the network
   unless it is cached).
@@ -49,6 +51,8 @@ from typing import Iterator, Sequence
 import torch
 from jaxtyping import Bool, Int
 
+from lensmat.models import path_defect
+
 DEFAULT_CORPUS = "leipzig-wiki"
 SPLITS = ("train", "heldout", "all")
 TRAIN_FRACTION = 0.7
@@ -72,16 +76,24 @@ def _strip_id(line: str) -> str:
 
 
 def _read_text_file(path: Path) -> list[str]:
+    if defect := path_defect(path):
+        raise CorpusError(f"Corpus file {path} is {defect}; pass a regular .txt file (one document per line).")
+    if path.is_dir():
+        raise CorpusError(f"Corpus path {path} is a folder, not a file; pass the path of a .txt file (one "
+                          "document per line).")
     if not path.is_file():
         raise CorpusError(f"Corpus file {path} does not exist; pass an existing .txt path.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
+    except PermissionError:
+        raise CorpusError(f"Corpus file {path} cannot be read (permission denied); make it readable "
+                          f"(chmod a+r {path}) or copy it somewhere you can read.") from None
     except UnicodeDecodeError as err:
         raise CorpusError(
             f"Corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
             "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
         ) from None
-    lines = [_strip_id(line).strip() for line in text.splitlines()]
+    lines = [_strip_id(line).strip() for line in text.split("\n")]  # .strip() drops the \r of \r\n
     lines = [line for line in lines if line]
     if not lines:
         raise CorpusError(f"Corpus file {path} has no non-empty lines; give it one document per line.")
@@ -111,8 +123,8 @@ def _read_hf_dataset(spec: str) -> list[str]:
 def load_lines(spec: str | os.PathLike | None = None, split: str = "train") -> list[str]:
     """Lines of a corpus split (see module docstring for specs and splits).
 
-    Raises :class:`CorpusError` for a missing, empty or non-UTF-8 file, an unknown split, or a
-    split with no lines.
+    Raises :class:`CorpusError` for a missing, empty, unreadable or non-UTF-8 file, a folder, pipe,
+    device or broken symbolic link given as the file, an unknown split, or a split with no lines.
     """
     if split not in SPLITS:
         raise CorpusError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
@@ -120,7 +132,7 @@ def load_lines(spec: str | os.PathLike | None = None, split: str = "train") -> l
     spec_str = os.fspath(spec)
     if spec_str == DEFAULT_CORPUS:
         lines = _read_text_file(bundled_corpus_path())
-    elif spec_str.startswith("hf:") or not (os.sep in spec_str or spec_str.endswith(".txt") or Path(spec_str).exists()):
+    elif spec_str.startswith("hf:") or not (os.sep in spec_str or spec_str.endswith(".txt") or os.path.lexists(spec_str)):
         lines = _read_hf_dataset(spec_str)
     else:
         lines = _read_text_file(Path(spec_str))

@@ -4,7 +4,8 @@ A GGUF file (llama.cpp's format: quantized weights, config and tokenizer in one 
 transformers (``gguf_file=``, needs the ``gguf`` package) and dequantized to float32. That takes
 tens of seconds, so the dequantized model is saved once as an ordinary Hugging Face folder
 (safetensors + config + tokenizer + ``lensmat_source.json``) in the cache, keyed by the file's
-sha256 and the transformers version, and later loads read that folder.
+sha256 and the transformers version, and later loads read that folder. A file whose tensors do not
+fill its architecture (missing, misshapen or unplaced tensors) is refused, never saved half random.
 
 The cache is ``$LENSMAT_CACHE`` if set, else ``$XDG_CACHE_HOME/lensmat`` (default
 ``~/.cache/lensmat``): ``gguf/<sha256[:16]>-transformers<version>/`` per model, and assembled
@@ -126,7 +127,7 @@ def gguf_folder(path: str | os.PathLike, progress: bool = True) -> Path:
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise GGUFError(f"{path} does not exist; pass the path of a .gguf file.")
+        raise GGUFError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; pass the path of a .gguf file.")
     source = describe_gguf(path)
     folder = cache_dir() / "gguf" / f"{source['sha256'][:16]}-transformers{transformers.__version__}"
     if (folder / SOURCE_FILE).is_file():
@@ -147,12 +148,13 @@ def _dequantize_into(path: Path, source: dict, out: Path, progress: bool) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lensmat.models import _hub_offline
+    from lensmat.models import _hub_offline, _weights_problem
 
     what = f"{path.name} (architecture {source['architecture']!r}, tensor types {', '.join(source['quantization'])})"
     with _hub_offline():
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            loaded, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                                output_loading_info=True, ignore_mismatched_sizes=True)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except (ValueError, NotImplementedError, KeyError) as err:
             import transformers
@@ -160,6 +162,10 @@ def _dequantize_into(path: Path, source: dict, out: Path, progress: bool) -> Non
             raise GGUFError(f"transformers {transformers.__version__} cannot read {what}: {str(err).rstrip('.')}. GGUF support covers "
                             "the architectures and quantization types listed in transformers' GGUF docs; convert "
                             "the model to a Hugging Face folder instead.") from err
+    if problem := _weights_problem(loaded, info):
+        raise GGUFError(f"{what} {problem}. The file is truncated, corrupted or not a complete model: download it "
+                        "again, or pass the model's Hugging Face folder (--random-init SEED gives a random model of "
+                        "a folder's architecture).")
     # A model loaded from GGUF refuses save_pretrained; a fresh one with the same weights does not.
     config = loaded.config
     config.quantization_config = None

