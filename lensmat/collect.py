@@ -12,6 +12,7 @@ MLP, between ``h_l`` and ``h_{l+1}``).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -140,6 +141,7 @@ def collect(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
+    identity: dict | None = None,
 ) -> list[GramStats]:
     """Run ``batches`` through ``model`` and accumulate one :class:`GramStats` per group.
 
@@ -158,9 +160,14 @@ def collect(
             batches. With ``resume=True`` an existing checkpoint is loaded and its
             batches are skipped, so the result is bit-identical to an uninterrupted run over the
             same (deterministic) batches.
+        identity: what shapes the statistics beyond the hook groups (model, corpus, batch size, token
+            budget, ...; JSON-able), saved in the checkpoint; a resume whose identity differs is
+            refused with every difference named, so tokens are never mixed or counted twice.
 
     Raises :class:`ActivationError` on NaN/Inf and ``KeyError`` on an unknown hook name.
     """
+    if checkpoint is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every}: save the checkpoint every N >= 1 batches.")
     groups = [tuple(g) for g in groups]
     pairs = [None] * len(groups) if pairs is None else list(pairs)
     needed = [h for g in groups for h in g]
@@ -170,7 +177,7 @@ def collect(
         if checkpoint is None:
             raise ValueError("resume=True needs the checkpoint folder to resume from.")
         if Path(checkpoint).exists():
-            stats, done = load_checkpoint(checkpoint, groups, pairs)
+            stats, done = load_checkpoint(checkpoint, groups, pairs, identity)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress)
     start, seen = time.perf_counter(), 0
     try:
@@ -184,7 +191,7 @@ def collect(
             bar.update(batch.n_scored)
             bar.set_postfix(tok_s=f"{seen / (time.perf_counter() - start):.0f}")
             if checkpoint is not None and (i + 1) % checkpoint_every == 0:
-                save_checkpoint(checkpoint, stats, i + 1)
+                save_checkpoint(checkpoint, stats, i + 1, identity)
     finally:
         bar.close()
     if stats is None:
@@ -192,23 +199,44 @@ def collect(
     return stats
 
 
-def save_checkpoint(path: str | os.PathLike, stats: list[GramStats], n_batches: int) -> None:
-    """Atomically save statistics after ``n_batches`` batches (a lensmat ``stats`` folder)."""
+def save_checkpoint(path: str | os.PathLike, stats: list[GramStats], n_batches: int,
+                    identity: dict | None = None) -> None:
+    """Atomically save statistics after ``n_batches`` batches (a lensmat ``stats`` folder) with the
+    run's ``identity`` (see :func:`collect`)."""
     from lensmat import io
 
     tensors = {k: v for i, st in enumerate(stats) for k, v in st.tensors(str(i)).items()}
-    meta = {"model": {}, "n_batches": n_batches, "groups": [list(st.hooks) for st in stats],
+    identity = json.loads(json.dumps(identity or {}))
+    meta = {"model": identity.get("model", {}), "run": identity, "n_batches": n_batches, "groups": [list(st.hooks) for st in stats],
             "dims": [list(st.dims) for st in stats],
             "pairs": [None if st.pairs is None else [list(p) for p in st.pairs] for st in stats]}
     io.save_artifact(path, "stats", tensors, meta, force=True)
 
 
+def _differences(saved, now, key: str = "") -> list[str]:
+    """``key: checkpoint X, now Y`` for every leaf where two JSON-like values differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if saved == now else [f"{key}: checkpoint {saved!r}, now {now!r}"]
+
+
 def load_checkpoint(path: str | os.PathLike, groups: Sequence[Sequence[str]],
-                    pairs: Sequence | None = None) -> tuple[list[GramStats], int]:
-    """``(statistics, batches done)`` from a checkpoint, refusing one made for other hook groups or pairs."""
+                    pairs: Sequence | None = None, identity: dict | None = None) -> tuple[list[GramStats], int]:
+    """``(statistics, batches done)`` from a checkpoint, refusing one made for other hook groups or
+    pairs, or (given ``identity``) for another run: each difference is named."""
     from lensmat import io
 
     tensors, meta = io.load_artifact(path, "stats")
+    if identity is not None:
+        if "run" not in meta:
+            raise io.ArtifactError(f"The checkpoint in {path} does not record the run it belongs to (an older lensmat "
+                                   "wrote it); delete it and fit again.")
+        diffs = _differences(meta["run"], json.loads(json.dumps(identity)))
+        if diffs:
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            raise io.ArtifactError(f"The checkpoint in {path} belongs to another fit: {shown}. Resume with the same "
+                                   "model, data and settings, or delete the checkpoint to start over.")
     saved_pairs = meta.get("pairs") or [None] * len(meta["groups"])
     stats = [GramStats.from_tensors(g, d, tensors, str(i), p)
              for i, (g, d, p) in enumerate(zip(meta["groups"], meta["dims"], saved_pairs))]

@@ -27,13 +27,15 @@ from lensmat.fit import MapSet, r2, r2_matrices
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import describe, is_masked_lm
+from lensmat.outputs import writes_output
 from lensmat.pipeline import tokenized
 from lensmat.plan import check_memory
 from lensmat.run import (build_lenses, parse_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run,
-                         write_report)
+                         write_outputs)
 from lensmat.statistics import pair_pattern
 
 
+@writes_output
 def compare(
     model=None,
     dataset: str | None = None,
@@ -93,7 +95,7 @@ def compare(
     mid = "mid" in sites
     if mid and all_pairs:
         raise ValueError("The mid site is fitted to the last layer only; drop all_pairs (--all-pairs) or the mid site.")
-    model = start_run(model, out, force)
+    model = start_run(model)
     if mid:
         require_mid_site(model)
     refuse_causal_lenses_on_masked_lm(model, names)
@@ -145,9 +147,7 @@ def compare(
     report["sites"] = list(sites)
     if not masked:
         report["scoring"] = heldout.scoring.to_dict()
-    if out is not None:
-        write_report(report, out)
-        plots.compare_plots(report, out)
+    write_outputs(report, out, force, plots.compare_plots)
     return report
 
 

@@ -42,6 +42,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
+from lensmat.outputs import writes_output
 from lensmat.saturation import (SATURATION_LENSES, Rankings, balanced_probe, collect_rankings, saturation_layers,
                                 single_blas_thread)
 
@@ -118,6 +119,8 @@ def layers_saved(curve: list[dict], n_layers: int, retention: float = 0.95) -> f
     """``1 − cost/L`` at the lowest cost whose Precision@1 ≥ ``retention``, interpolating linearly
     between neighbouring points of the curve sorted by cost."""
     pts = sorted((p["mean_layers"], p["precision@1"]) for p in curve)
+    if not 0 < retention <= 1:
+        raise ValueError(f"retention={retention} is not a share of Precision@1: use 0 < retention <= 1.")
     costs = [c for c, p in pts if p >= retention]
     for (c0, p0), (c1, p1) in zip(pts, pts[1:]):
         if (p0 - retention) * (p1 - retention) < 0:
@@ -197,6 +200,7 @@ def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe
     return out
 
 
+@writes_output
 def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"), retention: float = 0.95,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 10_000,
                max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
@@ -219,14 +223,14 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     from lensmat import plots
     from lensmat.plan import check_memory
     from lensmat.run import (build_lenses, parse_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run,
-                             write_report)
+                             write_outputs)
     from lensmat.pipeline import tokenized
 
     names = parse_lenses(lenses)
     if set(names) - set(SATURATION_LENSES):
         raise ValueError(f"Early exit needs lenses defined at every layer: {', '.join(SATURATION_LENSES)} "
                          f"(not {', '.join(sorted(set(names) - set(SATURATION_LENSES)))}).")
-    model = start_run(model, out, force)
+    model = start_run(model)
     refuse_causal_lenses_on_masked_lm(model, names)
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
@@ -260,7 +264,5 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
         "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
         "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost, "memory_plan": memory,
     }
-    if out is not None:
-        write_report(report, out)
-        plots.early_exit_plots(report, out)
+    write_outputs(report, out, force, plots.early_exit_plots)
     return report

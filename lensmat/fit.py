@@ -17,6 +17,7 @@ number exceeds ``max_cond`` (e.g. fewer tokens than ``d_in``), a ridge of
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -111,6 +112,8 @@ def solve_map(stats: GramStats, source: str, target: str, *, intercept: bool = F
             raise KeyError(f"Hook {hook!r} is not in these statistics (they hold {list(stats.hooks)}).")
     if stats.n == 0:
         raise ValueError("These statistics hold no tokens; collect on a non-empty split first.")
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge={ridge} is not a penalty: use a finite ridge >= 0 (0 = plain least squares).")
     if intercept:
         A, B = centred(stats, source, source), centred(stats, source, target)
     else:

@@ -28,7 +28,7 @@ import torch
 
 from lensmat.collect import resid_hook
 from lensmat.fit import LinearMap, MapSet
-from lensmat.io import owned
+from lensmat.io import ArtifactError, check_tensors, owned
 from lensmat.models import describe
 
 
@@ -81,7 +81,8 @@ def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = Tru
     """Read every ``i_j.pickle`` in ``folder`` into a :class:`~lensmat.fit.MapSet` for ``model``.
 
     ``transpose=True`` takes the files as ``y = A x`` matrices (stored as ``W = Aᵀ``). The maps'
-    provenance says ``imported``; their shapes are checked against the model's ``d_model``.
+    provenance says ``imported``. Each file is checked: layers ``0 <= i < j <= L``, no map given twice (``0_3``
+    and ``00_3``), a finite floating-point ``d_model × d_model`` matrix (:func:`lensmat.io.check_tensors`).
     The authors fitted them on GPT-2 inputs *without* BOS, at one random position per sentence
     (``sashayd/mat``, ``add_tokenization.py``): the provenance records that ``scoring``, and the
     numbers that belong beside theirs come from ``compare(..., scoring=Scoring("one-random", bos=False))``.
@@ -91,15 +92,19 @@ def import_paper_maps(folder: str | os.PathLike, model, *, transpose: bool = Tru
     if not files:
         raise FileNotFoundError(f"No i_j.pickle files in {folder}.")
     info = describe(model)
-    maps = {}
+    d, maps, seen = info.d_model, {}, {}
     for path in files:
         i, j = (int(x) for x in path.stem.split("_"))
         if not (0 <= i < j <= info.n_layers):
-            raise ValueError(f"{path.name}: layers {i} -> {j} are outside 0..{info.n_layers} for this model.")
-        A = load_tensor_pickle(path).float()
-        W = A.T.contiguous() if transpose else A
-        if W.shape != (info.d_model, info.d_model):
-            raise ValueError(f"{path.name} holds a {tuple(A.shape)} matrix; this model needs {info.d_model}x{info.d_model}.")
+            raise ArtifactError(f"{path.name}: layers {i} -> {j} are outside 0..{info.n_layers} for this model "
+                                f"or not i < j; import the files released for {info.name}.")
+        if (i, j) in seen:
+            raise ArtifactError(f"{path.name} and {seen[(i, j)]} both hold the map {i} -> {j}; keep one of them.")
+        seen[(i, j)] = path.name
+        A = load_tensor_pickle(path)
+        check_tensors(path, {"matrix": A}, {"matrix": (d, d)}, f"this model needs a finite floating-point {d}x{d} "
+                      f"matrix; import the files released for {info.name}, or re-download this one.", {"matrix": "its matrix"})
+        W = A.float().T.contiguous() if transpose else A.float()
         src, tgt = resid_hook(i), resid_hook(j)
         maps[(src, tgt)] = LinearMap(W, None, src, tgt)
     return MapSet(maps, info.to_dict(), provenance={"source": "imported", "from": str(folder), "files": len(files),

@@ -7,19 +7,21 @@ this module only adapts the layer convention and the file format:
   which is lensmat's residual layer ``l = j + 1``. The J-lens has no matrix for the embeddings
   (``l = 0``): :meth:`JLens.covers` is ``False`` there and reports hold ``null`` at that layer.
 - Saved lenses are a lensmat folder (``lens.safetensors`` + ``meta.json``). TransformerLens's own
-  ``.pt`` artifacts load too, through its ``JacobianLens.load`` (``torch.load(weights_only=True)``).
+  ``.pt`` artifacts load too, through its ``JacobianLens.load`` (``torch.load(weights_only=True)``). Both are
+  checked on load (:meth:`JLens.load`): the matrices, and that the lens fits the model.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 from lensmat import data
 from lensmat.collect import check_layer
 from lensmat.lenses import Lens
-from lensmat.models import check_same_model, describe, require_causal
+from lensmat.models import ModelMismatchError, check_same_model, describe, require_causal
 
 
 class JLens(Lens):
@@ -56,20 +58,64 @@ class JLens(Lens):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "JLens":
-        """Load a lensmat J-lens folder, or a TransformerLens ``.pt`` artifact."""
+        """Load a lensmat J-lens folder, or a TransformerLens ``.pt`` artifact or fit checkpoint, checked: its
+        matrices floating-point, finite and ``d_model × d_model`` (:func:`lensmat.io.check_tensors`, read before
+        TransformerLens turns them into floats), a folder's model identity
+        (:func:`~lensmat.models.check_same_model`), and TransformerLens's ``validate_model`` (``d_model``, source
+        blocks within the model, the model name and revision its metadata records) as a
+        :class:`~lensmat.models.ModelMismatchError`."""
         from transformer_lens.tools.analysis import JacobianLens
 
         from lensmat import io
 
+        fix = "refit the J-lens (lensmat.fit_jlens) or re-copy it."
         if Path(path).is_file():
-            return cls(model, JacobianLens.load(str(path)))
-        tensors, meta = io.load_artifact(path, "lens")
-        if meta.get("lens") != "jacobian":
-            raise io.ArtifactError(f"{path} does not hold a J-lens (lens={meta.get('lens')!r}).")
-        check_same_model(meta["model"], model, what="this J-lens")
-        jac = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("J.")}
-        return cls(model, JacobianLens(jac, n_prompts=meta["n_prompts"], d_model=meta["d_model"],
-                                       metadata=meta.get("tl_metadata")), meta)
+            jlens, meta = _read_tl_file(path, fix), None
+        else:
+            tensors, meta = io.load_artifact(path, "lens")
+            if meta.get("lens") != "jacobian":
+                raise io.ArtifactError(f"{path} does not hold a J-lens (lens={meta.get('lens')!r}).")
+            check_same_model(meta["model"], model, what=f"the J-lens in {path}")
+            d = int(model.cfg.d_model)
+            io.check_tensors(f"{path}/lens.safetensors", tensors,
+                             {k: (d, d) for k in tensors if re.fullmatch(r"J\.\d+", k)}, f"the file is corrupted; {fix}")
+            jac = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
+            jlens = JacobianLens(jac, n_prompts=meta["n_prompts"], d_model=d, metadata=meta.get("tl_metadata"))
+        try:
+            jlens.validate_model(model)
+        except ValueError as err:
+            name = getattr(model.cfg, "model_name", "this model")
+            raise ModelMismatchError(f"The J-lens in {path} does not fit {name!r}: {err} Load the J-lens fitted on this "
+                                     "model, or fit one (lensmat.fit_jlens).") from None
+        return cls(model, jlens, meta)
+
+
+def _read_tl_file(path: str | os.PathLike, fix: str):
+    """TransformerLens's ``JacobianLens.load`` of a ``.pt`` file, once its matrices (``J``, or a fit checkpoint's
+    ``jacobian_sum``) pass :func:`lensmat.io.check_tensors`."""
+    import zipfile
+
+    import torch
+    from transformer_lens.tools.analysis import JacobianLens
+
+    from lensmat import io
+
+    try:  # memory-mapped where the format allows: TransformerLens reads the file again
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError, by what is wrong
+        raise io.ArtifactError(f"{path} could not be read as tensors with torch.load(weights_only=True) ({err}); "
+                               f"{fix}") from None
+    key = next((k for k in ("J", "jacobian_sum") if isinstance(payload, dict) and isinstance(payload.get(k), dict)), None)
+    if key is None:
+        raise io.ArtifactError(f"{path} is not a TransformerLens J-lens (a 'J' dict of matrices, or a fit checkpoint's "
+                               f"'jacobian_sum'); {fix}")
+    d = payload.get("d_model") if key == "J" and isinstance(payload.get("d_model"), int) else None
+    matrices = {f"{key}[{layer!r}]": m for layer, m in payload[key].items()}
+    io.check_tensors(path, matrices, {k: (d, d) for k in matrices}, fix)
+    try:
+        return JacobianLens.load(str(path))
+    except (ValueError, KeyError, TypeError) as err:
+        raise io.ArtifactError(f"TransformerLens could not read the J-lens in {path} ({err}); {fix}") from None
 
 
 def fit_jlens(model, dataset: str | None = None, *, n_prompts: int = 100, max_length: int = data.DEFAULT_MAX_LENGTH,

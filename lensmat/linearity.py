@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 from jaxtyping import Float
@@ -48,6 +49,7 @@ from lensmat.statistics import GramStats, pair_pattern
 from lensmat.fit import IllConditionedWarning, LinearMap, MapSet, centred, fit_map, residual_sums
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
+from lensmat.outputs import publish, writes_output
 from lensmat.pipeline import collect_layer_stats, tokenized
 from lensmat.swap import submodule_pair, swap_hooks
 
@@ -240,6 +242,7 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
     return out, n_tokens
 
 
+@writes_output
 def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | None = None,
               max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
               max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
@@ -261,9 +264,9 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     """
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import protocol_fields, start_run, write_report
+    from lensmat.run import protocol_fields, start_run, write_outputs
 
-    model = start_run(model, out, force)
+    model = start_run(model)
     n_layers = int(model.cfg.n_layers)
     max_k = n_layers // 2 if max_k is None else max_k
     if not 0 <= max_k <= n_layers:
@@ -300,9 +303,7 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         "norm_ratio": profile["norm_ratio"], "cosine": profile["cosine"],
         "order": order, "pruning": pruning, "memory_plan": memory,
     }
-    if out is not None:
-        write_report(report, out)
-        plots.linearity_plots(report, out)
+    write_outputs(report, out, force, plots.linearity_plots)
     return report
 
 
@@ -340,6 +341,7 @@ def checkpoint_models(folder: str | os.PathLike) -> list[str]:
     return [str(p) for p in found]
 
 
+@writes_output
 def linearity_over_models(models: list, dataset: str | None = None, *, out: str | os.PathLike | None = None,
                           force: bool = False, load=None, **kwargs) -> dict:
     """:func:`linearity` for each of ``models`` (specs or bridges; e.g. training checkpoints, or a
@@ -356,26 +358,26 @@ def linearity_over_models(models: list, dataset: str | None = None, *, out: str 
 
     from lensmat import plots
     from lensmat.models import load_model
-    from lensmat.run import refuse_existing, write_report
+    from lensmat.run import write_report
 
     if len(models) < 1:
         raise ValueError("Pass at least one model to compare linearity across.")
-    refuse_existing(out, force)
     load = load or load_model
     rows = []
-    for i, spec in enumerate(models):
-        is_spec = spec is None or isinstance(spec, (str, os.PathLike))
-        name = spec if is_spec else describe(spec).name
-        sub = None if out is None else Path(out) / f"{i:02d}-{Path(str(name or 'reference')).name}"
-        model = load(spec) if is_spec else spec
-        r = linearity(model, dataset, out=sub, force=force, **kwargs)
-        rows.append({"model": r["model"], "tokens_seen": tokens_seen(name),
-                     **{k: r[k] for k in ("mean_linearity", "mean_linearity_no_residual", "mean_heldout_linearity",
-                                          "mean_heldout_linearity_no_residual", "linearity", "linearity_no_residual",
-                                          "norm_ratio", "cosine")},
-                     "ce": r["pruning"]["identity"][0]["ce"]})
-    report = {"dataset": str(dataset or data.DEFAULT_CORPUS), "models": rows}
-    if out is not None:
-        write_report(report, out)
-        plots.linearity_models_plot(report, out)
+    with publish(out, force) if out is not None else nullcontext() as folder:  # the models' folders go inside
+        for i, spec in enumerate(models):
+            is_spec = spec is None or isinstance(spec, (str, os.PathLike))
+            name = spec if is_spec else describe(spec).name
+            sub = None if folder is None else folder / f"{i:02d}-{Path(str(name or 'reference')).name}"
+            model = load(spec) if is_spec else spec
+            r = linearity(model, dataset, out=sub, **kwargs)
+            rows.append({"model": r["model"], "tokens_seen": tokens_seen(name),
+                         **{k: r[k] for k in ("mean_linearity", "mean_linearity_no_residual", "mean_heldout_linearity",
+                                              "mean_heldout_linearity_no_residual", "linearity", "linearity_no_residual",
+                                              "norm_ratio", "cosine")},
+                         "ce": r["pruning"]["identity"][0]["ce"]})
+        report = {"dataset": str(dataset or data.DEFAULT_CORPUS), "models": rows}
+        if folder is not None:
+            write_report(report, folder)
+            plots.linearity_models_plot(report, folder)
     return report

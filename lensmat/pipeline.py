@@ -12,14 +12,26 @@ are ``[CLS] line [SEP]``, ``n_mask`` random positions per line become ``[MASK]``
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
 
 from lensmat import data
 from lensmat.collect import collect, resid_hooks, site_hooks
 from lensmat.statistics import GramStats, pair_pattern
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
 from lensmat.models import describe, is_masked_lm
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -53,6 +65,19 @@ class Tokenized:
     def n_tokens(self, max_tokens: int | None = None) -> int:
         total = data.count_tokens(self.seqs, self.masking, self.scoring)
         return total if max_tokens is None else min(total, max_tokens)
+
+    def identity(self) -> dict:
+        """What shapes statistics collected on these tokens: :meth:`provenance`, the corpus file's
+        path, size and SHA-256 when the dataset is a local file, and the SHA-256 of the token ids."""
+        out = self.provenance()
+        path = Path(self.dataset)
+        if path.is_file():
+            out["file"] = {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": _sha256_file(path)}
+        digest = hashlib.sha256()
+        for seq in self.seqs:
+            digest.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+        out["tokens_sha256"] = digest.hexdigest()
+        return out
 
     def max_batch_tokens(self, batch_size: int) -> int:
         """An upper bound on the positions one batch captures: the ``batch_size`` longest lines."""
@@ -97,6 +122,12 @@ def tokenized(model, dataset: str | None = None, split: str = "train",
     return Tokenized(seqs, spec, split, max_length, masking, int(model.tokenizer.pad_token_id or 0))
 
 
+def checkpoint_path(checkpoint, rank: int = 0, world_size: int = 1):
+    """The exact checkpoint folder of one rank: ``checkpoint`` itself, or ``checkpoint.rank{r}`` in a
+    data-parallel run (``None`` stays ``None``)."""
+    return checkpoint if checkpoint is None or world_size == 1 else f"{checkpoint}.rank{rank}"
+
+
 def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = None, batch_size: int = 16,
                         pairs: str = "to_last", progress: bool = True, checkpoint=None, checkpoint_every: int = 50,
                         resume: bool = False, stats_device: str | None = None,
@@ -117,11 +148,14 @@ def collect_layer_stats(model, corpus: Tokenized, *, max_tokens: int | None = No
     if world > 1:  # each rank its share of lines (and of the token cap), then sum the statistics
         corpus = corpus.shard(rank, world)
         max_tokens = None if max_tokens is None else max_tokens // world + (rank < max_tokens % world)
-        checkpoint = None if checkpoint is None else f"{checkpoint}.rank{rank}"
+        checkpoint = checkpoint_path(checkpoint, rank, world)
+    identity = None if checkpoint is None else {
+        "model": describe(model).to_dict(), "corpus": corpus.identity(), "batch_size": batch_size,
+        "max_tokens": max_tokens, "sites": list(sites), "pairs": pairs, "rank": rank, "world_size": world}
     stats = collect(model, corpus.batches(batch_size, max_tokens), [hooks], pairs=[pair_pattern(len(hooks), pairs)],
                     total_tokens=corpus.n_tokens(max_tokens),
                     progress=progress and rank == 0, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                    resume=resume, stats_device=stats_device or "cpu")
+                    resume=resume, stats_device=stats_device or "cpu", identity=identity)
     return all_reduce_stats(stats)[0]
 
 

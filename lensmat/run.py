@@ -1,5 +1,5 @@
-"""The start-up every reporting command shares: refuse an existing output folder, load the model,
-build the named lenses, and write a strict-JSON report (each command checks its memory plan,
+"""The start-up every reporting command shares: load the model, build the named lenses, and publish
+its output folder with a strict-JSON report (each command checks its memory plan,
 :mod:`lensmat.plan`, in between).
 
 ``compare``, ``linearity``, ``submodules``, ``saturation`` and ``early_exit`` build on it; it
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lensmat.fit import MapSet
 from lensmat.lenses import LogitLens, MatLens
-from lensmat.models import is_masked_lm, load_model, require_causal
+from lensmat.models import is_masked_lm, load_model
+from lensmat.outputs import publish
 from lensmat.pipeline import collect_layer_stats, maps_from_stats
 
 LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian")
@@ -126,21 +127,11 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
     return lenses, cost, fitted.get("mat")
 
 
-def refuse_existing(out: str | os.PathLike | None, force: bool) -> None:
-    """Refuse an existing output folder before any work starts (unless ``force``)."""
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite.")
-
-
-def start_run(model, out: str | os.PathLike | None, force: bool, causal_only: str | None = None):
-    """The common start of a reporting command: refuse an existing ``out`` (unless ``force``), then
-    return ``model`` as a bridge (a spec or ``None`` is loaded with :func:`load_model`); a command
-    named in ``causal_only`` refuses a masked LM."""
-    refuse_existing(out, force)
-    model = load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
-    if causal_only is not None:
-        require_causal(model, causal_only)
-    return model
+def start_run(model):
+    """The common start of a reporting command (whose :func:`~lensmat.outputs.writes_output` has
+    already checked and locked its ``out``): ``model`` as a bridge (a spec or ``None`` is loaded with
+    :func:`load_model`)."""
+    return load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
 
 
 def _finite_or_null(obj, path: str, bad: list[str]):
@@ -153,6 +144,18 @@ def _finite_or_null(obj, path: str, bad: list[str]):
     if isinstance(obj, (list, tuple)):
         return [_finite_or_null(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
     return obj
+
+
+def write_outputs(report: dict, out: str | os.PathLike | None, force: bool, *writers) -> Path | None:
+    """Publish the folder ``out`` (:func:`lensmat.outputs.publish`: built aside, renamed into place):
+    ``report.json`` and what each ``writer(report, folder)`` writes (plots, tables). ``None``: nothing."""
+    if out is None:
+        return None
+    with publish(out, force) as folder:
+        write_report(report, folder)
+        for writer in writers:
+            writer(report, folder)
+    return Path(out)
 
 
 def write_report(report: dict, out: str | os.PathLike) -> Path:

@@ -37,6 +37,7 @@ from jaxtyping import Float, Int
 from lensmat import data
 from lensmat.collect import resid_hook, resid_hooks, run_capture
 from lensmat.models import describe, input_device
+from lensmat.outputs import writes_output
 from lensmat.pipeline import Tokenized
 
 
@@ -173,6 +174,8 @@ def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "autho
     """Mean strict τ over tokens with ``m ≥ min_k`` (each on its ranks ``1..m``, :func:`order_prefix`)
     and a one-sided permutation p-value, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``. The null
     shuffles a token's layers, all ``K`` then truncated to ``m`` (``authors``) or its ``m`` (``leading``)."""
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations}: the permutation test needs at least 1 shuffle.")
     m = order_prefix(s, n_layers, rule)
     groups = [(int(w), s[m == w]) for w in range(min_k, s.shape[1] + 1) if int((m == w).sum())]
     n = sum(len(g) for _, g in groups)
@@ -423,6 +426,7 @@ def implant(model, lens, rankings: Rankings, s1: Int[torch.Tensor, "n"], *,
     return {"success": zero["success"], "n_trials": zero["n_trials"], "n_pairs": len(pairs), "by_offset": by_offset}
 
 
+@writes_output
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 5_000, frac: float = 0.85,
                n_permutations: int = 1000, order_rule: str = "authors", max_pairs: int = 100, batch_size: int = 16,
@@ -438,14 +442,17 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import build_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run, write_report
+    from lensmat.run import build_lenses, protocol_fields, refuse_causal_lenses_on_masked_lm, start_run, write_outputs
     from lensmat.pipeline import tokenized
 
     if lens not in SATURATION_LENSES:
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: {', '.join(SATURATION_LENSES)}.")
     if order_rule not in ORDER_RULES:
         raise ValueError(f"Unknown order rule {order_rule!r}; valid: {', '.join(ORDER_RULES)}.")
-    model = start_run(model, out, force)
+    model = start_run(model)
+    if not 1 <= k < int(model.cfg.d_vocab):
+        raise ValueError(f"k={k} ranks cannot be followed in a vocabulary of {model.cfg.d_vocab} tokens; "
+                         f"use 1 <= k < {model.cfg.d_vocab}.")
     refuse_causal_lenses_on_masked_lm(model, [lens])
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
@@ -479,7 +486,5 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     result = implant(model, lenses[lens], kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
     report.update(intervention_success=result["success"], intervention_trials=result["n_trials"],
                   intervention_sweep=result["by_offset"])
-    if out is not None:
-        write_report(report, out)
-        plots.saturation_plots(report, out)
+    write_outputs(report, out, force, plots.saturation_plots)
     return report

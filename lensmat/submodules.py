@@ -25,6 +25,7 @@ from lensmat.fit import MapSet, fit_pairs
 from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import LensScores, Reference
 from lensmat.models import describe
+from lensmat.outputs import writes_output
 from lensmat.pipeline import Tokenized, maps_from_stats, tokenized
 from lensmat.swap import SUBMODULE_KINDS, block_layout, expand_kinds, submodule_pair, swap_hooks
 
@@ -129,6 +130,7 @@ def _mean_scored(values: list[float | None]) -> float | None:
     return sum(scored) / len(scored) if scored else None
 
 
+@writes_output
 def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
                max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
                intercept: bool = False, n_mask: int = 1, mask_seed: int = 0, stats_device: str | None = None,
@@ -143,13 +145,13 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.compare.compare`."""
     from lensmat import plots
     from lensmat.plan import check_memory
-    from lensmat.run import protocol_fields, start_run, write_report
+    from lensmat.run import protocol_fields, start_run, write_outputs
 
     kinds = list(kinds)
     bad = [k for k in kinds if k not in PROTOCOL_KINDS]
     if bad:
         raise ValueError(f"Unknown sub-module kind(s) {bad}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
-    model = start_run(model, out, force)
+    model = start_run(model)
     n_layers = int(model.cfg.n_layers)
     train: Tokenized = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     pairs = submodule_pairs(model, kinds)
@@ -186,7 +188,5 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
                      "scored_layers": sum(v is not None for v in variants[k]["precision@1"])} for k in ranking],
         "memory_plan": memory,
     }
-    if out is not None:
-        write_report(report, out)
-        plots.submodule_plots(report, out)
+    write_outputs(report, out, force, plots.submodule_plots)
     return report

@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 
 from lensmat.lenses import Lens, encode_text, layer_logits
 from lensmat.models import describe, is_masked_lm
+from lensmat.outputs import writes_output
 
 STATISTICS = {
     "p_final_top1": "probability of the model's final top-1 token",
@@ -223,6 +224,7 @@ def trajectory(model, lenses: dict[str, Lens], text: str, k: int = 5) -> Traject
                       top_ids=top_ids, top_probs=top_probs, covered=covered, vocab=vocab, **out)
 
 
+@writes_output
 def trajectory_report(model, text: str, dataset: str | None = None, *,
                       lenses: str | list[str] = ("logit", "mat"), statistic: str = "kl", k: int = 5,
                       maps=None, tuned=None, tuned_config=None, max_fit_tokens: int | None = None,
@@ -238,11 +240,15 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
     from lensmat import data
     from lensmat.pipeline import tokenized
     from lensmat.plan import check_memory
-    from lensmat.run import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm, start_run, write_report
+    import matplotlib.pyplot as plt
+
+    from lensmat.run import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm, start_run, write_outputs
 
     names = parse_lenses(lenses)
     check_statistic(statistic)
-    model = start_run(model, out, force)
+    model = start_run(model)
+    if not 1 <= k <= int(model.cfg.d_vocab):
+        raise ValueError(f"k={k} top tokens per cell: the vocabulary has {model.cfg.d_vocab}; use 1 <= k <= {model.cfg.d_vocab}.")
     encode_text(model, text)  # refuse a bad text before fitting anything
     refuse_causal_lenses_on_masked_lm(model, names)
     train = tokenized(model, dataset, "train", max_length or data.DEFAULT_MAX_LENGTH)
@@ -258,10 +264,6 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
               "k": k, "protocol": "masked" if traj.masked else "causal", "fit_cost": {n: cost[n] for n in names},
               "final_top1": [traj.vocab[int(t)] for t in traj.final_top1], "summary": traj.summary(),
               "memory_plan": memory}
-    if out is not None:
-        import matplotlib.pyplot as plt
-
-        plt.close(traj.plot(statistic, out=out))
-        traj.to_csv(Path(out) / "trajectory.csv")
-        write_report(report, out)
+    write_outputs(report, out, force, lambda _, folder: plt.close(traj.plot(statistic, out=folder)),
+                  lambda _, folder: traj.to_csv(Path(folder) / "trajectory.csv"))
     return traj, report

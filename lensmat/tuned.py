@@ -49,6 +49,19 @@ class TunedLensConfig:
     optimizer: str = "sgd"  # "sgd" (Nesterov) or "adam"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        bad = [f"{name}={value!r} (use {rule})" for name, value, ok, rule in (
+            ("tokens", self.tokens, self.tokens >= 0, "tokens >= 0; 0 keeps a mat-tuned lens at its maps"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite lr > 0"),
+            ("momentum", self.momentum, 0 <= self.momentum < 1, "0 <= momentum < 1"),
+            ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "a finite weight decay >= 0"),
+            ("clip", self.clip, self.clip > 0, "a clip norm > 0"),
+            ("optimizer", self.optimizer, self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'")) if not ok]
+        if bad:
+            raise ValueError(f"TunedLensConfig: {'; '.join(bad)}.")
+
 
 class TunedLens(Lens):
     """A tuned lens: ``transform(h, l) = h + h @ W_l + b_l`` for ``l < L``, identity at ``L``."""
@@ -94,9 +107,12 @@ class TunedLens(Lens):
                                    f"{'nor' if Path(path).is_dir() else 'or'} a tuned-lens package lens "
                                    "(config.json + params.pt).")
         tensors, meta = io.load_artifact(path, "lens")
-        if meta.get("lens") != "tuned" or "W" not in tensors or "b" not in tensors:
+        if meta.get("lens") != "tuned":
             raise io.ArtifactError(f"{path} does not hold a tuned lens (lens={meta.get('lens')!r}).")
-        check_same_model(meta["model"], model, what="this tuned lens")
+        check_same_model(meta["model"], model, what=f"the tuned lens in {path}")
+        L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+        io.check_tensors(f"{path}/lens.safetensors", tensors, {"W": (L, d, d), "b": (L, d)},
+                         "the file is corrupted; retrain the lens (lensmat.train_tuned_lens) or re-copy the folder.")
         return cls(model, tensors["W"], tensors["b"], meta, name=meta.get("name", "tuned"))
 
     @classmethod
@@ -149,11 +165,12 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
 
     Checked against ``model``: ``num_hidden_layers`` and ``d_model``; the ``unembed_hash``
     (:func:`package_unembed_hash`, reproduced exactly; a config without one is not checked); the
-    basis, which must be the raw Hugging Face one the package trains in (lensmat's default).
+    basis, which must be the raw Hugging Face one the package trains in (lensmat's default); every translator
+    a finite floating-point tensor (:func:`lensmat.io.check_tensors`).
     """
     import json
 
-    from lensmat.io import ArtifactError
+    from lensmat.io import ArtifactError, check_tensors
     from lensmat.models import ModelMismatchError, basis_of
 
     path = Path(path)
@@ -192,7 +209,9 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
         raise ArtifactError(f"{params} could not be read as tensors with torch.load(weights_only=True) ({err}); "
                             "re-download it (a lens's params.pt holds tensors only).") from None
     bias = bool(config.get("bias", True))
-    want = {f"{i}.weight" for i in range(L)} | ({f"{i}.bias" for i in range(L)} if bias else set())
+    shapes = {f"{i}.{part}": (d, d) if part == "weight" else (d,) for i in range(L)
+              for part in (("weight", "bias") if bias else ("weight",))}
+    want = set(shapes)
     if not isinstance(state, dict) or set(state) != want:
         if not isinstance(state, dict):
             found = f"a {type(state).__name__}"
@@ -203,11 +222,11 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
         raise ArtifactError(f"{params} is not the state dict of {L} translators with{'' if bias else 'out'} bias "
                             f"(keys 0.weight … {L - 1}.{'bias' if bias else 'weight'}): {found}. It must come from "
                             "tuned-lens 0.2.0's TunedLens.save, for this config.")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)
-           or tuple(v.shape) != ((d, d) if k.endswith(".weight") else (d,))]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or tuple(v.shape) != shapes[k]]
     if bad:
         raise ArtifactError(f"{params}: {bad[0]} is not a {'[d, d]' if bad[0].endswith('.weight') else '[d]'} "
                             f"tensor for d_model {d}; the file does not match its config.json.")
+    check_tensors(params, state, shapes, "re-download it (a lens's params.pt holds finite floating-point translators).")
     W = torch.stack([state[f"{i}.weight"].float().T for i in range(L)])
     b = torch.stack([state[f"{i}.bias"].float() for i in range(L)]) if bias else torch.zeros(L, d)
     meta = {"model": describe(model).to_dict(), "format": "tuned-lens package",
@@ -264,8 +283,9 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
     """
     require_causal(model, "The tuned lens")
     config = config or TunedLensConfig()
-    if config.optimizer not in ("sgd", "adam"):
-        raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'sgd' or 'adam'.")
+    if config.tokens == 0 and init is None:
+        raise ValueError("A tuned lens trained on 0 tokens is the logit lens, not a tuned lens; give config.tokens >= 1 "
+                         "(or init= maps, for the mat-tuned lens at its maps).")
     torch.manual_seed(config.seed)
     corpus = dataset if isinstance(dataset, Tokenized) else tokenized(model, dataset, "train", max_length)
     L, d = int(model.cfg.n_layers), int(model.cfg.d_model)

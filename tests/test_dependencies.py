@@ -107,7 +107,7 @@ def test_weights_processed_flag(tiny_model):
 # lensmat's modules in dependency order (docs/modules.md): each imports only modules of earlier rows
 # (anywhere in the file, lazy imports included); models and gguf_models resolve each other's specs.
 MODULE_ROWS = [
-    ["compat", "models", "gguf_models"], ["data"], ["statistics"], ["fit"], ["io"], ["collect"], ["distributed"],
+    ["outputs"], ["compat", "models", "gguf_models"], ["data"], ["statistics"], ["fit"], ["io"], ["collect"], ["distributed"],
     ["plan"], ["pipeline"], ["lenses"], ["metrics"], ["tuned", "jlens", "importers"], ["swap"], ["run"], ["plots"],
     ["trajectory"], ["saturation"], ["early_exit"], ["generation", "compare", "submodules", "linearity"], ["cli"],
     ["__init__", "__main__"],

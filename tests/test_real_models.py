@@ -157,3 +157,40 @@ def test_cli_info_names_the_real_model(capsys):
 def test_swapping_attention_for_its_one_token_map_changes_nothing(smol):
     """The attn hook pair is the attention module on the real model too (one-token attention is affine)."""
     check_real_attention_swap(smol)
+
+
+def test_a_fit_resumed_from_a_misaligned_checkpoint_is_bit_identical_and_a_changed_run_is_refused(smol, tmp_path,
+                                                                                                    monkeypatch):
+    """Issues 37 and 28 on the real model: the resumed statistics equal the uninterrupted ones bit for bit even when
+    safetensors hands the checkpoint back misaligned, and a resume with another batch size names the difference."""
+    from lensmat import io
+    from lensmat.pipeline import collect_layer_stats
+    from test_reliability import MisalignedSafeOpen, is_owned
+
+    corpus = lensmat.tokenized(smol, split="train")
+    kw = dict(max_tokens=600, batch_size=4, progress=False)
+    straight = collect_layer_stats(smol, corpus, **kw)
+    ckpt = tmp_path / "ckpt"
+
+    seen = []
+
+    def interrupt(act, hook):
+        seen.append(1)
+        if len(seen) > 3:
+            raise KeyboardInterrupt  # Ctrl-C during the fourth batch
+
+    smol.add_hook("blocks.0.hook_resid_pre", interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            collect_layer_stats(smol, corpus, **kw, checkpoint=ckpt, checkpoint_every=2)
+    finally:
+        smol.reset_hooks()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["n_batches"] == 2 and meta["run"]["model"]["name"] and meta["run"]["batch_size"] == 4
+    monkeypatch.setattr(io, "safe_open", MisalignedSafeOpen)
+    resumed = collect_layer_stats(smol, corpus, **kw, checkpoint=ckpt, resume=True)
+    assert all(is_owned(t) for t in (resumed.sum, *resumed.panels))
+    assert resumed.n == straight.n and torch.equal(resumed.sum, straight.sum)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.panels, straight.panels))
+    with pytest.raises(io.ArtifactError, match="batch_size: checkpoint 4, now 8"):
+        collect_layer_stats(smol, corpus, **{**kw, "batch_size": 8}, checkpoint=ckpt, resume=True)

@@ -16,10 +16,8 @@ from lensmat.lenses import LogitLens, MatLens
 from lensmat.metrics import evaluate_lenses
 from lensmat.models import ModelMismatchError, describe
 
-KILL_AFTER = 5  # batches
-
-
-def test_killed_fit_resumes_to_identical_statistics(tmp_path):
+@pytest.mark.parametrize("kill_after", [3, 5, 11])  # batches run before the kill; checkpoints every 2
+def test_killed_fit_resumes_to_identical_statistics(tmp_path, kill_after):
     ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(f"""
         import os, sys
@@ -30,14 +28,14 @@ def test_killed_fit_resumes_to_identical_statistics(tmp_path):
         batches = random_token_batches(12, 4, 12, 40, seed=0)
         def die(act, hook, count=[0]):
             count[0] += 1
-            if count[0] > {KILL_AFTER}:
+            if count[0] > {kill_after}:
                 os._exit(9)  # killed mid-fit, no cleanup
         model.add_hook("blocks.0.hook_resid_pre", die)
         collect(model, batches, [resid_hooks(3)], checkpoint={str(ckpt)!r}, checkpoint_every=2, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    assert json.loads((ckpt / "meta.json").read_text())["n_batches"] == 4
+    assert json.loads((ckpt / "meta.json").read_text())["n_batches"] == kill_after - kill_after % 2
     model = make_tiny_model()
     batches = random_token_batches(12, 4, 12, 40, seed=0)
     resumed = collect(model, batches, [resid_hooks(3)], checkpoint=ckpt, resume=True, progress=False)[0]
