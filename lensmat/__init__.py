@@ -5,8 +5,7 @@ statistics -> maps -> lenses -> metrics (:mod:`lensmat.metrics`) -> reports and 
 Models come from :func:`load_model` (:mod:`lensmat.models`).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from lensmat._version import __version__
 from lensmat.collect import collect, resid_hook, resid_hooks
 from lensmat.statistics import GramStats
 from lensmat.compare import compare
@@ -27,10 +26,6 @@ from lensmat.swap import SUBMODULE_KINDS, swap, swap_hooks
 from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
 from lensmat.trajectory import Trajectory, trajectory
 
-try:
-    __version__ = version("lensmat")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "Batch", "GramStats", "Lens", "LinearMap", "LogitLens", "MapSet", "MatLens", "ModelInfo", "__version__",

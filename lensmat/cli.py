@@ -18,7 +18,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-import lensmat
+from lensmat._version import __version__
 from lensmat import data, models, pipeline
 from lensmat.early_exit import MASKED_T
 from lensmat.plan import COMMANDS
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lensmat",
         description="Fit linear maps between transformer layers and read them through lenses.",
     )
-    parser.add_argument("--version", action="version", version=f"lensmat {lensmat.__version__}")
+    parser.add_argument("--version", action="version", version=f"lensmat {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an expected failure too (or set LENSMAT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

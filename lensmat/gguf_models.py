@@ -148,10 +148,10 @@ def _dequantize_into(path: Path, source: dict, out: Path, progress: bool) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lensmat.models import _hub_offline, _weights_problem
+    from lensmat.compat import hub_offline, weights_problem
 
     what = f"{path.name} (architecture {source['architecture']!r}, tensor types {', '.join(source['quantization'])})"
-    with _hub_offline():
+    with hub_offline():
         try:
             loaded, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                                 output_loading_info=True, ignore_mismatched_sizes=True)
@@ -162,7 +162,7 @@ def _dequantize_into(path: Path, source: dict, out: Path, progress: bool) -> Non
             raise GGUFError(f"transformers {transformers.__version__} cannot read {what}: {str(err).rstrip('.')}. GGUF support covers "
                             "the architectures and quantization types listed in transformers' GGUF docs; convert "
                             "the model to a Hugging Face folder instead.") from err
-    if problem := _weights_problem(loaded, info):
+    if problem := weights_problem(loaded, info):
         raise GGUFError(f"{what} {problem}. The file is truncated, corrupted or not a complete model: download it "
                         "again, or pass the model's Hugging Face folder (--random-init SEED gives a random model of "
                         "a folder's architecture).")

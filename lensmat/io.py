@@ -163,9 +163,9 @@ def save_artifact(path: str | os.PathLike, kind: str, tensors: dict[str, torch.T
 
     An existing ``path`` is replaced only with ``force=True``, and only when lensmat wrote it.
     """
-    import lensmat
+    from lensmat._version import __version__
 
-    full_meta = {"format_version": FORMAT_VERSION, "kind": kind, "lensmat_version": lensmat.__version__, **meta}
+    full_meta = {"format_version": FORMAT_VERSION, "kind": kind, "lensmat_version": __version__, **meta}
     with publish(path, force, kind=kind) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{kind}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from lensmat.compat import hub_offline, weights_problem
+
 REFERENCE = "reference"
 MASKED_REFERENCE = "masked-lm"
 
@@ -68,30 +70,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-@contextlib.contextmanager
-def _hub_offline():
-    """Make Hugging Face libraries skip the network (local loads otherwise wait on time-outs)."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        saved_const = hub_constants.HF_HUB_OFFLINE
-        hub_constants.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):  # pragma: no cover - very old huggingface_hub
-        hub_constants = None
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_const
-
-
 def path_defect(path: str | os.PathLike) -> str | None:
     """What makes ``path`` unusable as a file or folder, found without opening it: ``"a symbolic-link
     loop"``, ``"a broken symbolic link (to …)"``, ``"in a folder you may not enter …"``, ``"a named pipe
@@ -121,38 +99,6 @@ _FIX = ("It is the wrong folder, a partial or corrupted download, or its config.
         "if a random model is really wanted.")
 
 
-def _weights_problem(model, info: dict, n: int = 5) -> str | None:
-    """What keeps a checkpoint from filling ``model``'s architecture, from the loading info of
-    ``from_pretrained(..., output_loading_info=True)``; None when it fills it. Transformers counts no tied
-    weight (``lm_head.weight`` tied to the embeddings) nor non-persistent buffer as missing."""
-    def first(keys) -> str:
-        keys = sorted(keys)
-        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
-    mismatched = [f"{k}: {tuple(theirs)} there, {tuple(ours)} expected" for k, theirs, ours in info["mismatched_keys"]]
-    parts = []
-    if missing:
-        n_expected = len(model.state_dict())
-        parts.append(f"none of its {n_expected} tensors is in the checkpoint (missing: {first(missing)})"
-                     if len(missing) >= n_expected else
-                     f"{len(missing)} of its {n_expected} tensors are not in the checkpoint and would be random "
-                     f"(missing: {first(missing)})")
-    if mismatched:
-        parts.append(f"{len(mismatched)} would be random because the checkpoint's have another shape "
-                     f"({first(mismatched)})")
-    if unexpected:
-        parts.append(f"the checkpoint holds {len(unexpected)} tensor{'s' * (len(unexpected) != 1)} it has no place "
-                     f"for, which would be dropped (unexpected: {first(unexpected)})")
-    if not parts:
-        return None
-    arch = type(model).__name__
-    declared = list(getattr(model.config, "architectures", None) or [])
-    if declared and declared != [arch]:
-        arch += f" (config.json declares {', '.join(declared)})"
-    return f"does not fill its architecture, {arch}: " + "; ".join(parts)
-
-
 @contextlib.contextmanager
 def _complete_weights(name: str):
     """Inside the block every Hugging Face ``from_pretrained`` reports what it loaded, and a checkpoint that
@@ -165,7 +111,7 @@ def _complete_weights(name: str):
     def from_pretrained(cls, *args, **kwargs):
         model, info = original.__func__(cls, *args, **{**kwargs, "output_loading_info": True,
                                                        "ignore_mismatched_sizes": True})
-        if problem := _weights_problem(model, info):
+        if problem := weights_problem(model, info):
             raise ModelLoadError(f"{name} {problem}. {_FIX}")
         return model
 
@@ -254,7 +200,7 @@ def load_model(
                 f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
                 "with save_pretrained(), a .gguf file, or a hub name."
             )
-        with _hub_offline(), _complete_weights(name):
+        with hub_offline(), _complete_weights(name):
             extra = {} if random_init is None else _random_twin(path, random_init)
             try:
                 model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)

@@ -238,14 +238,15 @@ def shape_from_config(spec: str | os.PathLike | None) -> ModelShape:
     from transformers import AutoConfig
 
     from lensmat import gguf_models
-    from lensmat.models import MASKED_REFERENCE, REFERENCE, _hub_offline, reference_model_path
+    from lensmat.compat import hub_offline
+    from lensmat.models import MASKED_REFERENCE, REFERENCE, reference_model_path
 
     spec_str = REFERENCE if spec is None else os.fspath(spec)
     if spec_str in gguf_models.NAMED_MODELS or spec_str.lower().endswith(".gguf"):
         path = gguf_models.named_gguf(spec_str) if spec_str in gguf_models.NAMED_MODELS else Path(spec_str)
         return _shape_from_gguf(spec_str, path)
     folder = reference_model_path(spec_str) if spec_str in (REFERENCE, MASKED_REFERENCE) else spec_str
-    with _hub_offline():
+    with hub_offline():
         try:
             config = AutoConfig.from_pretrained(str(folder))
         except (OSError, ValueError) as err:

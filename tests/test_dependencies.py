@@ -4,6 +4,11 @@ them fails here, loudly, instead of giving wrong numbers elsewhere (see lensmat/
 
 import inspect
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 import pytest
 import torch
 
@@ -83,14 +88,14 @@ def test_masked_lm_head_lookup(tiny_bert):
 
 
 def test_hub_offline_switch():
-    """_hub_offline flips huggingface_hub's module constant (the environment is read at import)."""
+    """hub_offline flips huggingface_hub's module constant (the environment is read at import)."""
     import huggingface_hub.constants as hub
 
-    from lensmat.models import _hub_offline
+    from lensmat.compat import hub_offline
 
     need(hasattr(hub, "HF_HUB_OFFLINE"), "huggingface_hub: constants.HF_HUB_OFFLINE is gone")
     before = hub.HF_HUB_OFFLINE
-    with _hub_offline():
+    with hub_offline():
         need(hub.HF_HUB_OFFLINE is True, "huggingface_hub: offline switch did not take")
     assert hub.HF_HUB_OFFLINE == before
 
@@ -104,32 +109,40 @@ def test_weights_processed_flag(tiny_model):
     need(basis_of(tiny_model) == "raw", "transformer-lens: a fresh bridge reports processed weights")
 
 
-# lensmat's modules in dependency order (docs/modules.md): each imports only modules of earlier rows
-# (anywhere in the file, lazy imports included); models and gguf_models resolve each other's specs.
-MODULE_ROWS = [
-    ["outputs"], ["compat", "models", "gguf_models"], ["data"], ["statistics"], ["fit"], ["io"], ["collect"], ["distributed"],
-    ["plan"], ["pipeline"], ["lenses"], ["metrics"], ["tuned", "jlens", "importers"], ["swap"], ["run"], ["plots"],
-    ["trajectory"], ["saturation"], ["early_exit"], ["generation", "compare", "submodules", "linearity"], ["cli"],
-    ["__init__", "__main__"],
-]
+def _lint_imports(root: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
+                           str(config), "--no-cache"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
 
 
-def test_modules_import_only_upstream():
-    import ast
-    from pathlib import Path
+def test_the_layering_holds_and_every_module_is_in_a_layer():
+    """pyproject.toml's import-linter contracts (the layering of docs/modules.md) hold on lensmat, and name
+    every module, so a new one must be placed in a layer."""
+    import tomllib
 
-    import lensmat
+    repo = Path(__file__).resolve().parents[1]
+    contracts = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = {m.strip().removeprefix("lensmat.") for row in contracts[0]["layers"] for m in row.split(":")}
+    assert layered | {"__init__"} == {p.stem for p in (repo / "lensmat").glob("*.py")}, "a module is in no layer"
+    res = _lint_imports(repo, repo / "pyproject.toml")
+    assert res.returncode == 0, res.stdout + res.stderr
 
-    folder = Path(lensmat.__file__).parent
-    row = {m: i for i, names in enumerate(MODULE_ROWS) for m in names}
-    assert set(row) == {p.stem for p in folder.glob("*.py")}, "a module is missing from MODULE_ROWS and docs/modules.md"
-    bad = []
-    for path in folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lensmat"):
-                names = [a.name for a in node.names] if node.module == "lensmat" else [node.module.split(".")[1]]
-                for dep in (n for n in names if n in row):
-                    allowed = row[dep] < row[path.stem] or {dep, path.stem} == {"models", "gguf_models"}
-                    if not allowed:
-                        bad.append(f"{path.stem} imports {dep}")
-    assert not bad, bad
+
+@pytest.mark.parametrize("module, wrong", [("statistics", "from lensmat.cli import main"),  # up the layers
+                                           ("linearity", "from lensmat.compare import compare")])  # across analyses
+def test_the_layering_contracts_fail_on_a_wrong_import(tmp_path, module, wrong):
+    """The contracts are not vacuous: a copy of the package (renamed, so the installed one cannot answer) with
+    one wrong import breaks them."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "lensmat_probe"
+    shutil.copytree(repo / "lensmat", probe, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    for path in probe.glob("*.py"):
+        path.write_text(re.sub(r"\blensmat\b(?=[.\s])", "lensmat_probe", path.read_text()))
+    target = probe / f"{module}.py"
+    target.write_text(target.read_text() + "\n\ndef _wrong():\n    " + wrong.replace("lensmat", "lensmat_probe") + "\n")
+    config = tmp_path / "pyproject.toml"
+    config.write_text(re.sub(r"\blensmat\b(?=[.\s\"])", "lensmat_probe", (repo / "pyproject.toml").read_text()))
+    res = _lint_imports(tmp_path, config)
+    assert res.returncode != 0 and "BROKEN" in res.stdout, res.stdout + res.stderr
