@@ -200,7 +200,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if distributed.init_from_env():
         rank, world = distributed.rank_and_world()
     try:
-        code = _fit(args, rank)
+        code = _fit(args, rank, world)
     except BaseException:
         distributed.shutdown(barrier=False)
         raise
@@ -214,11 +214,11 @@ def fit_checkpoint(args: argparse.Namespace) -> Path:
     return Path(str(args.out).rstrip("/") + ".checkpoint")
 
 
-def _fit(args: argparse.Namespace, rank: int) -> int:
+def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from lensmat import io
 
     checkpoint = fit_checkpoint(args)
-    if args.resume and not checkpoint.exists() and not Path(f"{checkpoint}.rank{rank}").exists():
+    if args.resume and not Path(pipeline.checkpoint_path(checkpoint, rank, world)).exists():
         print(f"lensmat fit: no checkpoint at {checkpoint}; starting from the first batch", file=sys.stderr)
     model = _load(args)
     maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -636,17 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("LENSMAT_DEBUG", "") not in ("", "0")
     inputs = [getattr(args, k, None) for k in ("dataset", "model", "maps", "tuned", "jlens", "source", "checkpoints")]
     out = getattr(args, "out", None) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 writes
+    bad_input, refused = _expected_errors()
     try:
         with claim(out, getattr(args, "force", False), inputs), _quiet_loading(getattr(args, "quiet", False)):
             return args.func(args)
     except KeyboardInterrupt:
         print(f"lensmat {args.command}: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
         return 130
-    except sum(_expected_errors(), ()) as err:
+    except bad_input + refused as err:
         if debug:
             traceback.print_exc()
         print(f"lensmat {args.command}: error: {_message(err)}", file=sys.stderr)
-        return 2 if isinstance(err, _expected_errors()[0] + (FileExistsError,)) else 1
+        return 2 if isinstance(err, bad_input + (FileExistsError,)) else 1
     except Exception:
         traceback.print_exc()
         print(f"lensmat {args.command}: unexpected error, probably a bug in lensmat: please report it with the command "

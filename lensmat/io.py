@@ -58,6 +58,18 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {key: owned(f.get_tensor(key)) for key in f.keys()}
 
 
+def load_torch_tensors(path: str | os.PathLike, fix: str, mmap: bool = False):
+    """What a ``torch.save`` file holds, read with ``torch.load(weights_only=True)`` only (tensors and
+    plain containers, never code; memory-mapped with ``mmap``); an unreadable or refused file raises
+    :class:`ArtifactError` naming it and ``fix``."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError, by what is wrong
+        raise ArtifactError(f"{path} could not be read as tensors with torch.load(weights_only=True) ({err}); "
+                            f"{fix}") from None
+    return obj
+
+
 def check_tensors(where: str | os.PathLike, tensors: dict, shapes: dict[str, tuple[int | None, ...]], fix: str,
                   labels: dict[str, str] | None = None) -> None:
     """Refuse what a file holds unless it is exactly the keys of ``shapes``, each a floating-point tensor of that

@@ -95,16 +95,11 @@ def _read_tl_file(path: str | os.PathLike, fix: str):
     ``jacobian_sum``) pass :func:`lensmat.io.check_tensors`."""
     import zipfile
 
-    import torch
     from transformer_lens.tools.analysis import JacobianLens
 
     from lensmat import io
 
-    try:  # memory-mapped where the format allows: TransformerLens reads the file again
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError, by what is wrong
-        raise io.ArtifactError(f"{path} could not be read as tensors with torch.load(weights_only=True) ({err}); "
-                               f"{fix}") from None
+    payload = io.load_torch_tensors(path, fix, mmap=zipfile.is_zipfile(path))  # mapped: TransformerLens reads it again
     key = next((k for k in ("J", "jacobian_sum") if isinstance(payload, dict) and isinstance(payload.get(k), dict)), None)
     if key is None:
         raise io.ArtifactError(f"{path} is not a TransformerLens J-lens (a 'J' dict of matrices, or a fit checkpoint's "

@@ -23,15 +23,8 @@ from lensmat import data
 from lensmat.collect import collect, resid_hooks, site_hooks
 from lensmat.statistics import GramStats, pair_pattern
 from lensmat.fit import MapSet, fit_pairs, layer_pairs
+from lensmat.gguf_models import file_sha256
 from lensmat.models import describe, is_masked_lm
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -72,7 +65,7 @@ class Tokenized:
         out = self.provenance()
         path = Path(self.dataset)
         if path.is_file():
-            out["file"] = {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": _sha256_file(path)}
+            out["file"] = {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_sha256(path)}
         digest = hashlib.sha256()
         for seq in self.seqs:
             digest.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")

@@ -170,7 +170,7 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
     """
     import json
 
-    from lensmat.io import ArtifactError, check_tensors
+    from lensmat.io import ArtifactError, check_tensors, load_torch_tensors
     from lensmat.models import ModelMismatchError, basis_of
 
     path = Path(path)
@@ -203,11 +203,7 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
     if not params.is_file():
         raise ArtifactError(f"{path} has a tuned-lens config.json but no {PACKAGE_PARAMS}; copy the lens's parameters "
                             "beside it (the hub repository keeps both in lens/<model>/).")
-    try:
-        state = torch.load(params, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError, by what is wrong
-        raise ArtifactError(f"{params} could not be read as tensors with torch.load(weights_only=True) ({err}); "
-                            "re-download it (a lens's params.pt holds tensors only).") from None
+    state = load_torch_tensors(params, "re-download it (a lens's params.pt holds tensors only).")
     bias = bool(config.get("bias", True))
     shapes = {f"{i}.{part}": (d, d) if part == "weight" else (d,) for i in range(L)
               for part in (("weight", "bias") if bias else ("weight",))}
