@@ -28,7 +28,7 @@ import torch
 
 from lensmat.collect import resid_hook
 from lensmat.fit import LinearMap, MapSet
-from lensmat.io import ArtifactError, check_tensors, owned
+from lensmat.io import ArtifactError, check_tensors, load_torch_tensors, owned, weights_only_refusal
 from lensmat.models import describe
 
 
@@ -37,7 +37,11 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _tensor_from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafePickleError(f"Refusing the tensor bytes inside this pickle ({weights_only_refusal(err)}): they ask "
+                                "for something other than tensor data, so they were not unpickled.") from None
 
 
 _ALLOWED = {
@@ -66,7 +70,7 @@ def load_tensor_pickle(path: str | os.PathLike) -> torch.Tensor:
     """A tensor from a pickle (or ``torch.save`` zip) file, without running code from it."""
     path = Path(path)
     if zipfile.is_zipfile(path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_tensors(path, "import the matrices the authors released (tensors or arrays only).")
     else:
         with open(path, "rb") as f:
             obj = _TensorOnlyUnpickler(f).load()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -58,13 +59,24 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {key: owned(f.get_tensor(key)) for key in f.keys()}
 
 
+def weights_only_refusal(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file (``Unsupported global: GLOBAL os.system …``),
+    without torch's advice to load it with ``weights_only=False``, which would run the file's code."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    reason = re.search(r"WeightsUnpickler error: (.+?\.)(?:\s|$)", text)
+    return reason[1] if reason else "it asks for objects other than tensors"
+
+
 def load_torch_tensors(path: str | os.PathLike, fix: str, mmap: bool = False):
     """What a ``torch.save`` file holds, read with ``torch.load(weights_only=True)`` only (tensors and
     plain containers, never code; memory-mapped with ``mmap``); an unreadable or refused file raises
     :class:`ArtifactError` naming it and ``fix``."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError, by what is wrong
+    except pickle.UnpicklingError as err:
+        raise ArtifactError(f"{path} holds something other than tensor data ({weights_only_refusal(err)}); it was not "
+                            f"unpickled: lensmat reads such files with torch.load(weights_only=True) only; {fix}") from None
+    except Exception as err:  # torch raises RuntimeError or EOFError for a truncated or damaged file
         raise ArtifactError(f"{path} could not be read as tensors with torch.load(weights_only=True) ({err}); "
                             f"{fix}") from None
     return obj

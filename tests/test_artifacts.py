@@ -216,3 +216,36 @@ def test_imported_matrices_must_be_finite_floats_given_once(model, tmp_path):
         pickle.dump(torch.eye(16), open(tmp_path / f"{stem}.pickle", "wb"))
     with pytest.raises(ArtifactError, match="0_3.pickle and 00_3.pickle both hold the map 0 -> 3"):
         import_paper_maps(tmp_path, model)
+
+
+def test_a_refused_torch_file_is_named_without_torch_s_advice_to_run_it(tmp_path):
+    """torch's weights_only refusal advises loading with weights_only=False (which runs the file's code);
+    lensmat's message keeps only the reason, in one line."""
+    from lensmat.importers import load_tensor_pickle
+
+    torch.save({"0.weight": _Opaque()}, tmp_path / "evil.pt")
+    with pytest.raises(ArtifactError) as err:
+        load_tensor_pickle(tmp_path / "evil.pt")
+    message = str(err.value)
+    assert "Unsupported global" in message and "_Opaque" in message and "weights_only=True" in message
+    assert "weights_only` set to `False`" not in message and "\n" not in message and "\x1b" not in message
+    payload = tmp_path / "bytes.pickle"
+
+    class Smuggler:
+        def __reduce__(self):
+            import io as stdio
+
+            import torch.storage
+
+            buffer = stdio.BytesIO()
+            torch.save(_Opaque(), buffer, _use_new_zipfile_serialization=False)
+            return (torch.storage._load_from_bytes, (buffer.getvalue(),))
+
+    payload.write_bytes(pickle.dumps(Smuggler()))
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global") as err:
+        load_tensor_pickle(payload)
+    assert "False" not in str(err.value)
+
+
+class _Opaque:
+    """An object that is not tensor data."""
