@@ -20,8 +20,8 @@ def main() -> None:
     import torch
 
     import lensmat
-    from lensmat.generation import generate
-    from lensmat.pipeline import tokenized
+    from lensmat.analyses.generation import generate
+    from lensmat.stats.pipeline import tokenized
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)

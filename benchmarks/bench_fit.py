@@ -34,9 +34,9 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
 
     import lensmat
     from lensmat import data
-    from lensmat.collect import collect, resid_hooks, run_capture
-    from lensmat.statistics import pair_pattern
-    from lensmat.fit import fit_layer_maps
+    from lensmat.stats.collect import collect, resid_hooks, run_capture
+    from lensmat.stats.gram import pair_pattern
+    from lensmat.stats.fit import fit_layer_maps
 
     torch.manual_seed(0)
     model = lensmat.load_model(model_spec, device="cpu")

@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     import lensmat
-    from lensmat.pipeline import collect_layer_stats, maps_from_stats
-    from lensmat.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
+    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)

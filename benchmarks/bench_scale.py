@@ -27,9 +27,9 @@ import warnings
 import torch
 from machine import machine
 
-from lensmat.fit import fit_map
-from lensmat.plan import available_bytes
-from lensmat.statistics import GramStats, pair_pattern, stats_nbytes
+from lensmat.stats.fit import fit_map
+from lensmat.stats.plan import available_bytes
+from lensmat.stats.gram import GramStats, pair_pattern, stats_nbytes
 
 SHAPES = {  # name: (blocks L, d_model, vocabulary)
     "gpt2-small": (12, 768, 50257),

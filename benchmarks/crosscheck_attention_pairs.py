@@ -1,5 +1,5 @@
 """Check the sub-module hook pairs of a model: the one-token attention swap
-(:func:`lensmat.submodules.one_token_attention_swap`). At one position attention is affine in its
+(:func:`lensmat.analyses.submodules.one_token_attention_swap`). At one position attention is affine in its
 input, so swapping every block's attention for the affine map fitted on the same one-token inputs
 changes nothing when the ``attn`` pair is the attention module. Prints the largest logit change
 relative to the largest logit, and the share of top-1 tokens kept, under the model's own layout
@@ -19,7 +19,7 @@ import time
 import torch
 
 import lensmat
-from lensmat.submodules import one_token_attention_swap
+from lensmat.analyses.submodules import one_token_attention_swap
 
 
 def measure(model, ids: list[int]) -> tuple[float, float]:
@@ -33,9 +33,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="reference", help="any lensmat model spec (default: the bundled reference)")
     p.add_argument("--tokens", type=int, default=1024, help="random one-token inputs (default 1024)")
-    p.add_argument("--as-layout", default=None, help="also measure with this layout's pairs (see lensmat.swap.LAYOUTS)")
+    p.add_argument("--as-layout", default=None, help="also measure with this layout's pairs (see lensmat.analyses.swap.LAYOUTS)")
     args = p.parse_args()
-    swap = importlib.import_module("lensmat.swap")  # the module; `lensmat.swap` itself is the context manager
+    swap = importlib.import_module("lensmat.analyses.swap")  # the module; `lensmat.analyses.swap` itself is the context manager
     model = lensmat.load_model(args.model, device="cpu")
     ids = torch.randperm(int(model.cfg.d_vocab), generator=torch.Generator().manual_seed(0))[:args.tokens].tolist()
     own = swap.block_layout(model)

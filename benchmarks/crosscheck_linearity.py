@@ -43,8 +43,8 @@ def main() -> None:
 
     microscope = load_functions(args.site)
     import lensmat
-    from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
-    from lensmat.linearity import linearity_profile
+    from lensmat.stats.collect import collect, resid_hook, resid_hooks, run_capture
+    from lensmat.analyses.linearity import linearity_profile
 
     model = lensmat.load_model(args.model, device="cpu")
     heldout = lensmat.tokenized(model, split="heldout")

@@ -42,9 +42,9 @@ def main() -> None:
     from tuned_lens.nn import TunedLens as PackageTunedLens
 
     import lensmat
-    from lensmat.metrics import evaluate_lenses
+    from lensmat.lenses.metrics import evaluate_lenses
     from lensmat.models import reference_model_path
-    from lensmat.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
 
     torch.manual_seed(0)
     path = args.model or str(reference_model_path())

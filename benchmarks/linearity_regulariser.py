@@ -44,8 +44,8 @@ def main() -> None:
     args = p.parse_args()
 
     import lensmat
-    from lensmat.linearity import linearity_profile
-    from lensmat.pipeline import collect_layer_stats
+    from lensmat.analyses.linearity import linearity_profile
+    from lensmat.stats.pipeline import collect_layer_stats
 
     train = training_script()
     rows = {}

@@ -3,7 +3,7 @@ with the tensors left where safetensors puts them (the state before issue 37's f
 
 Collects ``h_0..h_L`` statistics (maps to the last layer) over the first ``--batches`` batches of the
 ``train`` split, checkpointing after ``--checkpoint-at`` of them, then resumes from that checkpoint:
-  owned   the shipped loader (``lensmat.io.owned``: every loaded tensor in PyTorch-allocated memory)
+  owned   the shipped loader (``lensmat.stats.artifacts.owned``: every loaded tensor in PyTorch-allocated memory)
   views   the same checkpoint read without it (tensors view the file buffer, as safetensors returns them)
 and prints the largest absolute difference of the Gram panels and of the sums from an uninterrupted
 run, and each loaded panel's address modulo 64 bytes. On CPUs whose BLAS adds into a misaligned
@@ -38,9 +38,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import lensmat
-    from lensmat import io
-    from lensmat.collect import collect, load_checkpoint, resid_hooks
-    from lensmat.statistics import pair_pattern
+    from lensmat.stats import artifacts as io
+    from lensmat.stats.collect import collect, load_checkpoint, resid_hooks
+    from lensmat.stats.gram import pair_pattern
 
     model = lensmat.load_model(args.model)
     corpus = lensmat.tokenized(model, split="train")

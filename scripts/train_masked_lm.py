@@ -11,7 +11,7 @@ find more than BERT's 15% helps), 80% of those replaced by ``[MASK]``, 10% by a 
 masked-LM head runs only there). The token and position embeddings start from the GPT-2
 reference model's (``--embeddings-from``); everything else starts random.
 
-The held-out numbers use lensmat's own masked protocol (``lensmat.data.Masking``): one random
+The held-out numbers use lensmat's own masked protocol (``lensmat.data.batches.Masking``): one random
 non-special position per line replaced by ``[MASK]``, scored against the original token.
 
     python scripts/train_masked_lm.py --data-dir ../shared/data --out lensmat/assets/masked_lm
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lensmat import data as lm_data
-from lensmat.metrics import masked_token_quality
+from lensmat.lenses.metrics import masked_token_quality
 from lensmat.models import reference_model_path
 from train_reference_model import add_training_args, pack_rows, save_run, train_loop, training_documents
 
@@ -81,7 +81,7 @@ def mask_rows(x: torch.Tensor, tok, fraction: float, gen: torch.Generator) -> tu
 
 
 def evaluate(model, tok, lines: list[str], max_length: int = 128, batch_size: int = 64, n_mask: int = 1) -> dict:
-    """Masked-token metrics with lensmat's protocol (`lensmat.metrics.masked_token_quality`)."""
+    """Masked-token metrics with lensmat's protocol (`lensmat.lenses.metrics.masked_token_quality`)."""
     seqs = lm_data.tokenize_with_specials(lines, tok, max_length)
     masking = lm_data.Masking.for_tokenizer(tok, n_mask=n_mask)
     return masked_token_quality(lambda t, m: model(input_ids=t, attention_mask=m).logits,

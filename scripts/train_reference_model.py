@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from lensmat import data as lm_data
-from lensmat.metrics import next_token_quality
+from lensmat.lenses.metrics import next_token_quality
 
 BOS = "<|endoftext|>"
 
@@ -129,7 +129,7 @@ def pack_rows(docs: list[str], tok, seq_len: int, seed: int, first: int | None =
 
 
 def evaluate(model, tok, lines: list[str], max_length: int = 128, batch_size: int = 64) -> dict:
-    """Held-out metrics exactly as lensmat measures them (`lensmat.metrics.next_token_quality`)."""
+    """Held-out metrics exactly as lensmat measures them (`lensmat.lenses.metrics.next_token_quality`)."""
     seqs = lm_data.tokenize(lines, tok, max_length)
     return next_token_quality(lambda t: model(t).logits, lm_data.batches(seqs, batch_size))
 

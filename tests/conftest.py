@@ -259,7 +259,7 @@ def write_tiny_llama_gguf(path, seed: int = 0, quant: str = "Q8_0", architecture
 def require_named_model(name: str):
     """The GGUF file of a named offline model (``smollm2-135m``, ``gemma3-270m``). In CI (``CI`` set) a
     missing package is a failure; elsewhere the test is skipped with the ``pip`` line that installs it."""
-    from lensmat.gguf_models import GGUFError, named_gguf
+    from lensmat.models.gguf import GGUFError, named_gguf
 
     try:
         return named_gguf(name)
@@ -281,7 +281,7 @@ def hf_twin(name: str):
     """The dequantized weights of a named offline model as a plain Hugging Face model (no bridge)."""
     from transformers import AutoModelForCausalLM
 
-    from lensmat.gguf_models import gguf_folder
+    from lensmat.models.gguf import gguf_folder
 
     return AutoModelForCausalLM.from_pretrained(gguf_folder(require_named_model(name))).eval()
 
@@ -298,9 +298,9 @@ def strict_json(path):
 
 def check_real_attention_swap(model, n_tokens: int = 1024) -> None:
     """On ``n_tokens`` random one-token inputs of a real model, the one-token attention swap
-    (:func:`lensmat.submodules.one_token_attention_swap`) moves no logit by 1e-4 of the largest and
+    (:func:`lensmat.analyses.submodules.one_token_attention_swap`) moves no logit by 1e-4 of the largest and
     keeps every top-1."""
-    from lensmat.submodules import one_token_attention_swap
+    from lensmat.analyses.submodules import one_token_attention_swap
 
     g = torch.Generator().manual_seed(0)
     plain, swapped = one_token_attention_swap(model, torch.randperm(int(model.cfg.d_vocab), generator=g)[:n_tokens].tolist())

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 import lensmat
-from lensmat.early_exit import early_exit
-from lensmat.generation import generate, greedy_reference
-from lensmat.linearity import linearity
-from lensmat.saturation import saturation
-from lensmat.submodules import one_token_attention_swap, submodules
-from lensmat.swap import block_layout, model_kinds, submodule_pair
+from lensmat.reports import early_exit
+from lensmat.analyses.generation import generate, greedy_reference
+from lensmat.reports import linearity
+from lensmat.reports import saturation
+from lensmat.analyses.submodules import one_token_attention_swap
+from lensmat.reports import submodules
+from lensmat.analyses.swap import block_layout, model_kinds, submodule_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import save_word_tokenizer, word_corpus  # noqa: E402

@@ -9,15 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat import io
-from lensmat.collect import collect, resid_hooks
-from lensmat.fit import LinearMap, MapSet, fit_layer_maps, fit_pairs
-from lensmat.importers import import_paper_maps
-from lensmat.io import ArtifactError
-from lensmat.jlens import JLens
+from lensmat.stats import artifacts as io
+from lensmat.stats.collect import collect, resid_hooks
+from lensmat.stats.fit import LinearMap, MapSet, fit_layer_maps, fit_pairs
+from lensmat.lenses.importers import import_paper_maps
+from lensmat.stats.artifacts import ArtifactError
+from lensmat.lenses.jacobian import JLens
 from lensmat.models import ModelMismatchError, describe
-from lensmat.submodules import groups_for, submodule_pairs
-from lensmat.tuned import TunedLens
+from lensmat.analyses.submodules import groups_for, submodule_pairs
+from lensmat.lenses.tuned import TunedLens
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_imported_matrices_must_be_finite_floats_given_once(model, tmp_path):
 def test_a_refused_torch_file_is_named_without_torch_s_advice_to_run_it(tmp_path):
     """torch's weights_only refusal advises loading with weights_only=False (which runs the file's code);
     lensmat's message keeps only the reason, in one line."""
-    from lensmat.importers import load_tensor_pickle
+    from lensmat.lenses.importers import load_tensor_pickle
 
     torch.save({"0.weight": _Opaque()}, tmp_path / "evil.pt")
     with pytest.raises(ArtifactError) as err:

@@ -117,19 +117,21 @@ def _lint_imports(root: Path, config: Path) -> subprocess.CompletedProcess:
 
 def test_the_layering_holds_and_every_module_is_in_a_layer():
     """pyproject.toml's import-linter contracts (the layering of docs/modules.md) hold on lensmat, and name
-    every module, so a new one must be placed in a layer."""
+    every top-level module and sub-package, so a new one must be placed in a layer."""
     import tomllib
 
     repo = Path(__file__).resolve().parents[1]
     contracts = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     layered = {m.strip().removeprefix("lensmat.") for row in contracts[0]["layers"] for m in row.split(":")}
-    assert layered | {"__init__"} == {p.stem for p in (repo / "lensmat").glob("*.py")}, "a module is in no layer"
+    top = {p.stem for p in (repo / "lensmat").glob("*.py")} | {p.parent.name for p in (repo / "lensmat").glob("*/__init__.py")}
+    assert layered | {"__init__"} == top, "a module or sub-package is in no layer"
     res = _lint_imports(repo, repo / "pyproject.toml")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("module, wrong", [("statistics", "from lensmat.cli import main"),  # up the layers
-                                           ("linearity", "from lensmat.compare import compare")])  # across analyses
+@pytest.mark.parametrize("module, wrong", [("stats/gram", "from lensmat.cli import main"),  # up the layers
+                                           ("lenses/base", "from lensmat.lenses.tuned import TunedLens"),  # up inside one
+                                           ("analyses/linearity", "from lensmat.analyses.compare import compare")])  # across analyses
 def test_the_layering_contracts_fail_on_a_wrong_import(tmp_path, module, wrong):
     """The contracts are not vacuous: a copy of the package (renamed, so the installed one cannot answer) with
     one wrong import breaks them."""
@@ -138,11 +140,17 @@ def test_the_layering_contracts_fail_on_a_wrong_import(tmp_path, module, wrong):
     repo = Path(__file__).resolve().parents[1]
     probe = tmp_path / "lensmat_probe"
     shutil.copytree(repo / "lensmat", probe, ignore=shutil.ignore_patterns("assets", "__pycache__"))
-    for path in probe.glob("*.py"):
+    for path in probe.rglob("*.py"):
         path.write_text(re.sub(r"\blensmat\b(?=[.\s])", "lensmat_probe", path.read_text()))
+    res = _lint_imports(tmp_path, _probe_config(repo, tmp_path))
+    assert res.returncode == 0, "the unchanged copy must keep the contracts: " + res.stdout + res.stderr
     target = probe / f"{module}.py"
     target.write_text(target.read_text() + "\n\ndef _wrong():\n    " + wrong.replace("lensmat", "lensmat_probe") + "\n")
+    res = _lint_imports(tmp_path, _probe_config(repo, tmp_path))
+    assert res.returncode != 0 and "BROKEN" in res.stdout, res.stdout + res.stderr
+
+
+def _probe_config(repo: Path, tmp_path: Path) -> Path:
     config = tmp_path / "pyproject.toml"
     config.write_text(re.sub(r"\blensmat\b(?=[.\s\"])", "lensmat_probe", (repo / "pyproject.toml").read_text()))
-    res = _lint_imports(tmp_path, config)
-    assert res.returncode != 0 and "BROKEN" in res.stdout, res.stdout + res.stderr
+    return config

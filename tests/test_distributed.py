@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model, random_token_batches  # noqa: E402
 
-from lensmat.distributed import shutdown  # noqa: E402
-from lensmat.fit import fit_layer_maps  # noqa: E402
-from lensmat.pipeline import Tokenized, collect_layer_stats  # noqa: E402
+from lensmat.stats.distributed import shutdown  # noqa: E402
+from lensmat.stats.fit import fit_layer_maps  # noqa: E402
+from lensmat.stats.pipeline import Tokenized, collect_layer_stats  # noqa: E402
 
 
 def corpus():

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from lensmat.early_exit import (LAMBDAS, SaturationProbe, confidence_curve, early_exit, exit_threshold, first_exit,
-                                fixed_exit, layers_saved, saturation_curves)
-from lensmat.generation import generate, greedy_reference
-from lensmat.lenses import LogitLens
-from lensmat.pipeline import Tokenized
-from lensmat.saturation import Rankings, collect_rankings
+from lensmat.analyses.early_exit import LAMBDAS, SaturationProbe, confidence_curve, exit_threshold, first_exit, fixed_exit, layers_saved, saturation_curves
+
+from lensmat.reports import early_exit
+from lensmat.analyses.generation import generate, greedy_reference
+from lensmat.lenses.base import LogitLens
+from lensmat.stats.pipeline import Tokenized
+from lensmat.analyses.saturation import Rankings, collect_rankings
 
 
 def random_rankings(n_layers=4, n=300, seed=0) -> tuple[Rankings, torch.Tensor]:
@@ -220,7 +221,7 @@ def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
     assert set(saved["saturation"]) == {"gap", "cosine", "probe", "oracle"}
     assert set(saved["saturation"]["gap"][0]) >= {"threshold", "precision@1", "accuracy", "speedup"}
     assert [row["layer"] for row in saved["fixed_exit"]["mat"]] == [1, 2, 3]
-    from lensmat.pipeline import tokenized
+    from lensmat.stats.pipeline import tokenized
 
     assert report["n_eval_tokens"] == tokenized(model, str(corpus), "heldout").n_tokens(400)
 
@@ -241,8 +242,8 @@ def test_blocks_after_an_exit_do_not_run_their_mlp(tiny_llama):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fast_readout_is_the_lens_readout(family, request):
-    from lensmat.generation import fast_readout
-    from lensmat.lenses import readout
+    from lensmat.analyses.generation import fast_readout
+    from lensmat.lenses.base import readout
 
     model, _, _ = request.getfixturevalue(family)
     h = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
@@ -253,8 +254,8 @@ def test_the_fast_readout_is_the_lens_readout(family, request):
 
 def test_generation_thresholds_use_the_simulated_curves_positions(tiny_gpt2, monkeypatch):
     """θ(t) with t = the input token's position after BOS (the first token after BOS is t = 0), as
-    :func:`lensmat.early_exit.positions` numbers the simulated curves' tokens."""
-    import lensmat.generation as generation
+    :func:`lensmat.analyses.early_exit.positions` numbers the simulated curves' tokens."""
+    import lensmat.analyses.generation as generation
 
     model, _, _ = tiny_gpt2
     seen = []
@@ -271,7 +272,7 @@ def test_generation_thresholds_use_the_simulated_curves_positions(tiny_gpt2, mon
 
 
 def test_a_probe_without_both_classes_is_left_out_with_a_warning(tiny_bert):
-    from lensmat.early_exit import ProbeDataError
+    from lensmat.analyses.early_exit import ProbeDataError
 
     with pytest.raises(ProbeDataError, match="no pair of its 4 tokens is saturated"):
         SaturationProbe().fit(torch.randn(4, 4, 3), torch.full((4,), 3))

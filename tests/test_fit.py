@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat.collect import ActivationError, collect, resid_hooks
-from lensmat.statistics import GramStats
-from lensmat.fit import IllConditionedWarning, LinearMap, fit_layer_maps, fit_map, r2, r2_matrices
+from lensmat.stats.collect import ActivationError, collect, resid_hooks
+from lensmat.stats.gram import GramStats
+from lensmat.stats.fit import IllConditionedWarning, LinearMap, fit_layer_maps, fit_map, r2, r2_matrices
 
 
 def stacked(model, batches, hooks):
@@ -68,7 +68,7 @@ def test_streaming_fit_equals_lstsq(setup, intercept):
 
 
 def test_float64_solution_equals_lstsq_to_1e8(setup):
-    from lensmat.fit import solve_spd
+    from lensmat.stats.fit import solve_spd
 
     _, _, hooks, stats, acts = setup
     X, Y = acts[hooks[0]], acts[hooks[3]]
@@ -160,7 +160,7 @@ def test_linear_map_applies_in_input_dtype():
 
 @pytest.mark.parametrize("pattern", ["to_last", "adjacent"])
 def test_block_statistics_equal_the_joint_grams_blocks(pattern):
-    from lensmat.statistics import pair_pattern
+    from lensmat.stats.gram import pair_pattern
 
     g = torch.Generator().manual_seed(4)
     hooks, dims = ("h0", "h1", "h2", "h3"), (5, 5, 5, 5)

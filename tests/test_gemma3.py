@@ -42,7 +42,7 @@ def test_bridge_logits_equal_hf_logits_past_the_sliding_window(gemma, gemma_hf):
 
 @torch.no_grad()
 def test_generation_past_the_window_equals_hugging_face_greedy_decoding(gemma, gemma_hf):
-    from lensmat.generation import generate
+    from lensmat.analyses.generation import generate
 
     prompt = long_prompt(gemma, 520)  # the cache crosses the 512-token window while decoding
     ours = generate(gemma, None, prompt, 16)
@@ -65,7 +65,7 @@ def test_compare_is_exact_at_L_and_mat_beats_logit(gemma, tmp_path):
 
 
 def test_every_command_runs_on_small_budgets(gemma, tmp_path):
-    from lensmat.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensConfig
 
     runs = {
         "compare": lambda out: lensmat.compare(gemma, lenses="logit,mat,mat-affine,tuned,jacobian", max_fit_tokens=1_000,

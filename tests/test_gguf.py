@@ -8,7 +8,7 @@ import torch
 
 import lensmat
 from conftest import write_tiny_llama_gguf
-from lensmat.gguf_models import NAMED_MODELS, SOURCE_FILE, cache_dir, file_sha256
+from lensmat.models.gguf import NAMED_MODELS, SOURCE_FILE, cache_dir, file_sha256
 from lensmat.models import ModelLoadError, ModelMismatchError
 
 
@@ -60,7 +60,7 @@ def test_the_second_load_reads_the_cache_without_dequantizing(tmp_path, cache, m
 
 def test_an_interrupted_cache_entry_is_rebuilt(tmp_path, cache):
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    folder = lensmat.gguf_models.gguf_folder(path)
+    folder = lensmat.models.gguf.gguf_folder(path)
     (folder / SOURCE_FILE).unlink()  # as if killed before the folder was complete
     (folder / "model.safetensors").write_bytes(b"")
     model = lensmat.load_model(path, device="cpu")
@@ -68,7 +68,7 @@ def test_an_interrupted_cache_entry_is_rebuilt(tmp_path, cache):
 
 
 def test_maps_record_the_gguf_source_and_refuse_another_file(tmp_path, cache):
-    from lensmat.pipeline import Tokenized, collect_layer_stats, maps_from_stats
+    from lensmat.stats.pipeline import Tokenized, collect_layer_stats, maps_from_stats
 
     model = lensmat.load_model(write_tiny_llama_gguf(tmp_path / "a.gguf"), device="cpu")
     g = torch.Generator().manual_seed(0)

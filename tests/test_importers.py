@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lensmat import io as lm_io
-from lensmat.importers import UnsafePickleError, import_paper_maps, load_tensor_pickle
+from lensmat.stats import artifacts as lm_io
+from lensmat.lenses.importers import UnsafePickleError, import_paper_maps, load_tensor_pickle
 
 
 class Evil:

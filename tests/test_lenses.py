@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat import io
-from lensmat.collect import collect, resid_hooks
+from lensmat.stats import artifacts as io
+from lensmat.stats.collect import collect, resid_hooks
 from lensmat.data import pad
-from lensmat.fit import MapSet, fit_layer_maps
-from lensmat.lenses import LogitLens, MatLens
-from lensmat.metrics import evaluate_lenses
+from lensmat.stats.fit import MapSet, fit_layer_maps
+from lensmat.lenses.base import LogitLens, MatLens
+from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import ModelMismatchError, describe
 
 
@@ -138,7 +138,7 @@ def test_length_one_lines_are_scored_without_next_token(fitted):
 def test_top_predictions_and_table(tiny_gpt2):
     import torch
 
-    from lensmat.lenses import LogitLens, predictions_table, top_predictions
+    from lensmat.lenses.base import LogitLens, predictions_table, top_predictions
 
     model, _, _ = tiny_gpt2
     preds = top_predictions(model, {"logit": LogitLens(model)}, "w1 w4 w7", k=5)
@@ -158,7 +158,7 @@ def test_non_finite_logits_are_counted_not_scored_as_misses():
     import warnings
 
     from lensmat.data import pad
-    from lensmat.metrics import LensScores, NonFiniteWarning, Reference
+    from lensmat.lenses.metrics import LensScores, NonFiniteWarning, Reference
 
     g = torch.Generator().manual_seed(0)
     batch = pad([[0] + torch.randint(1, 20, (7,), generator=g).tolist() for _ in range(3)])
@@ -188,7 +188,7 @@ def test_non_finite_logits_are_counted_not_scored_as_misses():
 def test_reports_are_strict_json_with_non_finite_values_listed(tmp_path):
     import json
 
-    from lensmat.run import write_report
+    from lensmat.reports.writing import write_report
 
     with pytest.warns(RuntimeWarning, match="2 NaN/Inf"):
         write_report({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}, tmp_path)

@@ -4,10 +4,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_token_batches
 
-from lensmat.collect import collect, resid_hook, resid_hooks, run_capture
-from lensmat.statistics import GramStats, pair_pattern
-from lensmat.linearity import (block_maps, evaluate_pruning, heldout_linearity_score, linearity_profile,
-                               linearity_score, norm_ratio, pooled_cosine)
+from lensmat.stats.collect import collect, resid_hook, resid_hooks, run_capture
+from lensmat.stats.gram import GramStats, pair_pattern
+from lensmat.analyses.linearity import block_maps, evaluate_pruning, heldout_linearity_score, linearity_profile, linearity_score, norm_ratio, pooled_cosine
 
 
 def stats_of(x: torch.Tensor, y: torch.Tensor, chunks: int = 3) -> GramStats:
@@ -198,7 +197,7 @@ def test_pruning_matches_a_hand_made_skip(tiny_model):
 def test_checkpoint_models_are_ordered_by_tokens_seen(tmp_path):
     import json
 
-    from lensmat.linearity import checkpoint_models, tokens_seen
+    from lensmat.analyses.linearity import checkpoint_models, tokens_seen
 
     for n in (1000, 0, 250):
         folder = tmp_path / "checkpoints" / f"tokens-{n}"
@@ -218,7 +217,7 @@ def test_linearity_over_models_equals_each_models_own_report(reference_model, tm
     import json
 
     import lensmat
-    from lensmat.linearity import linearity, linearity_over_models
+    from lensmat.reports import linearity, linearity_over_models
 
     twin = lensmat.load_model(random_init=0, device="cpu")
     budget = dict(max_fit_tokens=1_500, max_eval_tokens=200, max_k=1, progress=False)

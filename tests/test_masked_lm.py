@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lensmat import data
-from lensmat.collect import resid_hook, resid_hooks
-from lensmat.compare import compare
-from lensmat.fit import IllConditionedWarning
-from lensmat.lenses import LogitLens, MatLens, top_predictions
-from lensmat.metrics import evaluate_lenses
+from lensmat.stats.collect import resid_hook, resid_hooks
+from lensmat.reports import compare
+from lensmat.stats.fit import IllConditionedWarning
+from lensmat.lenses.base import LogitLens, MatLens, top_predictions
+from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import is_masked_lm, mlm_head
-from lensmat.pipeline import collect_layer_stats, fit_maps, maps_from_stats, tokenized
+from lensmat.stats.pipeline import collect_layer_stats, fit_maps, maps_from_stats, tokenized
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +134,14 @@ def test_compare_runs_the_masked_protocol(tiny_bert, tmp_path):
     for lenses in ("logit,tuned", "mat-tuned"):
         with pytest.raises(ValueError, match="next-token prediction"):
             compare(model, str(corpus), lenses=lenses, progress=False)
-    from lensmat.trajectory import trajectory_report
+    from lensmat.reports import trajectory_report
 
     with pytest.raises(ValueError, match=r"\['mat-tuned'\] are trained on next-token prediction"):
         trajectory_report(model, "w1 w4 w7", str(corpus), lenses="logit,mat-tuned", progress=False)
 
 
 def test_the_tuned_lens_refuses_a_masked_lm(tiny_bert):
-    from lensmat.tuned import train_tuned_lens
+    from lensmat.lenses.tuned import train_tuned_lens
 
     model, _, corpus = tiny_bert
     with pytest.raises(ValueError, match="masked LM"):
@@ -149,8 +149,8 @@ def test_the_tuned_lens_refuses_a_masked_lm(tiny_bert):
 
 
 def test_early_exit_and_saturation_refuse_next_token_lenses_on_a_masked_lm(tiny_bert):
-    from lensmat.early_exit import early_exit
-    from lensmat.saturation import saturation
+    from lensmat.reports import early_exit
+    from lensmat.reports import saturation
 
     model, _, corpus = tiny_bert
     for run, wrong in ((lambda: early_exit(model, str(corpus), lenses="logit,tuned", progress=False), "tuned"),
@@ -201,7 +201,7 @@ def hf_masked_top1(hf_bert, corpus) -> tuple[list[tuple[int, int]], list[int], l
 
 
 def test_rankings_are_at_the_masked_positions_and_target_the_original_tokens(tiny_bert, masked_heldout):
-    from lensmat.saturation import collect_rankings
+    from lensmat.analyses.saturation import collect_rankings
 
     model, _, _ = tiny_bert
     c = masked_heldout
@@ -220,8 +220,8 @@ def test_rankings_are_at_the_masked_positions_and_target_the_original_tokens(tin
 
 def test_the_oracle_exit_emits_the_models_own_top1_at_the_masked_positions(tiny_bert, hf_bert, masked_heldout,
                                                                            tiny_bert_maps):
-    from lensmat.early_exit import emitted_tokens, saturation_curves
-    from lensmat.saturation import collect_rankings, saturation_layers
+    from lensmat.analyses.early_exit import emitted_tokens, saturation_curves
+    from lensmat.analyses.saturation import collect_rankings, saturation_layers
 
     model, _, _ = tiny_bert
     L = int(model.cfg.n_layers)
@@ -240,8 +240,8 @@ def test_the_oracle_exit_emits_the_models_own_top1_at_the_masked_positions(tiny_
 def test_confidence_exit_on_a_masked_lm_uses_t_3_and_never_exiting_costs_L(tiny_bert, masked_heldout, tiny_bert_maps):
     import math
 
-    from lensmat.early_exit import LAMBDAS, confidence_curve
-    from lensmat.saturation import collect_rankings
+    from lensmat.analyses.early_exit import LAMBDAS, confidence_curve
+    from lensmat.analyses.saturation import collect_rankings
 
     model, _, _ = tiny_bert
     L = int(model.cfg.n_layers)
@@ -266,7 +266,7 @@ def test_confidence_exit_on_a_masked_lm_uses_t_3_and_never_exiting_costs_L(tiny_
 def test_implants_run_the_whole_masked_line(tiny_bert, masked_heldout, monkeypatch):
     import importlib
 
-    saturation = importlib.import_module("lensmat.saturation")  # the module (lensmat.saturation is also the function)
+    saturation = importlib.import_module("lensmat.analyses.saturation")  # the module (lensmat.analyses.saturation is also the function)
     model, _, _ = tiny_bert
     c, lens, L = masked_heldout, LogitLens(model), int(model.cfg.n_layers)
     r = saturation.collect_rankings(model, lens, c, k=1, batch_size=4, progress=False)
@@ -297,8 +297,8 @@ def test_implants_run_the_whole_masked_line(tiny_bert, masked_heldout, monkeypat
 
 
 def test_linearity_of_a_masked_lm_is_scored_at_the_masked_positions(tiny_bert, hf_bert):
-    from lensmat.linearity import linearity
-    from lensmat.metrics import masked_token_quality
+    from lensmat.reports import linearity
+    from lensmat.lenses.metrics import masked_token_quality
 
     model, _, corpus = tiny_bert
     L = int(model.cfg.n_layers)
@@ -336,7 +336,7 @@ def test_linearity_of_a_masked_lm_is_scored_at_the_masked_positions(tiny_bert, h
 def test_submodule_maps_are_fitted_at_every_position_of_the_masked_lines(tiny_bert):
     """A swapped module replaces every position, so its map is fitted on all of them (the masked
     lines as the model reads them); the scores and the mat lens stay at the masked positions."""
-    from lensmat.submodules import submodules
+    from lensmat.reports import submodules
 
     model, _, corpus = tiny_bert
     with pytest.warns(IllConditionedWarning):  # h_0 at [MASK], in the mat fits
@@ -392,7 +392,7 @@ def test_bundled_masked_lm_matches_hf_and_its_model_card():
     from transformers import BertForMaskedLM
 
     import lensmat
-    from lensmat.metrics import masked_token_quality
+    from lensmat.lenses.metrics import masked_token_quality
     from lensmat.models import reference_model_path
 
     model = lensmat.load_model("masked-lm", device="cpu")

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from lensmat.collect import parse_sites, resid_hook, site_hooks
-from lensmat.compare import compare, format_table
-from lensmat.lenses import LogitLens, MatLens
-from lensmat.metrics import evaluate_lenses
-from lensmat.pipeline import collect_layer_stats, maps_from_stats, tokenized
+from lensmat.stats.collect import parse_sites, resid_hook, site_hooks
+from lensmat.analyses.compare import format_table
+from lensmat.reports import compare
+from lensmat.lenses.base import LogitLens, MatLens
+from lensmat.lenses.metrics import evaluate_lenses
+from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats, tokenized
 
 
 def test_sites_parse_and_refuse_unknown_names():

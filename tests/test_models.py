@@ -3,7 +3,7 @@ import torch
 
 import lensmat
 from lensmat import data, models
-from lensmat.metrics import next_token_quality
+from lensmat.lenses.metrics import next_token_quality
 
 
 def test_unknown_hub_name_offline_gives_one_clear_error():

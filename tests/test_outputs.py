@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat import cli, io, outputs
-from lensmat.collect import collect, resid_hooks
-from lensmat.fit import MapSet, fit_layer_maps
+from lensmat import cli, outputs
+from lensmat.stats import artifacts as io
+from lensmat.stats.collect import collect, resid_hooks
+from lensmat.stats.fit import MapSet, fit_layer_maps
 from lensmat.models import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def test_fit_without_out_is_a_usage_error(capsys):
 # ---- item 7: one error surface --------------------------------------------------------------------------------
 
 def test_expected_failures_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):
-    from lensmat import pipeline
+    from lensmat.stats import pipeline
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "maps"))
@@ -270,7 +271,7 @@ def test_expected_failures_are_one_line_without_traceback(tmp_path, monkeypatch,
 
 
 def test_an_unexpected_exception_keeps_its_traceback_and_asks_for_a_report(tmp_path, monkeypatch, capsys):
-    from lensmat import pipeline
+    from lensmat.stats import pipeline
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -310,9 +311,9 @@ def test_ctrl_c_during_fit_exits_130_with_the_resume_command(tmp_path):
 
 
 def test_the_python_api_refuses_impossible_settings_too():
-    from lensmat.early_exit import layers_saved
-    from lensmat.saturation import order_test
-    from lensmat.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.analyses.early_exit import layers_saved
+    from lensmat.analyses.saturation import order_test
+    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
 
     model = make_tiny_model()
     stats = collect(model, random_token_batches(2, 4, 10, 40), [resid_hooks(3)], progress=False)[0]

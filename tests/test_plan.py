@@ -10,10 +10,10 @@ import torch
 from conftest import make_tiny_model, random_token_batches
 
 import lensmat
-from lensmat.collect import collect, resid_hooks, site_hooks
-from lensmat.plan import MemoryPlanError, ModelShape, plan, resolve_stats_device, shape_from_config
-from lensmat.statistics import GramStats, pair_pattern, stats_nbytes
-from lensmat.submodules import groups_for, submodule_pairs
+from lensmat.stats.collect import collect, resid_hooks, site_hooks
+from lensmat.stats.plan import MemoryPlanError, ModelShape, plan, resolve_stats_device, shape_from_config
+from lensmat.stats.gram import GramStats, pair_pattern, stats_nbytes
+from lensmat.analyses.submodules import groups_for, submodule_pairs
 
 
 @pytest.mark.parametrize("pattern", ["to_last", "adjacent", "all"])
@@ -124,7 +124,7 @@ def test_a_synthetic_12x768_run_keeps_memory_flat_in_tokens(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import resource, sys, torch\n"
-        "from lensmat.statistics import GramStats, pair_pattern\n"
+        "from lensmat.stats.gram import GramStats, pair_pattern\n"
         "n = int(sys.argv[1]); torch.manual_seed(0)\n"
         "st = GramStats(tuple(map(str, range(13))), (768,) * 13, pairs=pair_pattern(13, 'to_last'))\n"
         "for _ in range(n // 128):\n"

@@ -5,11 +5,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_token_batches
-from lensmat.statistics import GramStats
+from lensmat.stats.gram import GramStats
 from lensmat.data import pad
-from lensmat.fit import fit_map, r2
-from lensmat.lenses import LogitLens
-from lensmat.metrics import evaluate_lenses
+from lensmat.stats.fit import fit_map, r2
+from lensmat.lenses.base import LogitLens
+from lensmat.lenses.metrics import evaluate_lenses
 
 
 @settings(max_examples=40, deadline=None)

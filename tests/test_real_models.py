@@ -13,7 +13,7 @@ import torch
 
 import lensmat
 from conftest import check_real_attention_swap, hf_twin, load_named_model, require_named_model, strict_json
-from lensmat.gguf_models import named_gguf
+from lensmat.models.gguf import named_gguf
 
 pytestmark = pytest.mark.real_model
 NAME = "smollm2-135m"
@@ -61,7 +61,7 @@ def test_bridge_logits_equal_hf_logits_and_the_gguf_provenance_is_recorded(smol,
     info = lensmat.describe(smol)
     assert (info.n_layers, info.d_model, info.d_vocab) == (30, 576, 49152)
     assert info.source["architecture"] == "llama" and "Q4_1" in info.source["quantization"]
-    assert info.source["sha256"] == __import__("lensmat.gguf_models").gguf_models.file_sha256(gguf)
+    assert info.source["sha256"] == __import__("lensmat.models.gguf").gguf_models.file_sha256(gguf)
 
 
 def test_compare_reads_every_layer_and_mat_beats_logit(smol_compare):
@@ -85,13 +85,13 @@ def test_saved_maps_round_trip_and_refuse_another_model(smol, tmp_path):
     for key, m in maps.maps.items():
         assert torch.equal(loaded.maps[key].W, m.W)
     assert json.loads((path / "meta.json").read_text())["model"]["source"]["quantization"]
-    with pytest.raises(lensmat.models.ModelMismatchError, match="d_model"):
+    with pytest.raises(lensmat.models.identity.ModelMismatchError, match="d_model"):
         lensmat.load_maps(path, lensmat.load_model(device="cpu"))
 
 
 @torch.no_grad()
 def test_generation_without_exit_equals_hugging_face_greedy_decoding(smol, smol_hf):
-    from lensmat.generation import generate
+    from lensmat.analyses.generation import generate
 
     for text in ("The capital of France is", "Once upon a time, there was a little",
                  "In 1905, Albert Einstein published"):
@@ -103,7 +103,7 @@ def test_generation_without_exit_equals_hugging_face_greedy_decoding(smol, smol_
 
 
 def test_generation_with_exits_keeps_the_cache_complete(smol):
-    from lensmat.generation import generate
+    from lensmat.analyses.generation import generate
 
     prompt = [smol.tokenizer.bos_token_id] + smol.tokenizer("The capital of France is").input_ids
     out = generate(smol, lensmat.LogitLens(smol), prompt, 12, lam=0.2, n_mean=16)
@@ -113,7 +113,7 @@ def test_generation_with_exits_keeps_the_cache_complete(smol):
 def test_every_command_runs_on_small_budgets(smol, tmp_path):
     """Every command on SmolLM2 with small budgets; strict-JSON, finite reports (the composed RMSNorm
     swaps of `submodules` diverge to NaN on this model: those layers must be null and counted)."""
-    from lensmat.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensConfig
 
     reports = {
         "compare": lensmat.compare(smol, lenses="logit,mat,mat-affine,tuned,jacobian", max_fit_tokens=1_500,
@@ -163,8 +163,8 @@ def test_a_fit_resumed_from_a_misaligned_checkpoint_is_bit_identical_and_a_chang
                                                                                                     monkeypatch):
     """Issues 37 and 28 on the real model: the resumed statistics equal the uninterrupted ones bit for bit even when
     safetensors hands the checkpoint back misaligned, and a resume with another batch size names the difference."""
-    from lensmat import io
-    from lensmat.pipeline import collect_layer_stats
+    from lensmat.stats import artifacts as io
+    from lensmat.stats.pipeline import collect_layer_stats
     from test_reliability import MisalignedSafeOpen, is_owned
 
     corpus = lensmat.tokenized(smol, split="train")

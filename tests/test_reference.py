@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lensmat
-from lensmat.pipeline import collect_layer_stats, maps_from_stats
-from lensmat.tuned import TunedLensConfig, train_tuned_lens
+from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
+from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
 
 pytestmark = pytest.mark.slow
 

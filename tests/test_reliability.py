@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat import io
-from lensmat.collect import collect, resid_hooks
-from lensmat.fit import MapSet, fit_layer_maps
-from lensmat.lenses import LogitLens, MatLens
-from lensmat.metrics import evaluate_lenses
+from lensmat.stats import artifacts as io
+from lensmat.stats.collect import collect, resid_hooks
+from lensmat.stats.fit import MapSet, fit_layer_maps
+from lensmat.lenses.base import LogitLens, MatLens
+from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import ModelMismatchError, describe
 
 @pytest.mark.parametrize("kill_after", [3, 5, 11])  # batches run before the kill; checkpoints every 2
@@ -23,7 +23,7 @@ def test_killed_fit_resumes_to_identical_statistics(tmp_path, kill_after):
         import os, sys
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
         from conftest import make_tiny_model, random_token_batches
-        from lensmat.collect import collect, resid_hooks
+        from lensmat.stats.collect import collect, resid_hooks
         model = make_tiny_model()
         batches = random_token_batches(12, 4, 12, 40, seed=0)
         def die(act, hook, count=[0]):
@@ -117,7 +117,7 @@ def test_every_loader_hands_back_owned_aligned_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "safe_open", MisalignedSafeOpen)
     loaded = io.load_maps(tmp_path / "maps")
     assert all(is_owned(m.W) and is_owned(m.b) for m in loaded.maps.values())
-    from lensmat.importers import load_tensor_pickle
+    from lensmat.lenses.importers import load_tensor_pickle
 
     import pickle
 
@@ -195,7 +195,7 @@ def test_float32_maps_work_on_a_bfloat16_model():
 def test_fingerprint_of_an_unembedding_past_2_24_entries():
     """GPT-2 small's 768 x 50,257 and SmolLM2's 576 x 49,152 unembeddings: float32 linspace rounded
     the last index past the end; the indices are now exact and include both ends."""
-    from lensmat.models import _fingerprint
+    from lensmat.models.identity import _fingerprint
 
     W = torch.arange(576 * 49152, dtype=torch.float32).reshape(576, 49152) / 1e6
     fp = _fingerprint(W)
@@ -205,7 +205,7 @@ def test_fingerprint_of_an_unembedding_past_2_24_entries():
 
 @torch.no_grad()
 def test_maps_saved_with_the_legacy_fingerprint_still_load_on_another_dtype(tmp_path):
-    from lensmat.models import _fingerprint
+    from lensmat.models.identity import _fingerprint
 
     model = make_tiny_model()
     stats = collect(model, random_token_batches(2, 4, 10, 40), [resid_hooks(3)], progress=False)[0]

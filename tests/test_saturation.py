@@ -5,13 +5,11 @@ import pytest
 import torch
 from conftest import random_token_batches
 
-from lensmat.lenses import LogitLens
-from lensmat.pipeline import Tokenized
+from lensmat.lenses.base import LogitLens
+from lensmat.stats.pipeline import Tokenized
 import numpy as np
 
-from lensmat.saturation import (collect_rankings, implant, implant_pairs, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test,
-                                pooled_probe, pooled_probe_data, probe_accuracy, saturation_layers, strict_kendall_tau,
-                                task_labels)
+from lensmat.analyses.saturation import collect_rankings, implant, implant_pairs, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test, pooled_probe, pooled_probe_data, probe_accuracy, saturation_layers, strict_kendall_tau, task_labels
 
 
 def test_saturation_layers_on_hand_built_rankings():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lensmat import data
-from lensmat.collect import resid_hook
-from lensmat.compare import compare
-from lensmat.pipeline import collect_layer_stats, maps_from_stats, tokenized
+from lensmat.stats.collect import resid_hook
+from lensmat.reports import compare
+from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats, tokenized
 
 PAPER = data.Scoring("one-random", bos=False, seed=3)
 

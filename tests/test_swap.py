@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, random_token_batches
-from lensmat.collect import collect, resid_hooks
+from lensmat.stats.collect import collect, resid_hooks
 from lensmat.data import pad
-from lensmat.fit import MapSet, fit_pairs
+from lensmat.stats.fit import MapSet, fit_pairs
 from lensmat.models import describe
-from lensmat.submodules import evaluate_swaps, groups_for, submodule_pairs
-from lensmat.swap import submodule_pair, swap, swap_hooks
+from lensmat.analyses.submodules import evaluate_swaps, groups_for, submodule_pairs
+from lensmat.analyses.swap import submodule_pair, swap, swap_hooks
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lensmat
-from lensmat.lenses import LogitLens, MatLens, top_predictions
-from lensmat.pipeline import fit_maps
-from lensmat.trajectory import STATISTICS, Trajectory, trajectory
+from lensmat.lenses.base import LogitLens, MatLens, top_predictions
+from lensmat.stats.pipeline import fit_maps
+from lensmat.analyses.trajectory import STATISTICS, Trajectory, trajectory
 
 from conftest import strict_json
 
@@ -82,7 +82,7 @@ def test_the_last_layer_is_the_model_for_every_lens(traj, tiny_gpt2):
 
 def test_mat_lens_ranks_and_entropy_from_run_with_cache(traj, gpt2_lenses):
     """The mat lens's cells recomputed from activations captured by run_with_cache on the same ids."""
-    from lensmat.collect import resid_hook
+    from lensmat.stats.collect import resid_hook
 
     model, lenses = gpt2_lenses
     _, cache = model.run_with_cache(torch.tensor([IDS]))
@@ -181,7 +181,7 @@ def test_an_uncovered_layer_shows_the_model(tiny_gpt2):
 
 def test_a_mid_site_lens_reads_resid_mid(tiny_gpt2):
     """A lens of site ``mid`` reads ``blocks.{l}.hook_resid_mid`` at l < L and shows the model at L."""
-    from lensmat.lenses import readout
+    from lensmat.lenses.base import readout
 
     model = tiny_gpt2[0]
     t = trajectory(model, {"mid": LogitLens(model, site="mid")}, TEXT, k=2)
@@ -194,7 +194,7 @@ def test_a_mid_site_lens_reads_resid_mid(tiny_gpt2):
     np.testing.assert_allclose(t.kl[0, L], 0.0, atol=1e-9)
 
 
-@pytest.mark.filterwarnings("ignore::lensmat.fit.IllConditionedWarning")  # 84 fit tokens, d = 32
+@pytest.mark.filterwarnings("ignore::lensmat.stats.fit.IllConditionedWarning")  # 84 fit tokens, d = 32
 def test_masked_lm_target_is_the_token_itself(tiny_bert):
     from transformers import BertForMaskedLM
 
@@ -215,7 +215,7 @@ def test_masked_lm_target_is_the_token_itself(tiny_bert):
 
 
 def test_trajectory_is_in_the_plan():
-    from lensmat.plan import COMMANDS, ModelShape, plan
+    from lensmat.stats.plan import COMMANDS, ModelShape, plan
 
     shape = ModelShape("m", 4, 16, 40)
     assert "trajectory" in COMMANDS

@@ -5,14 +5,14 @@ import torch
 
 from conftest import make_tiny_model, random_token_batches
 from lensmat import data
-from lensmat.collect import collect, resid_hooks
-from lensmat.fit import MapSet, fit_layer_maps
-from lensmat.jlens import JLens
-from lensmat.lenses import LogitLens, MatLens
-from lensmat.metrics import evaluate_lenses
+from lensmat.stats.collect import collect, resid_hooks
+from lensmat.stats.fit import MapSet, fit_layer_maps
+from lensmat.lenses.jacobian import JLens
+from lensmat.lenses.base import LogitLens, MatLens
+from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import ModelMismatchError, describe
-from lensmat.pipeline import Tokenized
-from lensmat.tuned import TunedLens, TunedLensConfig, train_tuned_lens
+from lensmat.stats.pipeline import Tokenized
+from lensmat.lenses.tuned import TunedLens, TunedLensConfig, train_tuned_lens
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_affine_mat_lens_equals_affine_least_squares(model):
 
 
 def test_jlens_provenance_counts_the_positions_transformer_lens_averages(tiny_llama, tmp_path):
-    from lensmat.jlens import fit_jlens
+    from lensmat.lenses.jacobian import fit_jlens
 
     model = tiny_llama[0]
     words = [5, 30, 17, 3, 40]  # the first five train lines; each becomes BOS + its words
@@ -133,8 +133,8 @@ def test_jlens_provenance_counts_the_positions_transformer_lens_averages(tiny_ll
 
 def test_layerwise_backward_gives_the_gradient_of_the_summed_kl(model):
     """kl_backward back-propagates one layer at a time; the result must be the summed loss's gradient."""
-    from lensmat.collect import run_capture
-    from lensmat.tuned import kl_backward
+    from lensmat.stats.collect import run_capture
+    from lensmat.lenses.tuned import kl_backward
 
     batch = random_token_batches(1, 4, 12, 40, seed=7)[0]
     hooks = resid_hooks(3)[:-1]

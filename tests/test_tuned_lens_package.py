@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lensmat.collect import resid_hooks
-from lensmat.io import ArtifactError
-from lensmat.lenses import LogitLens
+from lensmat.stats.collect import resid_hooks
+from lensmat.stats.artifacts import ArtifactError
+from lensmat.lenses.base import LogitLens
 from lensmat.models import ModelMismatchError
-from lensmat.tuned import TunedLens, package_unembed_hash
+from lensmat.lenses.tuned import TunedLens, package_unembed_hash
 
 INSTALL = "pip install --no-deps tuned-lens==0.2.0 simple-parsing flatten-dict docstring-parser"
 

@@ -1,0 +1,265 @@
+"""The prediction trajectory of one text: what every lens reads at every layer and position.
+
+:func:`trajectory` runs one text through the model once (:func:`~lensmat.lenses.base.layer_logits`, the
+readout :func:`~lensmat.lenses.base.top_predictions` shares) and keeps, per (lens, layer ``l`` = 0..L,
+position), the lens's top-``k`` tokens and probabilities and four statistics (:data:`STATISTICS`):
+
+- ``p_final_top1``: the probability the lens gives to the model's own final top-1 token there;
+- ``entropy``: the entropy of the lens's distribution [nats];
+- ``kl``: ``KL(p_final ‖ p_lens)`` [nats], ``p_final`` the model's output distribution there;
+- ``target_rank``: the rank of the target token in the lens's distribution (0 = its top-1): the
+  next token for a causal model (none at the last position), the token at the position itself for
+  a masked LM, as in lensmat's masked protocol (none at a ``[MASK]``, whose original the text hides).
+  Missing values are NaN.
+
+A lens that does not cover a layer (``lens.covers(layer)`` False, e.g. the J-lens at ``L``) shows
+the model's own output there, and :attr:`Trajectory.covered` says so. :class:`Trajectory` turns into
+a per-cell table (:meth:`~Trajectory.frame`, :meth:`~Trajectory.to_csv`) and a layer × position
+heatmap per lens (:meth:`~Trajectory.plot`). :func:`trajectory_report` is the ``lensmat trajectory``
+command: fit the lenses on the train split, read the text, write ``trajectory.png``,
+``trajectory.csv`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+
+from lensmat.lenses.base import Lens, encode_text, layer_logits
+from lensmat.models import describe, is_masked_lm
+
+STATISTICS = {
+    "p_final_top1": "probability of the model's final top-1 token",
+    "entropy": "entropy of the lens distribution [nats]",
+    "kl": "KL(p_final ‖ p_lens) [nats]",
+    "target_rank": "rank of the target token (0 = top-1)",
+}
+
+
+def check_statistic(statistic: str) -> str:
+    if statistic not in STATISTICS:
+        raise ValueError(f"Unknown statistic {statistic!r}; valid statistics: {', '.join(STATISTICS)}.")
+    return statistic
+
+
+@dataclass
+class Trajectory:
+    """Every lens's readout of one text at every layer and position (see the module docstring).
+
+    Arrays are indexed ``[lens, layer, position]`` in the order of :attr:`lenses`, layers 0..L,
+    positions over :attr:`tokens` (BOS or ``[CLS]``/``[SEP]`` included); statistics are float64.
+    """
+
+    model: str
+    text: str
+    masked: bool  # a masked LM: the lens predicts the token at each position itself
+    lenses: list[str]
+    ids: Int[np.ndarray, "pos"]
+    tokens: list[str]  # decoded input tokens
+    target_ids: Int[np.ndarray, "pos"]  # -1 where there is no target
+    final_top1: Int[np.ndarray, "pos"]  # the model's own top-1 token
+    top_ids: Int[np.ndarray, "lens layer pos k"]
+    top_probs: Float[np.ndarray, "lens layer pos k"]
+    p_final_top1: Float[np.ndarray, "lens layer pos"]
+    entropy: Float[np.ndarray, "lens layer pos"]  # nats
+    kl: Float[np.ndarray, "lens layer pos"]  # nats
+    target_rank: Float[np.ndarray, "lens layer pos"]  # 0 = top-1; NaN where there is no target
+    covered: Bool[np.ndarray, "lens layer"]  # False: the model's own output is shown there
+    vocab: dict[int, str]  # decoded text of every token id in ids, target_ids, final_top1 and top_ids
+
+    @property
+    def n_layers(self) -> int:
+        return self.top_ids.shape[1] - 1
+
+    @property
+    def k(self) -> int:
+        return self.top_ids.shape[3]
+
+    def statistic(self, name: str) -> Float[np.ndarray, "lens layer pos"]:
+        """The array of the statistic ``name`` (one of :data:`STATISTICS`)."""
+        return getattr(self, check_statistic(name))
+
+    def _lens_index(self, lenses: list[str] | None) -> list[int]:
+        names = list(self.lenses) if lenses is None else [lenses] if isinstance(lenses, str) else list(lenses)
+        unknown = [n for n in names if n not in self.lenses]
+        if unknown or not names:
+            raise ValueError(f"Lens(es) {unknown or names} are not in this trajectory; it holds {', '.join(self.lenses)}.")
+        return [self.lenses.index(n) for n in names]
+
+    def top1_tokens(self, lens: str) -> list[list[str]]:
+        """The lens's top-1 token text per cell, ``[layer][position]``."""
+        i = self._lens_index([lens])[0]
+        return [[self.vocab[int(t)] for t in row] for row in self.top_ids[i, :, :, 0]]
+
+    def frame(self):
+        """A pandas DataFrame, one row per (lens, layer, position), lens-major: ``lens, layer, position,
+        token`` (the input token), ``target`` (None where there is none), ``final_top1`` (the model's),
+        ``covered``, ``top1_token, top1_prob, ..., top{k}_token, top{k}_prob``, then the statistics
+        ``p_final_top1, entropy, kl`` (nats) and ``target_rank`` (nullable integer, 0 = top-1)."""
+        import pandas as pd
+
+        n_lens, n_layer, n_pos, k = self.top_ids.shape
+        lens_i, layer, pos = (a.ravel() for a in np.meshgrid(np.arange(n_lens), np.arange(n_layer), np.arange(n_pos),
+                                                              indexing="ij"))
+        columns = {
+            "lens": [self.lenses[i] for i in lens_i], "layer": layer, "position": pos,
+            "token": [self.tokens[p] for p in pos],
+            "target": [self.vocab[int(self.target_ids[p])] if self.target_ids[p] >= 0 else None for p in pos],
+            "final_top1": [self.vocab[int(self.final_top1[p])] for p in pos],
+            "covered": self.covered[lens_i, layer],
+        }
+        ids, probs = self.top_ids.reshape(-1, k), self.top_probs.reshape(-1, k)
+        for j in range(k):
+            columns[f"top{j + 1}_token"] = [self.vocab[int(t)] for t in ids[:, j]]
+            columns[f"top{j + 1}_prob"] = probs[:, j]
+        for name in ("p_final_top1", "entropy", "kl"):
+            columns[name] = getattr(self, name).ravel()
+        columns["target_rank"] = pd.array([None if math.isnan(r) else int(r) for r in self.target_rank.ravel()],
+                                          dtype="Int64")
+        return pd.DataFrame(columns)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`frame` to ``path`` (UTF-8, no index); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.frame().to_csv(path, index=False, float_format="%.6g")
+        return path
+
+    def plot(self, statistic: str = "kl", lenses: list[str] | None = None, out: str | os.PathLike | None = None):
+        """A matplotlib Figure: one heatmap per lens side by side, rows = layers (layer 0 at the bottom,
+        ``L`` at the top), columns = positions labelled with the input tokens; each cell shows the lens's
+        top-1 token and is coloured by ``statistic`` (one shared colour scale and colourbar, with its
+        unit). Cells where a lens is undefined (showing the model's output) are marked ``*``; missing
+        values (no target) are grey. ``out``: a folder to save ``trajectory.png`` in."""
+
+        from lensmat import plots
+
+        values = self.statistic(statistic)
+        chosen = self._lens_index(lenses)
+        cells = {}
+        for i in chosen:
+            text = self.top1_tokens(self.lenses[i])
+            cells[self.lenses[i]] = [[t if self.covered[i, layer] else f"{t}*" for t in row] for layer, row in enumerate(text)]
+        what = "token at the position" if self.masked else "next token"
+        title = (f"{plots.model_label(self.model)}: each lens's top-1 {what} per layer, coloured by "
+                 f"{STATISTICS[statistic]}")
+        if any(not self.covered[i].all() for i in chosen):
+            title += "\n* the lens is undefined at this layer: the model's own output is shown"
+        return plots.trajectory_figure(self.tokens, {self.lenses[i]: values[i] for i in chosen}, cells,
+                                       label=STATISTICS[statistic], title=title, bounded=statistic == "p_final_top1",
+                                       log_scale=statistic == "target_rank", out=out)
+
+    def summary(self) -> dict:
+        """Per lens: the first layer from which its top-1 equals the model's final top-1 at every
+        later layer, per position (None if only at no layer), and its mean statistics at each layer."""
+        agree = self.top_ids[..., 0] == self.final_top1[None, None, :]  # [lens, layer, pos]
+        out = {}
+        for i, name in enumerate(self.lenses):
+            settled = np.flip(np.logical_and.accumulate(np.flip(agree[i], 0), 0), 0)  # agrees here and above
+            first = [int(np.argmax(col)) if col.any() else None for col in settled.T]
+            out[name] = {"settles_at_layer": first,
+                         **{f"mean_{s}": [float(np.nanmean(row)) if np.isfinite(row).any() else None
+                                          for row in getattr(self, s)[i]] for s in STATISTICS}}
+        return out
+
+
+@torch.no_grad()
+def trajectory(model, lenses: dict[str, Lens], text: str, k: int = 5) -> Trajectory:
+    """The prediction trajectory of ``text`` through every lens in ``lenses`` (name -> :class:`Lens`):
+    one forward pass, then every lens at every residual layer 0..L (see the module docstring).
+
+    ``text`` gets BOS (causal) or ``[CLS] … [SEP]`` (masked LM, where it may hold ``[MASK]``); an empty
+    text or one longer than the model's context is refused. ``k``: top tokens kept per cell.
+    """
+    if not lenses:
+        raise ValueError("trajectory needs at least one lens, e.g. {'logit': lensmat.LogitLens(model)}.")
+    d_vocab = int(model.cfg.d_vocab)
+    if not 1 <= int(k) <= d_vocab:
+        raise ValueError(f"k must be in 1..{d_vocab} (the vocabulary), got {k}.")
+    ids = encode_text(model, text)
+    final, readouts = layer_logits(model, lenses, ids)
+    tokens = ids[0]
+    masked = is_masked_lm(model)
+    if masked:  # the lens predicts the token at the position; a [MASK] hides it
+        mask_id = getattr(model.tokenizer, "mask_token_id", None)
+        targets = torch.where(tokens == mask_id, -1, tokens) if mask_id is not None else tokens.clone()
+    else:
+        targets = torch.cat([tokens[1:], tokens.new_full((1,), -1)])
+    has_target = targets >= 0
+    log_final = torch.log_softmax(final.double(), -1)
+    p_final = log_final.exp()
+    final_top1 = final.argmax(-1)
+    rows = torch.arange(tokens.numel(), device=final.device)
+    n_layers = int(model.cfg.n_layers)
+    shape = (len(lenses), n_layers + 1, tokens.numel())
+    out = {name: np.full(shape, np.nan) for name in STATISTICS}
+    top_ids = np.zeros((*shape, int(k)), dtype=np.int64)
+    top_probs = np.zeros((*shape, int(k)))
+    covered = np.ones(shape[:2], dtype=bool)
+    names = list(lenses)
+    for name, layer, cov, logits in readouts:
+        i = names.index(name)
+        logp = torch.log_softmax(logits.to(final.device).double(), -1)  # [pos, vocab]
+        p = logp.exp()
+        top = p.topk(int(k), -1)
+        top_ids[i, layer], top_probs[i, layer] = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        out["p_final_top1"][i, layer] = p[rows, final_top1].cpu().numpy()
+        out["entropy"][i, layer] = (-torch.where(p > 0, p * logp, 0.0).sum(-1)).cpu().numpy()
+        out["kl"][i, layer] = torch.where(p_final > 0, p_final * (log_final - logp), 0.0).sum(-1).cpu().numpy()
+        target_logp = logp[rows, targets.clamp(min=0)]
+        rank = (logp > target_logp[:, None]).sum(-1).double()  # tokens strictly more likely than the target
+        out["target_rank"][i, layer] = torch.where(has_target, rank, torch.nan).cpu().numpy()
+        covered[i, layer] = cov
+    ids_np, targets_np, final_np = tokens.cpu().numpy(), targets.cpu().numpy(), final_top1.cpu().numpy()
+    seen = np.unique(np.concatenate([ids_np, targets_np[targets_np >= 0], final_np, top_ids.ravel()]))
+    vocab = {int(t): model.tokenizer.decode([int(t)]) for t in seen}
+    return Trajectory(model=describe(model).name, text=text, masked=masked, lenses=names, ids=ids_np,
+                      tokens=[vocab[int(t)] for t in ids_np], target_ids=targets_np, final_top1=final_np,
+                      top_ids=top_ids, top_probs=top_probs, covered=covered, vocab=vocab, **out)
+
+
+def trajectory_report(model, text: str, dataset: str | None = None, *,
+                      lenses: str | list[str] = ("logit", "mat"), statistic: str = "kl", k: int = 5,
+                      maps=None, tuned=None, tuned_config=None, max_fit_tokens: int | None = None,
+                      batch_size: int = 16, max_length: int | None = None, stats_device: str | None = None,
+                      memory_limit: int | None = None,
+                      progress: bool = True) -> tuple[Trajectory, dict]:
+    """The ``lensmat trajectory`` command on ``model`` (a bridge, a spec for :func:`~lensmat.models.load.load_model`,
+    or ``None``: the bundled model): fit the lenses named in ``lenses`` on ``dataset``'s train
+    split (:func:`~lensmat.lenses.registry.build_lenses`; ``maps`` / ``tuned``: saved ones to reuse), read ``text``
+    through them (:func:`trajectory`). Returns ``(trajectory, report)``; :func:`lensmat.reports.trajectory_report`
+    also writes ``trajectory.png`` (coloured by ``statistic``), ``trajectory.csv`` and ``report.json``.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`."""
+    from lensmat import data
+    from lensmat.analyses.common import start_run
+    from lensmat.lenses.registry import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm
+    from lensmat.stats.pipeline import tokenized
+    from lensmat.stats.plan import check_memory
+
+    names = parse_lenses(lenses)
+    check_statistic(statistic)
+    model = start_run(model)
+    if not 1 <= k <= int(model.cfg.d_vocab):
+        raise ValueError(f"k={k} top tokens per cell: the vocabulary has {model.cfg.d_vocab}; use 1 <= k <= {model.cfg.d_vocab}.")
+    encode_text(model, text)  # refuse a bad text before fitting anything
+    refuse_causal_lenses_on_masked_lm(model, names)
+    train = tokenized(model, dataset, "train", max_length or data.DEFAULT_MAX_LENGTH)
+    memory = check_memory(model, "trajectory", train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress,
+                          fits_maps=any(n.startswith("mat") and not (n == "mat" and maps is not None) for n in names))
+    built, cost, _ = build_lenses(model, names, train, maps=maps, tuned=tuned, tuned_config=tuned_config,
+                                  max_fit_tokens=max_fit_tokens, batch_size=batch_size, stats_device=stats_device,
+                                  progress=progress)
+    traj = trajectory(model, built, text, k=k)
+    report = {"model": traj.model, "model_info": describe(model).to_dict(), "dataset": train.dataset,
+              "text": text, "tokens": traj.tokens, "n_layers": traj.n_layers, "lenses": names, "statistic": statistic,
+              "k": k, "protocol": "masked" if traj.masked else "causal", "fit_cost": {n: cost[n] for n in names},
+              "final_top1": [traj.vocab[int(t)] for t in traj.final_top1], "summary": traj.summary(),
+              "memory_plan": memory}
+    return traj, report

@@ -1,0 +1,213 @@
+"""Metrics on scored positions, streamed over batches.
+
+Units: cross-entropy, surprisal and KL in nats per token. Positions follow
+:mod:`lensmat.data.corpora`: lens-vs-model metrics use ``score_mask`` (non-padding, not BOS);
+cross-entropy against the text uses the positions that have a next token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from lensmat.data import Batch
+
+LogitsFn = Callable[[Int[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]]
+
+
+def _quality(rows_and_targets: Iterable[tuple[torch.Tensor, torch.Tensor]], empty: str) -> dict:
+    """``{"ce", "top1_accuracy", "tokens"}`` over ``(logits [n, vocab], targets [n])`` pairs
+    (``ValueError(empty)`` when there is no row at all)."""
+    loss_sum = correct = n = 0.0
+    for rows, targets in rows_and_targets:
+        rows = rows.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(rows, targets, reduction="sum"))
+        correct += float((rows.argmax(-1) == targets).sum())
+        n += targets.numel()
+    if n == 0:
+        raise ValueError(empty)
+    return {"ce": loss_sum / n, "top1_accuracy": correct / n, "tokens": int(n)}
+
+
+@torch.no_grad()
+def next_token_quality(logits_fn: LogitsFn, batches: Iterable[Batch]) -> dict:
+    """Language-model quality on a corpus: ``{"ce", "top1_accuracy", "tokens"}``.
+
+    Every real token but the BOS is a target (the first word, predicted from BOS, counts). Right
+    padding never changes a causal model's outputs at real positions, so no attention mask is
+    passed to ``logits_fn``.
+    """
+    def rows():
+        for batch in batches:
+            logits = logits_fn(batch.tokens)[:, :-1]
+            has_next = batch.attention_mask[:, 1:].to(logits.device)
+            yield logits[has_next], batch.tokens[:, 1:].to(logits.device)[has_next]
+
+    return _quality(rows(), "No target tokens to score: every line is empty after BOS.")
+
+
+@torch.no_grad()
+def masked_token_quality(logits_fn: Callable, batches: Iterable[Batch]) -> dict:
+    """Masked-LM quality under the masked protocol: ``{"ce", "top1_accuracy", "tokens"}`` at the
+    masked positions of masked batches (:class:`~lensmat.data.batches.Masking`), against the original tokens.
+
+    ``logits_fn(tokens, attention_mask)`` returns ``[batch, pos, vocab]`` logits.
+    """
+    def rows():
+        for batch in batches:
+            if not batch.is_masked:
+                raise ValueError("masked_token_quality needs masked batches: pass masking= to lensmat.data.batches.batches.")
+            logits = logits_fn(batch.tokens, batch.attention_mask)
+            masked = batch.score_mask.to(logits.device)
+            yield logits[masked], batch.targets.to(logits.device)[masked]
+
+    return _quality(rows(), "No masked tokens to score: no line has a maskable (non-special) token.")
+
+
+METRICS = ("precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce")
+TOP_K = (1, 5, 10)
+
+
+class Reference:
+    """What every lens is scored against at one batch's scored positions, computed once per batch:
+    the full model's ``logp`` and ``p`` (``[n, vocab]``), its top-``max(TOP_K)`` ids, ``neg_entropy``
+    = Σ p log p per position, and the ``targets`` (the next token; the original token at a masked
+    position) with ``has_target`` (False at a line's last token)."""
+
+    def __init__(self, logits: Float[torch.Tensor, "n vocab"], batch: Batch) -> None:
+        self.logp = torch.log_softmax(logits.float(), dim=-1)
+        self.p = self.logp.exp()
+        self.topk = self.logp.topk(max(TOP_K), dim=-1).indices
+        self.neg_entropy = (self.p * self.logp).nan_to_num().sum(-1)  # [n]; 0·log 0 = 0
+        self.targets = batch.targets[batch.score_mask].to(logits.device)
+        self.has_target = batch.target_mask[batch.score_mask].to(logits.device)
+
+    def rows(self, keep: torch.Tensor) -> "Reference":
+        """The same reference at the positions where ``keep`` is True."""
+        out = object.__new__(Reference)
+        for name, value in vars(self).items():
+            setattr(out, name, value[keep])
+        return out
+
+
+class NonFiniteWarning(UserWarning):
+    """Logits that held NaN/Inf (e.g. a composed swap that diverged); those positions are not scored."""
+
+
+class LensScores:
+    """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE.
+
+    ``p`` is the full model's distribution at the same position and ``q`` the lens's.
+    Precision@k = fraction of positions where the lens's top-1 token is in p's top-k;
+    surprisal = mean −log p(lens top-1); KL(p‖q) in nats; CE = −log q(actual next token),
+    over positions that have a next token.
+
+    Positions whose logits hold NaN/Inf are counted in ``non_finite`` and left out of every
+    metric (a layer where all were non-finite scores ``None``), never counted as misses.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.sums = {m: torch.zeros(n_layers + 1, dtype=torch.float64) for m in METRICS}
+        self.n = torch.zeros(n_layers + 1, dtype=torch.float64)
+        self.n_ce = torch.zeros(n_layers + 1, dtype=torch.float64)
+        self.non_finite = torch.zeros(n_layers + 1, dtype=torch.int64)
+
+    def update(
+        self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
+        """Add one batch at ``layer``. With ``z`` the lens logits and ``log q = z − lse(z)``:
+        KL(p‖q) = Σ p log p − Σ p z + lse(z) (as Σ p = 1), CE = lse(z) − z[target]; so ``log q``
+        itself is never materialised."""
+        z = lens_logits.float()
+        finite = torch.isfinite(z).all(-1)
+        if not bool(finite.all()):
+            self.non_finite[layer] += int((~finite).sum())
+            z, ref = z[finite], ref.rows(finite)
+        lse = torch.logsumexp(z, dim=-1)
+        top1 = z.argmax(-1)
+        for k in TOP_K:
+            self.sums[f"precision@{k}"][layer] += float((ref.topk[:, :k] == top1[:, None]).any(-1).sum())
+        self.sums["surprisal"][layer] += float(-ref.logp.gather(-1, top1[:, None]).sum())
+        kl = (ref.neg_entropy - (ref.p * z).sum(-1) + lse).clamp_min(0)  # ≥ 0; rounding can dip below at q = p
+        self.sums["kl"][layer] += float(kl.double().sum())
+        if ref.has_target.any():
+            hit = ref.has_target
+            ce = lse[hit] - z[hit].gather(-1, ref.targets[hit][:, None])[:, 0]
+            self.sums["ce"][layer] += float(ce.sum())
+        self.n[layer] += z.shape[0]
+        self.n_ce[layer] += float(ref.has_target.sum())
+
+    def result(self) -> dict[str, list[float | None]]:
+        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored) and
+        ``non_finite``: positions per layer whose logits were NaN/Inf (a :class:`NonFiniteWarning`
+        says where)."""
+        out = {}
+        for m, s in self.sums.items():
+            denom = self.n_ce if m == "ce" else self.n
+            out[m] = [float(v / d) if d > 0 else None for v, d in zip(s, denom)]
+        out["non_finite"] = self.non_finite.tolist()
+        bad = [layer for layer, c in enumerate(out["non_finite"]) if c]
+        if bad:
+            import warnings
+
+            warnings.warn(f"Non-finite (NaN/Inf) logits at {sum(out['non_finite'])} positions, at layers {bad}: those "
+                          "positions are left out of the metrics (a layer with none left scores null); the report's "
+                          "non_finite field counts them.", NonFiniteWarning, stacklevel=2)
+        return out
+
+
+@torch.no_grad()
+def evaluate_lenses(
+    model,
+    lenses: dict,
+    batches: Iterable[Batch],
+    *,
+    layers: Sequence[int] | None = None,
+    stats_groups: Sequence[Sequence[str]] | None = None,
+    stats_pairs: Sequence | None = None,
+    stats_device: str | None = None,
+    total_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, list[float | None]]], list | None, int]:
+    """Score every lens at every layer on the same tokens, streaming over ``batches``.
+
+    Args:
+        lenses: ``{name: Lens}``; each reads its own site (``lens.site``: ``post`` = residual layers
+            ``0..L``, ``mid`` = ``hook_resid_mid`` of blocks ``0..L-1``).
+        layers: layers to score (default all of each lens's site).
+        stats_groups: hook groups whose :class:`~lensmat.stats.gram.GramStats` are accumulated in
+            the same forward passes (e.g. held-out statistics for R²), keeping the index pairs
+            ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.stats.gram.pair_pattern`; default all).
+
+    Returns ``({lens: {metric: [values per layer of its site]}}, stats or None, n_tokens)``: L+1
+    values for a ``post`` lens, L for a ``mid`` one. Only one layer's ``[tokens, vocab]`` logits
+    exist at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from lensmat.stats.collect import run_capture, site_hooks, update_stats
+
+    n_layers = int(model.cfg.n_layers)
+    sites = {name: getattr(lens, "site", "post") for name, lens in lenses.items()}
+    wanted = range(n_layers + 1) if layers is None else layers
+    site_layers = {site: [(layer, site_hooks(n_layers, site)[layer]) for layer in wanted
+                          if site == "post" or layer < n_layers] for site in set(sites.values())}
+    hooks = [h for pairs in site_layers.values() for _, h in pairs]
+    extra = [h for g in (stats_groups or []) for h in g]
+    scores = {name: LensScores(n_layers - (sites[name] == "mid")) for name in lenses}
+    stats, n_tokens = None, 0
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="evaluate", disable=not progress)
+    for batch in batches:
+        captured, logits = run_capture(model, batch, hooks + extra, logits=True)
+        if stats_groups:
+            stats = update_stats(stats, stats_groups, captured, stats_device or "cpu", pairs=stats_pairs)
+        ref = Reference(logits, batch)
+        for name, lens in lenses.items():
+            for layer, hook in site_layers[sites[name]]:
+                if lens.covers(layer):
+                    scores[name].update(layer, lens(captured[hook], layer), ref)
+        n_tokens += batch.n_scored
+        bar.update(batch.n_scored)
+    bar.close()
+    return {name: s.result() for name, s in scores.items()}, stats, n_tokens

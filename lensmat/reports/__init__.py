@@ -1,0 +1,21 @@
+"""Reports: the analyses written to a folder (``report.json``, figures, tables), for the CLI and the
+Python API alike.
+
+The layer above :mod:`lensmat.analyses`: each analysis there computes and returns its report;
+here it gains ``out=`` and ``force=`` (:func:`~lensmat.reports.writing.published`), so the folder
+is claimed before any work and published atomically when the work is done. It may import every
+layer below it (analyses, lenses, stats, data, models and the bottom modules); only the CLI and
+the package face import it. The map of the layers: ``docs/modules.md``.
+
+Entry points: :func:`compare`, :func:`submodules`, :func:`linearity`, :func:`linearity_over_models`,
+:func:`saturation`, :func:`early_exit`, :func:`trajectory_report` (the same names, with ``out``,
+as ``lensmat.<name>``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
+:mod:`lensmat.reports.tables` (the CLI's text tables).
+"""
+
+from lensmat.reports.published import (compare, early_exit, linearity, linearity_over_models, saturation, submodules,
+                                       trajectory_report)
+from lensmat.reports.writing import published, write_report
+
+__all__ = ["compare", "early_exit", "linearity", "linearity_over_models", "published", "saturation", "submodules",
+           "trajectory_report", "write_report"]
