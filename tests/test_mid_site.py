@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lensmat.stats.collect import parse_sites, resid_hook, site_hooks
-from lensmat.analyses.compare import format_table
+from lensmat.reports.tables import format_table
 from lensmat.reports import compare
 from lensmat.lenses.base import LogitLens, MatLens
 from lensmat.lenses.metrics import evaluate_lenses

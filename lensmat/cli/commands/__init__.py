@@ -1,0 +1,15 @@
+"""The subcommands of ``lensmat``, one module per command or per closely related pair, each with its
+options beside its handler; :data:`COMMANDS` is the table :func:`lensmat.cli.app.build_parser`
+loops over, in the order ``lensmat --help`` lists them."""
+
+from lensmat.cli.commands.compare import COMPARE
+from lensmat.cli.commands.linearity import LINEARITY
+from lensmat.cli.commands.maps import FIT, IMPORT_MAPS
+from lensmat.cli.commands.model import INFO, PLAN
+from lensmat.cli.commands.saturation import EARLY_EXIT, SATURATION
+from lensmat.cli.commands.submodules import SUBMODULES
+from lensmat.cli.commands.trajectory import TRAJECTORY
+
+COMMANDS = (INFO, PLAN, FIT, COMPARE, SUBMODULES, LINEARITY, SATURATION, EARLY_EXIT, IMPORT_MAPS, TRAJECTORY)
+
+__all__ = ["COMMANDS"]

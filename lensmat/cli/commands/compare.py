@@ -1,0 +1,51 @@
+"""``lensmat compare``: fit maps on train, compare lenses per layer on heldout (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lensmat.cli.options import (COUNT, POSITIVE, Command, add_all_pairs, add_eval_budget, add_fit_budget, add_lenses,
+                                 add_maps, add_model_options, add_run_options, add_scoring_options, add_tuned, load,
+                                 masking, run_keywords, scoring)
+from lensmat.lenses.registry import LENS_KINDS
+
+
+def add_compare_options(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_run_options(p)
+    add_lenses(p, LENS_KINDS)
+    add_fit_budget(p)
+    add_eval_budget(p)
+    add_maps(p)
+    add_all_pairs(p, help="fit and score every h_l -> h_l' (the full R2 heatmap; statistics grow as (L+1)^2 d^2)")
+    p.add_argument("--sites", default="post",
+                   help="residual sites read: post (layers 0..L) or post,mid (also hook_resid_mid of every block, "
+                        "logit and mat lenses)")
+    add_tuned(p)
+    p.add_argument("--tuned-optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--tuned-lr", type=POSITIVE, default=None, help="default 0.1 (sgd) or 1e-3 (adam)")
+    p.add_argument("--jlens", default=None, help="reuse a saved J-lens (lensmat folder or TransformerLens .pt)")
+    p.add_argument("--jlens-prompts", type=COUNT, default=20, help="train lines the J-lens is fitted on")
+    add_scoring_options(p)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lensmat.lenses.registry import parse_lenses
+    from lensmat.lenses.tuned import TunedLensConfig
+    from lensmat.reports import compare
+    from lensmat.reports.tables import format_compare
+
+    names = parse_lenses(args.lenses)
+    lr = args.tuned_lr if args.tuned_lr is not None else (0.1 if args.tuned_optimizer == "sgd" else 1e-3)
+    tuned_config = TunedLensConfig(tokens=args.tuned_tokens, optimizer=args.tuned_optimizer, lr=lr)
+    report = compare(load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
+                     max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned, jlens=args.jlens,
+                     tuned_config=tuned_config, jlens_prompts=args.jlens_prompts, scoring=scoring(args),
+                     all_pairs=args.all_pairs, sites=args.sites, **masking(args), **run_keywords(args))
+    print(format_compare(report))
+    print(f"report and plots in {args.out}/")
+    return 0
+
+
+COMPARE = Command("compare", "fit maps on train, compare lenses per layer on heldout (the main job)",
+                  add_compare_options, cmd_compare, {"default_out": "runs/compare"})

@@ -1,0 +1,162 @@
+"""The text tables of the reports: what ``lensmat <command>`` prints, for a notebook too.
+
+One ``format_<command>(report) -> str`` per report the analyses return (:func:`format_table`: one
+metric of a compare report per layer); they read only the report, never a model or a folder, so
+a report loaded back from ``report.json`` prints the same. A value the report holds as None (not
+measured, or undefined) prints as ``-`` or ``n/a``, never as a number.
+"""
+
+from __future__ import annotations
+
+
+def _num(value: float | None, spec: str = ".3f", missing: str = "-") -> str:
+    """A number for the console, or ``missing`` where the report has none (None: not measured or undefined)."""
+    return missing if value is None else format(value, spec)
+
+
+def _cell(value: float | None, width: int = 8, missing: str = "n/a") -> str:
+    """A table cell: the value to 4 decimals, or ``missing`` where it was not measured (None)."""
+    return f"{_num(value, '.4f', missing):>{width}}"
+
+
+def _row(values: list[float | None]) -> str:
+    """Values to 3 decimals in one line, ``-`` where one was not measured."""
+    return " ".join(_num(v, ".3f", "  -  ") for v in values)
+
+
+def format_table(report: dict, metric: str = "precision@1", site: str = "post") -> str:
+    """A compact per-layer table of one metric for every lens, plus R² of mat and id to the last
+    layer; ``site="mid"`` tabulates the report's ``mid`` readings (rows: blocks 0..L-1)."""
+    last = report["n_layers"]
+    if site == "mid":
+        part, r2_of = report["mid"], lambda kind, layer: report["mid"]["r2"][kind][layer]
+        label, header = "block", [f"{n}@mid" for n in report["mid"]["lenses"]]
+    else:
+        part, r2_of = report, lambda kind, layer: report["r2"][kind][layer][last]
+        label, header = "layer", list(report["lenses"])
+    names = list(part["lenses"])
+    rows = [f"{label:>5} " + " ".join(f"{n:>11}" for n in header) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
+            + f"   ({metric})"]
+    for layer in part["layers"]:
+        vals = " ".join(_cell(part["lenses"][n][metric][layer], 11, "-") for n in names)
+        rows.append(f"{layer:>5} {vals} {_cell(r2_of('mat', layer), 10, '-')} {_cell(r2_of('id', layer), 10, '-')}")
+    return "\n".join(rows)
+
+
+def format_compare(report: dict) -> str:
+    """What was fitted and evaluated, then :func:`format_table` (Precision@1), and its mid-site table
+    when the report read ``hook_resid_mid`` too."""
+    what = "masked tokens" if report["protocol"] == "masked" else "tokens"
+    lines = [f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
+             f"evaluated on {report['n_eval_tokens']} held-out {what}", format_table(report)]
+    if "mid" in report:
+        lines.append(format_table(report, site="mid"))
+    return "\n".join(lines)
+
+
+def format_submodules(report: dict) -> str:
+    """Precision@1 per layer for every swapped sub-module kind, their ranking, and the kinds whose
+    swapped model diverged at some layers."""
+    names = list(report["variants"])
+    lines = [f"{'l':>3} " + " ".join(f"{n:>8}" for n in names) + "   (Precision@1, blocks >= l swapped)"]
+    for layer in report["layers"]:
+        lines.append(f"{layer:>3} " + " ".join(_cell(report['variants'][n]['precision@1'][layer]) for n in names))
+    lines.append("ranking by mean Precision@1 over scored layers: "
+                 + ", ".join(f"{r['kind']} {_cell(r['mean_precision@1']).strip()}" for r in report["ranking"]))
+    for r in report["ranking"]:
+        lost = report["n_layers"] + 1 - r["scored_layers"]
+        if lost:
+            lines.append(f"{r['kind']}: the swapped model's logits were NaN/Inf at every position at {lost} of "
+                         f"{report['n_layers'] + 1} layers (diverged, not measured; see non_finite in report.json)")
+    return "\n".join(lines)
+
+
+def format_linearity(report: dict) -> str:
+    """Linearity scores per block (train and held out, with and without the residual), then the
+    held-out CE / Precision@1 of pruning the most linear blocks."""
+    lines = [f"{'':>5} {'train (the paper)':>25} {'held out':>25}",
+             f"{'block':>5} {'LS':>8} {'LS(no residual)':>16} {'LS':>8} {'LS(no residual)':>16} {'|Δh|/|h|':>9} {'cos':>7}"]
+    columns = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual")
+    for b, (a, c, d, e) in enumerate(zip(*(report[k] for k in columns))):
+        lines.append(f"{b:>5} {a:>8.4f} {c:>16.4f} {d:>8.4f} {e:>16.4f} {report['norm_ratio'][b]:>9.4f} "
+                     f"{report['cosine'][b]:>7.4f}")
+    lines.append(" mean {:>8.4f} {:>16.4f} {:>8.4f} {:>16.4f}".format(*(report[f"mean_{k}"] for k in columns)))
+    lines.append(f"pruning (most linear first: blocks {report['order']}); held-out CE / Precision@1:")
+    for variant, rows in report["pruning"].items():
+        lines.append(f"  {variant:<9}" + "  ".join(f"k={r['k']}: {_num(r['ce'])}/{_num(r['precision@1'])}" for r in rows))
+    return "\n".join(lines)
+
+
+def format_linearity_over_models(summary: dict) -> str:
+    """One row per model of :func:`~lensmat.reports.linearity_over_models`: tokens seen, mean
+    linearity (train, held out, with and without the residual) and CE."""
+    lines = [f"{'model':<48} {'tokens seen':>12} {'LS train':>9} {'LS held out':>11} {'no res. train':>13} "
+             f"{'no res. held out':>16} {'CE':>6}"]
+    for r in summary["models"]:
+        seen = "-" if r["tokens_seen"] is None else f"{r['tokens_seen']:,}"
+        lines.append(f"{r['model'][-48:]:<48} {seen:>12} {r['mean_linearity']:>9.4f} {r['mean_heldout_linearity']:>11.4f} "
+                     f"{r['mean_linearity_no_residual']:>13.4f} {r['mean_heldout_linearity_no_residual']:>16.4f} "
+                     f"{_num(r['ce']):>6}")
+    return "\n".join(lines)
+
+
+def format_saturation(report: dict) -> str:
+    """The saturation layers of the top-k ranks, the order tests, the probes and the implant sweep."""
+    r = report
+    what = "masked tokens" if r["protocol"] == "masked" else "tokens"
+    lines = [f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out {what} with s_1 <= {r['max_s1']} "
+             f"(block output {r['max_s1'] - 1} = floor({r['frac']}·L))",
+             "k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)),
+             "mean s_k   " + " ".join(f"{v:>6.2f}" for v in r["mean_layer"]),
+             "mean rank  " + " ".join("     -" if v is None else f"{v:>6.2f}" for v in r["mean_rank"])]
+    for rule, t in r["order_tests"].items():
+        chosen = " (reported)" if rule == r["order_rule"] else ""
+        lines.append(f"strict Kendall tau, {rule} rule{chosen}: {t['kendall_tau']} (p = {t['p_value']}, "
+                     f"{t['n_tokens']} tokens with m >= 3)")
+    lines.append(f"probe balanced accuracy per layer: {_row(r['probe_accuracy'])}")
+    lines.append(f"noise control:                     {_row(r['probe_control'])}")
+    for key, what in (("pooled_probe", "pooled probe"), ("pooled_probe_control", "pooled probe, class-matched noise")):
+        pp = r[key]
+        if pp["balanced_accuracy"] is not None:
+            lines.append(f"{what} (layers {pp['layers'][0]}-{pp['layers'][-1]}, {pp['n_samples']} states): balanced "
+                         f"accuracy {pp['balanced_accuracy']:.3f} ± {_num(pp['ste'])}, ROC-AUC per task {_row(pp['roc_auc'])}")
+    lines.append("implant success by offset of the implanted layer from s_1(early): " + ", ".join(
+        f"{row['offset']:+d}: {'-' if row['success'] is None else format(row['success'], '.2f')} (n={row['n_trials']})"
+        for row in r["intervention_sweep"]))
+    return "\n".join(lines)
+
+
+def format_early_exit(report: dict) -> str:
+    """Confidence exit per lens (blocks saved, the lambda curve), fixed exit per layer and
+    saturation-based exit per method."""
+    r = report
+    what = "masked tokens (simulated exit at [MASK])" if r["protocol"] == "masked" else "tokens"
+    lines = [f"confidence exit on {r['n_eval_tokens']} held-out {what} ({r['n_layers']} blocks); "
+             "lambda: mean blocks / Precision@1 / accuracy"]
+    for lens, rows in r["curves"].items():
+        lines.append(f"  {lens:<10} saves {r['savings'][lens]:.1%} of the blocks at Precision@1 >= {r['retention']}")
+        lines.append("    " + "  ".join(f"{row['lambda']:g}: {_num(row['mean_layers'], '.2f')}/{_num(row['precision@1'])}"
+                                        for row in rows))
+    lines.append("fixed exit, layer: Precision@1")
+    for lens, rows in r["fixed_exit"].items():
+        lines.append(f"  {lens:<10} " + "  ".join(f"{row['layer']}: {_num(row['precision@1'])}" for row in rows))
+    lines.append(f"saturation exit ({r['saturation_lens']} lens): threshold -> Precision@1 / accuracy @ speed-up")
+    for method, rows in r["saturation"].items():
+        lines.append(f"  {method:<7} " + "  ".join(f"{row['threshold']}: {_num(row['precision@1'])}/{_num(row['accuracy'])}"
+                                                   f"@{_num(row['speedup'], '.2f')}x" for row in rows))
+    return "\n".join(lines)
+
+
+def format_trajectory(report: dict) -> str:
+    """The model's prediction at the text's last position and, per lens, the layer from which its
+    top-1 there is the model's, with what fitting the lens cost."""
+    last = len(report["tokens"]) - 1
+    what = "token there" if report["protocol"] == "masked" else "next token"
+    lines = [f"{report['model']}: {len(report['tokens'])} tokens, {report['n_layers']} blocks; the model's {what} at "
+             f"the last position is {report['final_top1'][last]!r}"]
+    for name in report["lenses"]:
+        layer = report["summary"][name]["settles_at_layer"][last]
+        cost = report["fit_cost"][name]
+        lines.append(f"  {name:<10} top-1 = the model's from layer {'-' if layer is None else layer} on; "
+                     f"fit {cost['seconds']:.1f} s on {cost['tokens']} tokens")
+    return "\n".join(lines)
