@@ -11,7 +11,7 @@ analyses here are the :mod:`lensmat.reports` versions, which take ``out=`` and `
 from lensmat._version import __version__
 from lensmat.analyses.generation import generate
 from lensmat.analyses.linearity import evaluate_pruning, linearity_profile, linearity_score
-from lensmat.analyses.saturation import saturation_layers
+from lensmat.analyses.saturation_rankings import saturation_layers
 from lensmat.analyses.submodules import evaluate_swaps, fit_submodule_maps
 from lensmat.analyses.swap import SUBMODULE_KINDS, swap, swap_hooks
 from lensmat.analyses.trajectory import Trajectory, trajectory

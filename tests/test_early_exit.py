@@ -12,7 +12,7 @@ from lensmat.reports import early_exit
 from lensmat.analyses.generation import generate, greedy_reference
 from lensmat.lenses.base import LogitLens
 from lensmat.stats.pipeline import Tokenized
-from lensmat.analyses.saturation import Rankings, collect_rankings
+from lensmat.analyses.saturation_rankings import Rankings, collect_rankings
 
 
 def random_rankings(n_layers=4, n=300, seed=0) -> tuple[Rankings, torch.Tensor]:

@@ -197,7 +197,7 @@ def test_pruning_matches_a_hand_made_skip(tiny_model):
 def test_checkpoint_models_are_ordered_by_tokens_seen(tmp_path):
     import json
 
-    from lensmat.analyses.linearity import checkpoint_models, tokens_seen
+    from lensmat.analyses.linearity_models import checkpoint_models, tokens_seen
 
     for n in (1000, 0, 250):
         folder = tmp_path / "checkpoints" / f"tokens-{n}"

@@ -201,7 +201,7 @@ def hf_masked_top1(hf_bert, corpus) -> tuple[list[tuple[int, int]], list[int], l
 
 
 def test_rankings_are_at_the_masked_positions_and_target_the_original_tokens(tiny_bert, masked_heldout):
-    from lensmat.analyses.saturation import collect_rankings
+    from lensmat.analyses.saturation_rankings import collect_rankings
 
     model, _, _ = tiny_bert
     c = masked_heldout
@@ -221,7 +221,7 @@ def test_rankings_are_at_the_masked_positions_and_target_the_original_tokens(tin
 def test_the_oracle_exit_emits_the_models_own_top1_at_the_masked_positions(tiny_bert, hf_bert, masked_heldout,
                                                                            tiny_bert_maps):
     from lensmat.analyses.early_exit import emitted_tokens, saturation_curves
-    from lensmat.analyses.saturation import collect_rankings, saturation_layers
+    from lensmat.analyses.saturation_rankings import collect_rankings, saturation_layers
 
     model, _, _ = tiny_bert
     L = int(model.cfg.n_layers)
@@ -241,7 +241,7 @@ def test_confidence_exit_on_a_masked_lm_uses_t_3_and_never_exiting_costs_L(tiny_
     import math
 
     from lensmat.analyses.early_exit import LAMBDAS, confidence_curve
-    from lensmat.analyses.saturation import collect_rankings
+    from lensmat.analyses.saturation_rankings import collect_rankings
 
     model, _, _ = tiny_bert
     L = int(model.cfg.n_layers)
@@ -264,17 +264,17 @@ def test_confidence_exit_on_a_masked_lm_uses_t_3_and_never_exiting_costs_L(tiny_
 
 @torch.no_grad()
 def test_implants_run_the_whole_masked_line(tiny_bert, masked_heldout, monkeypatch):
-    import importlib
+    from lensmat.analyses import saturation_implant as implants
+    from lensmat.analyses.saturation_rankings import collect_rankings
 
-    saturation = importlib.import_module("lensmat.analyses.saturation")  # the module (lensmat.analyses.saturation is also the function)
     model, _, _ = tiny_bert
     c, lens, L = masked_heldout, LogitLens(model), int(model.cfg.n_layers)
-    r = saturation.collect_rankings(model, lens, c, k=1, batch_size=4, progress=False)
+    r = collect_rankings(model, lens, c, k=1, batch_size=4, progress=False)
     i, j = 4, 20  # a masked token, and one of another line whose state is implanted into it
     (line, pos), (other, _) = r.origin[i], r.origin[j]
     assert line != other and sum(o[0] == line for o in r.origin) == 3
     tokens = masked_line(c, c.seqs[line])
-    own = saturation.implanted_top1(model, lens, tokens, pos, 1, r.resid[1, i])
+    own = implants.implanted_top1(model, lens, tokens, pos, 1, r.resid[1, i])
     assert own.tolist() == r.lens_topk[:, i, 0].tolist()
     captured = {}
 
@@ -286,13 +286,13 @@ def test_implants_run_the_whole_masked_line(tiny_bert, masked_heldout, monkeypat
                                       for layer in range(L + 1)]
     logits = model.run_with_hooks(torch.tensor([tokens]), fwd_hooks=hooks)[0, pos]
     expected = [int(lens(captured[layer], layer).argmax()) for layer in range(L)] + [int(logits.argmax())]
-    assert saturation.implanted_top1(model, lens, tokens, pos, 2, r.resid[2, j]).tolist() == expected
+    assert implants.implanted_top1(model, lens, tokens, pos, 2, r.resid[2, j]).tolist() == expected
     seen = []
-    real = saturation.implanted_top1
-    monkeypatch.setattr(saturation, "implanted_top1", lambda m, le, toks, p, *a: seen.append((toks, p)) or real(m, le, toks, p, *a))
+    real = implants.implanted_top1
+    monkeypatch.setattr(implants, "implanted_top1", lambda m, le, toks, p, *a: seen.append((toks, p)) or real(m, le, toks, p, *a))
     s1 = torch.full((len(r.origin),), 3)
     s1[j] = 1
-    saturation.implant(model, lens, r, s1, min_gap=1, offsets=(0, 1), pairs=[(j, i)])
+    implants.implant(model, lens, r, s1, min_gap=1, offsets=(0, 1), pairs=[(j, i)])
     assert seen == [(tokens, pos)]
 
 

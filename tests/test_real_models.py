@@ -61,7 +61,7 @@ def test_bridge_logits_equal_hf_logits_and_the_gguf_provenance_is_recorded(smol,
     info = lensmat.describe(smol)
     assert (info.n_layers, info.d_model, info.d_vocab) == (30, 576, 49152)
     assert info.source["architecture"] == "llama" and "Q4_1" in info.source["quantization"]
-    assert info.source["sha256"] == __import__("lensmat.models.gguf").gguf_models.file_sha256(gguf)
+    assert info.source["sha256"] == __import__("lensmat.models.gguf", fromlist=["file_sha256"]).file_sha256(gguf)
 
 
 def test_compare_reads_every_layer_and_mat_beats_logit(smol_compare):

@@ -9,7 +9,10 @@ from lensmat.lenses.base import LogitLens
 from lensmat.stats.pipeline import Tokenized
 import numpy as np
 
-from lensmat.analyses.saturation import collect_rankings, implant, implant_pairs, implanted_top1, kept_tokens, mean_ranks, order_prefix, order_test, pooled_probe, pooled_probe_data, probe_accuracy, saturation_layers, strict_kendall_tau, task_labels
+from lensmat.analyses.saturation import kept_tokens, mean_ranks, order_prefix, order_test, strict_kendall_tau
+from lensmat.analyses.saturation_implant import implant, implant_pairs, implanted_top1
+from lensmat.analyses.saturation_probes import pooled_probe, pooled_probe_data, probe_accuracy, task_labels
+from lensmat.analyses.saturation_rankings import collect_rankings, saturation_layers
 
 
 def test_saturation_layers_on_hand_built_rankings():

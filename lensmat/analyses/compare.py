@@ -34,6 +34,7 @@ from lensmat.analyses.common import protocol_fields, start_run
 from lensmat.stats.gram import pair_pattern
 
 
+# Long for its 20 arguments and their docs; the body (~37 lines) is one pass: tokens, lenses, scores, report.
 def compare(
     model=None,
     dataset: str | None = None,
@@ -84,8 +85,7 @@ def compare(
     tokens spent fitting it (``reused: true`` when it was loaded).
     """
 
-    names = parse_lenses(lenses)
-    sites = parse_sites(sites)
+    names, sites = parse_lenses(lenses), parse_sites(sites)
     mid = "mid" in sites
     if mid and all_pairs:
         raise ValueError("The mid site is fitted to the last layer only; drop all_pairs (--all-pairs) or the mid site.")
@@ -93,7 +93,6 @@ def compare(
     if mid:
         require_mid_site(model)
     refuse_causal_lenses_on_masked_lm(model, names)
-    masked = is_masked_lm(model)
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
@@ -105,43 +104,48 @@ def compare(
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
         with_maps=True, stats_device=stats_device, sites=sites, progress=progress)
     groups = [resid_hooks(n_layers)] + ([site_hooks(n_layers, "mid") + [resid_hook(n_layers)]] if mid else [])
-    mid_lenses = {}
-    if mid:
-        for name in names:
-            if name == "logit":
-                mid_lenses[f"{name}@mid"] = LogitLens(model, site="mid")
-            elif name in ("mat", "mat-affine"):
-                mid_lenses[f"{name}@mid"] = MatLens(model, lens_objs[name].maps, name=name, site="mid")
+    at_mid = mid_lenses(model, names, lens_objs) if mid else {}
     scores, held_stats, n_eval = evaluate_lenses(
-        model, {**lens_objs, **mid_lenses}, heldout.batches(batch_size, max_eval_tokens), stats_groups=groups,
+        model, {**lens_objs, **at_mid}, heldout.batches(batch_size, max_eval_tokens), stats_groups=groups,
         stats_pairs=[pair_pattern(len(g), "all" if all_pairs else "to_last") for g in groups],
         stats_device=stats_device, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
-        "model": info.name,
-        "model_info": info.to_dict(),
-        "dataset": train.dataset,
-        "n_layers": n_layers,
-        "layers": list(range(n_layers + 1)),
-        "n_fit_tokens": fit_cost["mat"]["tokens"],
-        "n_eval_tokens": n_eval,
-        "lenses": {n: scores[n] for n in lens_objs},
-        "r2": r2_matrices(held_stats[0], mat_maps.maps),
-        "fit_cost": {n: fit_cost[n] for n in names},
-        **protocol_fields(heldout),
-        "memory_plan": memory,
+        "model": info.name, "model_info": info.to_dict(), "dataset": train.dataset, "n_layers": n_layers,
+        "layers": list(range(n_layers + 1)), "n_fit_tokens": fit_cost["mat"]["tokens"], "n_eval_tokens": n_eval,
+        "lenses": {n: scores[n] for n in lens_objs}, "r2": r2_matrices(held_stats[0], mat_maps.maps),
+        "fit_cost": {n: fit_cost[n] for n in names}, **protocol_fields(heldout), "memory_plan": memory,
     }
     if mid:
-        mid_hooks, last = groups[1][:-1], resid_hook(n_layers)
-        report["mid"] = {
-            "layers": list(range(n_layers)), "hooks": mid_hooks,
-            "lenses": {n.removesuffix("@mid"): scores[n] for n in mid_lenses},
-            "r2": {"mat": [r2(held_stats[1], mat_maps.get(h, last), h, last) for h in mid_hooks],
-                   "id": [r2(held_stats[1], None, h, last) for h in mid_hooks]},
-        }
+        report["mid"] = mid_report(scores, list(at_mid), held_stats[1], mat_maps, n_layers)
     report["sites"] = list(sites)
-    if not masked:
+    if not is_masked_lm(model):
         report["scoring"] = heldout.scoring.to_dict()
     return report
+
+
+def mid_lenses(model, names: list[str], lenses: dict) -> dict:
+    """The lenses read at ``hook_resid_mid`` (``{name}@mid``): the logit lens, and the ``mat`` /
+    ``mat-affine`` lenses with the maps ``resid_mid_l -> h_L`` fitted beside their residual ones."""
+    out = {}
+    for name in names:
+        if name == "logit":
+            out[f"{name}@mid"] = LogitLens(model, site="mid")
+        elif name in ("mat", "mat-affine"):
+            out[f"{name}@mid"] = MatLens(model, lenses[name].maps, name=name, site="mid")
+    return out
+
+
+def mid_report(scores: dict, mid_names: list[str], stats, mat_maps: MapSet, n_layers: int) -> dict:
+    """The report's ``mid`` part: ``layers`` (blocks ``0..L-1``), ``hooks``, the scores of the
+    ``mid_names`` lenses, and R² to ``h_L`` of the mat maps and the identity from the held-out
+    statistics ``stats`` of ``(resid_mid_0..resid_mid_{L-1}, h_L)``."""
+    mid_hooks, last = site_hooks(n_layers, "mid"), resid_hook(n_layers)
+    return {
+        "layers": list(range(n_layers)), "hooks": mid_hooks,
+        "lenses": {n.removesuffix("@mid"): scores[n] for n in mid_names},
+        "r2": {"mat": [r2(stats, mat_maps.get(h, last), h, last) for h in mid_hooks],
+               "id": [r2(stats, None, h, last) for h in mid_hooks]},
+    }
 
 
 def require_mid_site(model) -> None:
@@ -154,25 +158,3 @@ def require_mid_site(model) -> None:
         raise ValueError(f"{model.cfg.model_name!r} has no {missing[0]}:{parallel} there is no residual stream between "
                          "attention and MLP to read; use the post site only (--sites post).")
 
-
-def format_table(report: dict, metric: str = "precision@1", site: str = "post") -> str:
-    """A compact per-layer table of one metric for every lens, plus R² of mat and id to the last
-    layer; ``site="mid"`` tabulates the report's ``mid`` readings (rows: blocks 0..L-1)."""
-    last = report["n_layers"]
-    if site == "mid":
-        part, r2_of = report["mid"], lambda kind, layer: report["mid"]["r2"][kind][layer]
-        label, header = "block", [f"{n}@mid" for n in report["mid"]["lenses"]]
-    else:
-        part, r2_of = report, lambda kind, layer: report["r2"][kind][layer][last]
-        label, header = "layer", list(report["lenses"])
-    names = list(part["lenses"])
-
-    def cell(v, width):
-        return f"{v:>{width}.4f}" if v is not None else f"{'-':>{width}}"
-
-    rows = [f"{label:>5} " + " ".join(f"{n:>11}" for n in header) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
-            + f"   ({metric})"]
-    for layer in part["layers"]:
-        vals = " ".join(cell(part["lenses"][n][metric][layer], 11) for n in names)
-        rows.append(f"{layer:>5} {vals} {cell(r2_of('mat', layer), 10)} {cell(r2_of('id', layer), 10)}")
-    return "\n".join(rows)

@@ -41,8 +41,9 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
-from lensmat.analyses.saturation import (SATURATION_LENSES, Rankings, balanced_probe, collect_rankings, saturation_layers,
-                                single_blas_thread)
+from lensmat.analyses.saturation import SATURATION_LENSES
+from lensmat.analyses.saturation_probes import balanced_probe, single_blas_thread
+from lensmat.analyses.saturation_rankings import Rankings, collect_rankings, saturation_layers
 
 MASKED_T = 3  # the authors' BERT code evaluates θ at t = 3 for every token: early_exit_threshold(layer, 3, params)
 LAMBDAS = (-1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.2)
@@ -198,6 +199,17 @@ def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe
     return out
 
 
+def lens_probe(rankings: Rankings, name: str, seed: int = 0) -> SaturationProbe | None:
+    """The saturation probe of lens ``name`` fitted on its ``rankings`` of the probe's train tokens; ``None``,
+    with a warning, when they are all saturated or none is (:class:`ProbeDataError`)."""
+    s1 = saturation_layers(rankings.lens_topk[..., :1], rankings.final_topk[:, :1])[:, 0]
+    try:
+        return SaturationProbe(seed).fit(rankings.resid, s1)
+    except ProbeDataError as err:  # e.g. a few [MASK]s on a shallow model: the other curves still run
+        warnings.warn(f"{err} The {name} lens's probe exit is left out.", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"), retention: float = 0.95,
                max_fit_tokens: int | None = None, max_eval_tokens: int | None = 10_000,
                max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
@@ -241,12 +253,7 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     for name in names:
         probe_data = collect_rankings(model, built[name], train, k=2, batch_size=batch_size,
                                       max_tokens=max_probe_tokens, progress=progress)
-        s1 = saturation_layers(probe_data.lens_topk[..., :1], probe_data.final_topk[:, :1])[:, 0]
-        try:
-            probe = SaturationProbe(seed).fit(probe_data.resid, s1)
-        except ProbeDataError as err:  # e.g. a few [MASK]s on a shallow model: the other curves still run
-            warnings.warn(f"{err} The {name} lens's probe exit is left out.", RuntimeWarning, stacklevel=2)
-            probe = None
+        probe = lens_probe(probe_data, name, seed)
         r = collect_rankings(model, built[name], heldout, k=2, batch_size=batch_size,
                              max_tokens=max_eval_tokens, progress=progress)
         n_eval, targets = len(r.origin), r.targets(heldout)

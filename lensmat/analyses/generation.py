@@ -78,6 +78,26 @@ def fast_readout(model, probe: torch.Tensor):
     return direct if same else (lambda h: readout(model, h))
 
 
+def _exit_hooks(lens, read, state: dict, n_layers: int) -> list:
+    """The hooks of a decoding step, sharing ``state``: after block ``l−1`` (``1 ≤ l < L``), the first layer whose
+    top-two gap under ``lens`` (read by ``read``) exceeds ``state["theta"]`` is recorded as ``state["exit"] =
+    (layer, top-1, h)`` (``h_L`` goes to ``state["h_last"]``); after an exit, every later block's input is ``h``."""
+    def watch(h, hook):
+        layer = int(hook.name.split(".")[1]) + 1
+        if layer == n_layers:
+            state["h_last"] = h[0, -1]
+        elif state["exit"] is None and state["theta"] < 1:
+            probs = torch.softmax(read(lens.transform(h[0, -1], layer)).float(), -1).topk(2)
+            if float(probs.values[0] - probs.values[1]) > state["theta"]:
+                state["exit"] = (layer, int(probs.indices[0]), h)
+
+    def propagate(h, hook):
+        return h if state["exit"] is None else state["exit"][2]
+
+    hooks = [(f"blocks.{b}.hook_resid_post", watch) for b in range(n_layers)]
+    return hooks + [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(1, n_layers)]
+
+
 @torch.no_grad()
 def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
              tau: float | None = None) -> dict:
@@ -103,21 +123,7 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
     tau = TAU if tau is None else tau
     state: dict = {"theta": math.inf, "exit": None, "h_last": None}
     read = fast_readout(model, model.W_E[prompt[0]].float().to(model.W_U.dtype))
-
-    def watch(h, hook):
-        layer = int(hook.name.split(".")[1]) + 1
-        if layer == n_layers:
-            state["h_last"] = h[0, -1]
-        elif state["exit"] is None and state["theta"] < 1:
-            probs = torch.softmax(read(lens.transform(h[0, -1], layer)).float(), -1).topk(2)
-            if float(probs.values[0] - probs.values[1]) > state["theta"]:
-                state["exit"] = (layer, int(probs.indices[0]), h)
-
-    def propagate(h, hook):
-        return h if state["exit"] is None else state["exit"][2]
-
-    hooks = [(f"blocks.{b}.hook_resid_post", watch) for b in range(n_layers)]
-    hooks += [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(1, n_layers)]
+    hooks = _exit_hooks(lens, read, state, n_layers)
     cache = DynamicCache(config=model.original_model.config)
     kwarg = cache_kwarg(decoder)
 

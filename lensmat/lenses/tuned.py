@@ -168,12 +168,24 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
     basis, which must be the raw Hugging Face one the package trains in (lensmat's default); every translator
     a finite floating-point tensor (:func:`lensmat.stats.artifacts.check_tensors`).
     """
+    path = Path(path)
+    config = package_config(path, model)
+    L, d, bias = int(model.cfg.n_layers), int(model.cfg.d_model), bool(config.get("bias", True))
+    state = package_params(path, L, d, bias)
+    W = torch.stack([state[f"{i}.weight"].float().T for i in range(L)])
+    b = torch.stack([state[f"{i}.bias"].float() for i in range(L)]) if bias else torch.zeros(L, d)
+    meta = {"model": describe(model).to_dict(), "format": "tuned-lens package",
+            "provenance": {"source": str(path), "package_config": config}}
+    return W, b, meta
+
+
+def package_config(path: Path, model) -> dict:
+    """The package's ``config.json`` in the folder ``path``, checked against ``model`` as :func:`read_package` says."""
     import json
 
-    from lensmat.stats.artifacts import ArtifactError, check_tensors, load_torch_tensors
+    from lensmat.stats.artifacts import ArtifactError
     from lensmat.models import ModelMismatchError, basis_of
 
-    path = Path(path)
     try:
         config = json.loads((path / PACKAGE_CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -199,12 +211,19 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
         raise ModelMismatchError(
             f"The tuned lens in {path} records the unembedding hash {expected[:12]}…, this model's is "
             f"{package_unembed_hash(model)[:12]}…: it was trained for another model ({config.get('base_model_name_or_path')!r}).")
+    return config
+
+
+def package_params(path: Path, L: int, d: int, bias: bool) -> dict[str, torch.Tensor]:
+    """The state dict of ``params.pt`` in the folder ``path``: ``L`` translators of width ``d``, with or
+    without ``bias``, every one a finite floating-point tensor of its shape (:func:`read_package`)."""
+    from lensmat.stats.artifacts import ArtifactError, check_tensors, load_torch_tensors
+
     params = path / PACKAGE_PARAMS
     if not params.is_file():
         raise ArtifactError(f"{path} has a tuned-lens config.json but no {PACKAGE_PARAMS}; copy the lens's parameters "
                             "beside it (the hub repository keeps both in lens/<model>/).")
     state = load_torch_tensors(params, "re-download it (a lens's params.pt holds tensors only).")
-    bias = bool(config.get("bias", True))
     shapes = {f"{i}.{part}": (d, d) if part == "weight" else (d,) for i in range(L)
               for part in (("weight", "bias") if bias else ("weight",))}
     want = set(shapes)
@@ -223,11 +242,7 @@ def read_package(path: str | os.PathLike, model) -> tuple[Float[torch.Tensor, "L
         raise ArtifactError(f"{params}: {bad[0]} is not a {'[d, d]' if bad[0].endswith('.weight') else '[d]'} "
                             f"tensor for d_model {d}; the file does not match its config.json.")
     check_tensors(params, state, shapes, "re-download it (a lens's params.pt holds finite floating-point translators).")
-    W = torch.stack([state[f"{i}.weight"].float().T for i in range(L)])
-    b = torch.stack([state[f"{i}.bias"].float() for i in range(L)]) if bias else torch.zeros(L, d)
-    meta = {"model": describe(model).to_dict(), "format": "tuned-lens package",
-            "provenance": {"source": str(path), "package_config": config}}
-    return W, b, meta
+    return state
 
 
 def kl_backward(model, W, b, captured: dict, hooks: list[str], logp_final) -> float:
@@ -265,6 +280,19 @@ def translator_init(model, maps: MapSet) -> tuple[Float[torch.Tensor, "L d d"], 
     return W, b
 
 
+def recipe_optimizer(params: list[torch.Tensor], config: TunedLensConfig, corpus: Tokenized):
+    """``(optimizer, scheduler)`` of the recipe: Nesterov SGD (or AdamW) on ``params``, its learning rate
+    decaying linearly to 0 over the steps ``config.tokens`` takes at ``corpus``'s mean scored tokens per line."""
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                              weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    tokens_per_batch = corpus.n_tokens() / len(corpus.seqs) * config.batch_size
+    n_steps = max(1, math.ceil(config.tokens / tokens_per_batch))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / n_steps))
+
+
 def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: TunedLensConfig | None = None, *,
                      init: MapSet | None = None, max_length: int = data.DEFAULT_MAX_LENGTH,
                      progress: bool = True) -> TunedLens:
@@ -288,14 +316,7 @@ def train_tuned_lens(model, dataset: str | Tokenized | None = None, config: Tune
     device = model.W_U.device
     W0, b0 = translator_init(model, init) if init is not None else (torch.zeros(L, d, d), torch.zeros(L, d))
     W, b = W0.to(device).requires_grad_(True), b0.to(device).requires_grad_(True)
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD([W, b], lr=config.lr, momentum=config.momentum, nesterov=True,
-                              weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.AdamW([W, b], lr=config.lr, weight_decay=config.weight_decay)
-    tokens_per_batch = corpus.n_tokens() / len(corpus.seqs) * config.batch_size
-    n_steps = max(1, math.ceil(config.tokens / tokens_per_batch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / n_steps))
+    opt, sched = recipe_optimizer([W, b], config, corpus)
     hooks = resid_hooks(L)[:-1]
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

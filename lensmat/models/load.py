@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lensmat.compat import hub_offline, weights_problem
+from lensmat.models import gguf as gguf_models
 
 REFERENCE = "reference"
 MASKED_REFERENCE = "masked-lm"
@@ -164,50 +165,10 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     dtype = _resolve_dtype(dtype)
-    split = device_map is not None or (n_devices or 1) > 1
-    if split and device is not None:
-        raise ValueError("Pass either device or device_map/n_devices, not both: a split model has no single device.")
-    if n_devices is not None and n_devices > 1 and not (torch.cuda.is_available() and torch.cuda.device_count() >= n_devices):
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise ValueError(f"n_devices={n_devices} needs that many CUDA devices; {found} found. Use device= instead.")
-    placement = {"device_map": device_map, "n_devices": n_devices} if split else {"device": str(resolve_device(device))}
-    from lensmat.models import gguf as gguf_models
-
-    spec_str = REFERENCE if spec is None else os.fspath(spec)
-    bundled = spec_str in (REFERENCE, MASKED_REFERENCE)
-    path = reference_model_path(spec_str) if bundled else Path(spec_str).expanduser()
-    name = spec_str if bundled else str(path)
-    if not bundled:
-        _refuse_unusable(path)
-    if spec_str in gguf_models.NAMED_MODELS or path.suffix.lower() == ".gguf":
-        try:
-            gguf = gguf_models.named_gguf(spec_str) if spec_str in gguf_models.NAMED_MODELS else path
-            path, name = gguf_models.gguf_folder(gguf), spec_str
-        except gguf_models.GGUFError as err:
-            raise ModelLoadError(str(err)) from err
-    if bundled or path.exists():
-        if not (path / "config.json").is_file():
-            if bundled:
-                script = "train_reference_model.py" if spec_str == REFERENCE else "train_masked_lm.py"
-                raise ModelLoadError(
-                    f"The bundled {spec_str!r} model is missing from {path}; reinstall lensmat or run "
-                    f"scripts/{script} to rebuild it."
-                )
-            raise ModelLoadError(
-                f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-                "with save_pretrained(), a .gguf file, or a hub name."
-            )
-        with hub_offline(), _complete_weights(name):
-            extra = {} if random_init is None else _random_twin(path, random_init)
-            try:
-                model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)
-            except OSError as err:  # e.g. no weights file at all
-                raise ModelLoadError(f"Could not load {name}: {str(err).rstrip('.')}. {_FIX}") from err
-        model.cfg.model_name = name if random_init is None else f"{name} (random init, seed {random_init})"
-        model.cfg.lensmat_source = gguf_models.source_of(path)
-        if random_init is not None:
-            model.cfg.lensmat_source = {"random_init": random_init, "config_of": name,
-                                        "trained_source": model.cfg.lensmat_source}
+    placement = _placement(device, device_map, n_devices)
+    spec_str, path, name = _resolve_spec(spec)
+    if spec_str in (REFERENCE, MASKED_REFERENCE) or path.exists():
+        model = _boot_folder(spec_str, path, name, dtype, placement, random_init)
     elif random_init is not None:
         raise ModelLoadError(f"random_init needs a local or bundled model folder to take the config from; "
                              f"{spec_str!r} is not one.")
@@ -221,6 +182,67 @@ def load_model(
                 "tokenizer), or use the bundled model with spec=None."
             ) from err
     model.eval()
+    return model
+
+
+def _placement(device, device_map, n_devices) -> dict:
+    """The bridge's placement arguments for :func:`load_model`: ``device_map`` / ``n_devices`` for a split
+    model, else the resolved ``device``; refuses both at once, or more CUDA devices than there are."""
+    split = device_map is not None or (n_devices or 1) > 1
+    if split and device is not None:
+        raise ValueError("Pass either device or device_map/n_devices, not both: a split model has no single device.")
+    if n_devices is not None and n_devices > 1 and not (torch.cuda.is_available() and torch.cuda.device_count() >= n_devices):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"n_devices={n_devices} needs that many CUDA devices; {found} found. Use device= instead.")
+    return {"device_map": device_map, "n_devices": n_devices} if split else {"device": str(resolve_device(device))}
+
+
+def _resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path, str]:
+    """``(spec, path, name)`` of a :func:`load_model` spec: the spec as a string, the folder it loads
+    from (a bundled model's, a GGUF file's dequantized folder, or the path given; a hub name's path
+    does not exist) and the name the model is given. An unusable local path or GGUF file is refused."""
+    spec_str = REFERENCE if spec is None else os.fspath(spec)
+    bundled = spec_str in (REFERENCE, MASKED_REFERENCE)
+    path = reference_model_path(spec_str) if bundled else Path(spec_str).expanduser()
+    name = spec_str if bundled else str(path)
+    if not bundled:
+        _refuse_unusable(path)
+    if spec_str in gguf_models.NAMED_MODELS or path.suffix.lower() == ".gguf":
+        try:
+            gguf = gguf_models.named_gguf(spec_str) if spec_str in gguf_models.NAMED_MODELS else path
+            path, name = gguf_models.gguf_folder(gguf), spec_str
+        except gguf_models.GGUFError as err:
+            raise ModelLoadError(str(err)) from err
+    return spec_str, path, name
+
+
+def _boot_folder(spec_str: str, path: Path, name: str, dtype: torch.dtype, placement: dict, random_init: int | None):
+    """The bridge of a bundled or local model folder, offline, with every weight in place (or the folder's
+    architecture with seeded random weights), named ``name`` and its source recorded in ``cfg``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not (path / "config.json").is_file():
+        if spec_str in (REFERENCE, MASKED_REFERENCE):
+            script = "train_reference_model.py" if spec_str == REFERENCE else "train_masked_lm.py"
+            raise ModelLoadError(
+                f"The bundled {spec_str!r} model is missing from {path}; reinstall lensmat or run "
+                f"scripts/{script} to rebuild it."
+            )
+        raise ModelLoadError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
+            "with save_pretrained(), a .gguf file, or a hub name."
+        )
+    with hub_offline(), _complete_weights(name):
+        extra = {} if random_init is None else _random_twin(path, random_init)
+        try:
+            model = TransformerBridge.boot_transformers(str(path), dtype=dtype, **placement, **extra)
+        except OSError as err:  # e.g. no weights file at all
+            raise ModelLoadError(f"Could not load {name}: {str(err).rstrip('.')}. {_FIX}") from err
+    model.cfg.model_name = name if random_init is None else f"{name} (random init, seed {random_init})"
+    model.cfg.lensmat_source = gguf_models.source_of(path)
+    if random_init is not None:
+        model.cfg.lensmat_source = {"random_init": random_init, "config_of": name,
+                                    "trained_source": model.cfg.lensmat_source}
     return model
 
 

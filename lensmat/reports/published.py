@@ -12,6 +12,7 @@ from lensmat import plots
 from lensmat.analyses import compare as _compare
 from lensmat.analyses import early_exit as _early_exit
 from lensmat.analyses import linearity as _linearity
+from lensmat.analyses import linearity_models as _linearity_models
 from lensmat.analyses import saturation as _saturation
 from lensmat.analyses import submodules as _submodules
 from lensmat.analyses import trajectory as _trajectory
@@ -47,7 +48,7 @@ trajectory_report = published(_trajectory.trajectory_report, _trajectory_files)
 @writes_output
 def linearity_over_models(models: list, dataset: str | None = None, *, out: str | os.PathLike | None = None,
                           force: bool = False, load=None, **kwargs) -> dict:
-    """:func:`lensmat.analyses.linearity.linearity_over_models`, with ``out``: each model's report and
+    """:func:`lensmat.analyses.linearity_models.linearity_over_models`, with ``out``: each model's report and
     figures go to ``out/NN-name/`` as they are done, and the summary to ``out/report.json`` with
     ``linearity_models.png`` (against tokens seen when every model records them)."""
     with publish(out, force) if out is not None else nullcontext() as folder:
@@ -55,7 +56,7 @@ def linearity_over_models(models: list, dataset: str | None = None, *, out: str 
             if folder is not None:
                 _figures(plots.linearity_plots)(report, folder / f"{i:02d}-{Path(name).name}")
 
-        summary = _linearity.linearity_over_models(models, dataset, load=load, each=each, **kwargs)
+        summary = _linearity_models.linearity_over_models(models, dataset, load=load, each=each, **kwargs)
         if folder is not None:
             _figures(plots.linearity_models_plot)(summary, folder)
     return summary

@@ -127,6 +127,7 @@ def run_capture(
     return captured, (out[mask.to(out.device)] if logits else None)
 
 
+# Long for its 12 arguments and their docs; the body (~30 lines) is one resumable loop, clearer whole.
 @torch.no_grad()
 def collect(
     model,
