@@ -88,7 +88,8 @@ def test_mat_lens_ranks_and_entropy_from_run_with_cache(traj, gpt2_lenses):
     _, cache = model.run_with_cache(torch.tensor([IDS]))
     i = traj.lenses.index("mat")
     for layer in range(traj.n_layers + 1):
-        logits = lenses["mat"](cache[resid_hook(layer)][0], layer).double()
+        with torch.no_grad():  # a lens passes gradients on unless the caller turns them off
+            logits = lenses["mat"](cache[resid_hook(layer)][0], layer).double()
         p = torch.softmax(logits, -1)
         assert traj.target_rank[i, layer, :-1].tolist() == ranks_of(logits, IDS[1:])[:]
         np.testing.assert_allclose(traj.entropy[i, layer], -(p * p.log()).sum(-1), atol=1e-4)
@@ -189,7 +190,8 @@ def test_a_mid_site_lens_reads_resid_mid(tiny_gpt2):
     assert t.covered[0].tolist() == [True] * L + [False]
     _, cache = model.run_with_cache(torch.tensor([IDS]))
     for block in range(L):
-        p = torch.softmax(readout(model, cache[f"blocks.{block}.hook_resid_mid"][0]).double(), -1)
+        with torch.no_grad():
+            p = torch.softmax(readout(model, cache[f"blocks.{block}.hook_resid_mid"][0]).double(), -1)
         np.testing.assert_allclose(t.entropy[0, block], -(p * p.log()).sum(-1), atol=1e-4)
     np.testing.assert_allclose(t.kl[0, L], 0.0, atol=1e-9)
 

@@ -29,7 +29,7 @@ from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import describe, is_masked_lm
 from lensmat.stats.pipeline import tokenized
 from lensmat.stats.plan import check_memory
-from lensmat.lenses.registry import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm
+from lensmat.lenses.registry import build_lenses, refuse_causal_lenses_on_masked_lm, split_lenses
 from lensmat.analyses.common import protocol_fields, start_run
 from lensmat.stats.gram import pair_pattern
 
@@ -39,7 +39,7 @@ def compare(
     model=None,
     dataset: str | None = None,
     *,
-    lenses: str | list[str] = ("logit", "mat"),
+    lenses: str | list | dict = ("logit", "mat"),
     max_fit_tokens: int | None = None,
     max_eval_tokens: int | None = None,
     batch_size: int = 16,
@@ -63,7 +63,11 @@ def compare(
     Args:
         model: a bridge, a spec for :func:`~lensmat.models.load.load_model`, or ``None`` (bundled).
         dataset: corpus spec (default: the bundled Leipzig sentences).
-        lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``, ``tuned``, ``jacobian``.
+        lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``, ``tuned``, ``mat-tuned``,
+            ``jacobian`` (``"logit,mat"`` or a list), or :class:`~lensmat.lenses.base.Lens` objects, your
+            own subclasses included: a ``{name: Lens}`` dict, or a list mixing names and lenses (a
+            lens's key is its ``.name``). Given lenses are scored as they are (``fit_cost``:
+            ``reused``) and read at the post site only.
         max_fit_tokens / max_eval_tokens: caps on scored tokens of ``train`` / ``heldout``.
         maps: saved no-intercept maps (folder or :class:`MapSet`) to reuse instead of fitting.
         all_pairs: fit and score every pair ``l < l'`` for the full R² heatmap (statistics grow
@@ -71,7 +75,7 @@ def compare(
         sites: ``("post",)`` (residual layers 0..L) or ``("post", "mid")`` to read ``hook_resid_mid``
             of every block too, with the ``logit``, ``mat`` and ``mat-affine`` lenses named.
         tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
-            :class:`~lensmat.lenses.tuned.TunedLensConfig`; the J-lens on ``jlens_prompts`` train lines).
+            :class:`~lensmat.lenses.tuned.TunedLensTraining`; the J-lens on ``jlens_prompts`` train lines).
         n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
             seed that picks them (ignored for causal models).
         scoring: for a causal model, which positions are fitted and scored and whether lines get
@@ -85,14 +89,14 @@ def compare(
     tokens spent fitting it (``reused: true`` when it was loaded).
     """
 
-    names, sites = parse_lenses(lenses), parse_sites(sites)
+    (names, given), sites = split_lenses(lenses), parse_sites(sites)
     mid = "mid" in sites
     if mid and all_pairs:
         raise ValueError("The mid site is fitted to the last layer only; drop all_pairs (--all-pairs) or the mid site.")
     model = start_run(model)
     if mid:
         require_mid_site(model)
-    refuse_causal_lenses_on_masked_lm(model, names)
+    refuse_causal_lenses_on_masked_lm(model, lenses)
     n_layers = int(model.cfg.n_layers)
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
@@ -100,18 +104,18 @@ def compare(
     memory = check_memory(model, "compare", train, all_pairs=all_pairs, batch_size=batch_size,
                           stats_device=stats_device, memory_limit=memory_limit, progress=progress, mid=mid)
     lens_objs, fit_cost, mat_maps = build_lenses(
-        model, names, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
+        model, lenses, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
         with_maps=True, stats_device=stats_device, sites=sites, progress=progress)
     groups = [resid_hooks(n_layers)] + ([site_hooks(n_layers, "mid") + [resid_hook(n_layers)]] if mid else [])
-    at_mid = mid_lenses(model, names, lens_objs) if mid else {}
+    at_mid = mid_lenses(model, [n for n in names if n not in given], lens_objs) if mid else {}
     scores, held_stats, n_eval = evaluate_lenses(
         model, {**lens_objs, **at_mid}, heldout.batches(batch_size, max_eval_tokens), stats_groups=groups,
         stats_pairs=[pair_pattern(len(g), "all" if all_pairs else "to_last") for g in groups],
         stats_device=stats_device, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
     report = {
         "model": info.name, "model_info": info.to_dict(), "dataset": train.dataset, "n_layers": n_layers,
-        "layers": list(range(n_layers + 1)), "n_fit_tokens": fit_cost["mat"]["tokens"], "n_eval_tokens": n_eval,
+        "layers": list(range(n_layers + 1)), "n_fit_tokens": int((mat_maps.provenance or {}).get("n_tokens", 0)), "n_eval_tokens": n_eval,
         "lenses": {n: scores[n] for n in lens_objs}, "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names}, **protocol_fields(heldout), "memory_plan": memory,
     }

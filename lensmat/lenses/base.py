@@ -1,39 +1,70 @@
 """Lenses: read residual layer ``l`` (0..L) as next-token logits.
 
-Every lens implements one interface, :class:`Lens`: ``transform(h, layer)`` moves ``h_l`` into
-the basis of the last residual layer ``h_L`` and ``lens(h, layer)`` reads the result through
-the model's own final norm and unembedding (TransformerLens's ``logit_readout``: the norm is
-recomputed on the vector itself, never a cached scale from another layer; logits are produced
-in row chunks). For a masked LM (BERT family) the readout is the model's own masked-LM head
+Layer convention: residual layer ``l = 0..L`` is ``h_l``, the input of block ``l``
+(``blocks.{l}.hook_resid_pre``; ``h_0`` = the embeddings) and ``h_L`` the output of the last block
+(``blocks.{L-1}.hook_resid_post``), before the final norm. This is Hugging Face's
+``hidden_states[l]`` for ``l < L``, the tuned-lens package's layer index, and the index
+TransformerLens's ``logit_lens`` passes to its ``lens=`` callable (``incl_mid=False``).
+
+Every lens is a :class:`Lens`, a ``torch.nn.Module`` with the tuned-lens package's interface:
+``transform_hidden(h, layer)`` moves ``h_l`` (``[..., d_model]``) into the basis of ``h_L`` and
+``lens(h, layer)`` (``forward``) reads the result as logits ``[..., d_vocab]`` through the model's
+own final norm and unembedding (TransformerLens's ``logit_readout``: the norm is recomputed on the
+vector itself, never a cached scale from another layer; logits are produced in row chunks). For a
+masked LM (BERT family) the readout is the model's own masked-LM head
 (:func:`~lensmat.models.bridge.mlm_head`: dense → activation → LayerNorm → decoder) and the logits
 predict the token at the position itself; the logit lens is then the paper's ``id`` baseline.
+Gradients flow through a lens (to ``h`` and to its own parameters); evaluation code disables them
+(``torch.no_grad()`` / ``torch.inference_mode()``).
 
-- :class:`LogitLens`: ``transform`` is the identity (nostalgebraist's logit lens).
-- :class:`MatLens`: ``transform(h, l) = h @ A_{l→L} (+ b)``, the least-squares map of
+- :class:`LogitLens`: ``transform_hidden`` is the identity (nostalgebraist's logit lens).
+- :class:`MatLens`: ``transform_hidden(h, l) = h @ A_{l→L} (+ b)``, the least-squares map of
   "Jump to Conclusions" (Yom Din et al., 2023); exactly the identity at ``l = L``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import dataclasses
+import warnings
 
 import torch
 from jaxtyping import Float, Int
 
 from lensmat.stats.collect import check_layer, check_site, resid_hook, site_hooks
-from lensmat.stats.fit import MapSet
+from lensmat.stats.fit import LinearMap, MapSet
 from lensmat.models import input_device, is_masked_lm, mlm_head, model_device
 
 
-class Lens(ABC):
-    """Turns residual activations at layer ``l`` into logits. Subclasses define ``transform``."""
+class Lens(torch.nn.Module):
+    """Turns residual activations at layer ``l`` (0..L) into logits; a ``torch.nn.Module``.
+
+    Subclasses define ``transform_hidden(h, layer)`` (``[..., d_model] -> [..., d_model]``, in
+    ``h_L``'s basis); ``forward(h, layer)`` (``lens(h, layer)``) adds the model's readout. A subclass
+    written before ``transform_hidden`` existed, defining ``transform`` instead, still works (``transform`` is a
+    deprecated alias of ``transform_hidden``).
+
+    The wrapped model (``lens.model``, a TransformerBridge) is *not* a submodule: it is stored
+    outside ``nn.Module``'s registry, so its weights are not in ``lens.state_dict()`` or
+    ``lens.parameters()``, and ``lens.to(device)`` moves only the lens's own tensors (its
+    parameters and buffers), never the model. Inputs are moved to the model's device on the way in.
+    """
 
     name: str = "lens"
     readout_chunk: int = 1024  # rows per unembedding chunk: [chunk, vocab] at a time
     site: str = "post"  # the residual site it reads: "post" (layers 0..L) or "mid" (blocks 0..L-1)
 
     def __init__(self, model) -> None:
+        super().__init__()
+        if type(self).transform_hidden is Lens.transform_hidden and type(self).transform is Lens.transform:
+            raise TypeError(f"{type(self).__name__} must define transform_hidden(h, layer) (the lens's translation "
+                            "of h_l into h_L's basis).")
         self.model = model
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "model":  # the bridge stays out of the module tree: not in state_dict(), not moved by .to()
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def n_layers(self) -> int:
@@ -44,31 +75,54 @@ class Lens(ABC):
         check_layer(layer, self.n_layers)
         return self.site == "post" or layer < self.n_layers
 
-    @abstractmethod
-    def transform(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
-        """``h_l`` mapped to the final residual layer's basis (before the final norm)."""
+    def transform_hidden(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
+        """``h_l`` (residual layer ``layer`` of the lens's site) mapped to the last residual layer
+        ``h_L``'s basis (before the final norm). Subclasses override this."""
+        return type(self).transform(self, h, layer)  # only reached by a subclass that defines transform itself
 
-    def __call__(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_vocab"]:
-        """Logits (``[..., d_vocab]``) of residual activations ``h`` taken at layer ``layer`` (0..L)."""
+    def transform(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_model"]:
+        """Deprecated alias of :meth:`transform_hidden`."""
+        warnings.warn("Lens.transform is deprecated; call transform_hidden.", DeprecationWarning, stacklevel=2)
+        return self.transform_hidden(h, layer)
+
+    def forward(self, h: Float[torch.Tensor, "... d_model"], layer: int) -> Float[torch.Tensor, "... d_vocab"]:
+        """Logits ``[..., d_vocab]`` of residual activations ``h`` (``[..., d_model]``) taken at layer
+        ``layer`` (0..L) of the lens's site, on the model's device; differentiable unless the caller
+        disables gradients."""
         layer = check_layer(layer, self.n_layers)
         h = h.to(model_device(self.model))  # a no-op unless the model is split across devices
-        with torch.no_grad():
-            return readout(self.model, self.transform(h, layer), self.readout_chunk)
+        return readout(self.model, self.transform_hidden(h, layer), self.readout_chunk)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, n_layers={self.n_layers})"
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, n_layers={self.n_layers}, site={self.site!r}"
 
 
 def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024) -> Float[torch.Tensor, "... d_vocab"]:
     """The model's own prediction from a last-layer residual vector: final norm and unembedding
-    (``logit_readout``), or the masked-LM head for a masked LM; ``chunk_size`` rows at a time."""
+    (``logit_readout``), or the masked-LM head for a masked LM; ``chunk_size`` rows at a time.
+    Differentiable when gradients are enabled (``torch.is_grad_enabled()``)."""
     if not is_masked_lm(model):
         from transformer_lens.tools.analysis.logit_lens import logit_readout
 
-        return logit_readout(model, h, return_type="logits", chunk_size=chunk_size).values
+        return logit_readout(model, h, return_type="logits", chunk_size=chunk_size,
+                             enable_grad=torch.is_grad_enabled()).values
     head, rows = mlm_head(model), h.reshape(-1, h.shape[-1])
     out = torch.cat([head(rows[i: i + chunk_size]) for i in range(0, rows.shape[0], chunk_size)])
     return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+def tl_translator(lens: Lens):
+    """``lens`` as the ``lens=`` translator of TransformerLens's ``logit_lens`` (``f(entry, index) -> entry``).
+
+    With ``incl_mid=False`` (its default) ``logit_lens`` passes the stack index ``0..L`` of
+    ``[resid_pre_0, …, resid_pre_{L-1}, resid_post_{L-1}]``, which is lensmat's residual layer, so
+    the translator is ``lens.transform_hidden`` itself; this adapter checks that the lens reads the
+    ``post`` site (a ``mid`` lens has no counterpart in that stack). Use ``incl_mid=False``.
+    """
+    if lens.site != "post":
+        raise ValueError(f"logit_lens's stack holds the residual layers 0..L; the {lens.name!r} lens reads the "
+                         f"{lens.site!r} site. Pass a post-site lens.")
+    return lens.transform_hidden
 
 
 class LogitLens(Lens):
@@ -81,7 +135,7 @@ class LogitLens(Lens):
         super().__init__(model)
         self.site = check_site(site)
 
-    def transform(self, h, layer):
+    def transform_hidden(self, h, layer):
         return h
 
 
@@ -92,23 +146,48 @@ class MatLens(Lens):
     (see :func:`lensmat.stats.fit.fit_layer_maps`); it is checked against the model on construction.
     ``site="mid"`` reads ``blocks.{l}.hook_resid_mid`` through the maps ``resid_mid_l -> h_L``
     (fitted with ``sites=("post", "mid")``), for blocks ``l = 0..L-1``.
+
+    The maps the lens reads are its buffers ``W_{l}`` (``[d, d]``) and, with an intercept,
+    ``b_{l}`` (``[d]``), so ``.to()``, ``state_dict()`` and ``load_state_dict()`` act on them. They
+    share memory with ``maps`` (no copy; ``load_state_dict`` writes into them in place);
+    ``lens.maps`` is the map set with the lens's current buffers in place of its maps.
     """
 
     def __init__(self, model, maps: MapSet, name: str | None = None, site: str = "post") -> None:
         super().__init__(model)
         maps.check_model(model)
-        self.maps = maps
         self.name = name or ("mat-affine" if maps.intercept else "mat")
         self.site = check_site(site)
+        self._mapset = maps
+        target = resid_hook(self.n_layers)
+        for layer, source in enumerate(site_hooks(self.n_layers, self.site)[: self.n_layers]):
+            m = maps.maps.get((source, target))
+            if m is not None:
+                self.register_buffer(f"W_{layer}", m.W)
+                if m.b is not None:
+                    self.register_buffer(f"b_{layer}", m.b)
 
-    def transform(self, h, layer):
+    @property
+    def maps(self) -> MapSet:
+        """The map set the lens was built from, its maps ``h_l -> h_L`` replaced by the lens's buffers."""
+        target, current = resid_hook(self.n_layers), dict(self._mapset.maps)
+        for layer, source in enumerate(site_hooks(self.n_layers, self.site)[: self.n_layers]):
+            if hasattr(self, f"W_{layer}"):
+                current[(source, target)] = LinearMap(getattr(self, f"W_{layer}"), getattr(self, f"b_{layer}", None),
+                                                      source, target)
+        return dataclasses.replace(self._mapset, maps=current)
+
+    def transform_hidden(self, h, layer):
         layer = check_layer(layer, self.n_layers)
         if self.site == "post" and layer == self.n_layers:
             return h
         if not self.covers(layer):
             raise IndexError(f"Site {self.site!r} has blocks 0..{self.n_layers - 1}; layer {layer} is not one of them.")
-        source = site_hooks(self.n_layers, self.site)[layer]
-        return self.maps.get(source, resid_hook(self.n_layers))(h)
+        if not hasattr(self, f"W_{layer}"):
+            self._mapset.get(site_hooks(self.n_layers, self.site)[layer], resid_hook(self.n_layers))  # raises, naming it
+        y = h @ getattr(self, f"W_{layer}").to(h.device, h.dtype)
+        b = getattr(self, f"b_{layer}", None)
+        return y if b is None else y + b.to(h.device, h.dtype)
 
 
 def encode_text(model, text: str) -> Int[torch.Tensor, "1 pos"]:

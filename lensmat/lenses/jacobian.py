@@ -25,7 +25,12 @@ from lensmat.models import ModelMismatchError, check_same_model, describe, requi
 
 
 class JLens(Lens):
-    """The J-lens: ``transform(h_l, l) = J_{l-1} h_l`` (TransformerLens's transport), identity at ``L``."""
+    """The J-lens: ``transform_hidden(h_l, l) = J_{l-1} h_l`` (TransformerLens's transport), identity at ``L``.
+
+    Its matrices are buffers ``J_{j}`` (``[d, d]``, TransformerLens's block index ``j = l - 1``) that
+    ``self.jlens.jacobians`` shares, so ``.to()``, ``state_dict()`` and ``load_state_dict()`` act on
+    the matrices TransformerLens's ``transport`` reads (its per-device cache is cleared after each).
+    """
 
     name = "jacobian"
 
@@ -33,13 +38,29 @@ class JLens(Lens):
         super().__init__(model)
         jlens.validate_model(model)
         self.jlens = jlens
+        for j, matrix in jlens.jacobians.items():
+            self.register_buffer(f"J_{j}", matrix)
         self.meta = meta or {"model": describe(model).to_dict()}
+
+    def _sync(self) -> None:
+        """Point TransformerLens's matrices at the buffers again and drop its cached device copies."""
+        self.jlens.jacobians = {j: getattr(self, f"J_{j}") for j in self.jlens.jacobians}
+        self.jlens.clear_device_cache()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: buffers replaced
+        super()._apply(fn, recurse)
+        self._sync()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # buffers written in place
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
 
     def covers(self, layer: int) -> bool:
         layer = check_layer(layer, self.n_layers)
         return layer == self.n_layers or (layer - 1) in self.jlens.jacobians
 
-    def transform(self, h, layer):
+    def transform_hidden(self, h, layer):
         layer = check_layer(layer, self.n_layers)
         if layer == self.n_layers:
             return h

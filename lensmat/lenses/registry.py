@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 from lensmat.stats.fit import MapSet
-from lensmat.lenses.base import LogitLens, MatLens
+from lensmat.lenses.base import Lens, LogitLens, MatLens
 from lensmat.models import is_masked_lm
 from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
 
@@ -20,19 +21,48 @@ LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian")
 MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # the tuned lenses and jacobian are trained on next-token prediction
 
 
-def parse_lenses(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"logit,mat"`` -> ``["logit", "mat"]``, refusing unknown names with the valid list."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in LENS_KINDS]
+def split_lenses(spec) -> tuple[list[str], dict[str, Lens]]:
+    """``(names, given)`` of a lens specification: ``names`` the lens keys in order, ``given`` the
+    :class:`~lensmat.lenses.base.Lens` objects among them by key (the others are built by name).
+
+    ``spec`` is ``"logit,mat"``, a list of names, a ``{name: Lens}`` dict, or a list mixing names
+    and ``Lens`` objects (a ``Lens``'s key is its ``.name``). Names must be among
+    :data:`LENS_KINDS`; a key given twice is refused."""
+    if isinstance(spec, Lens):
+        spec = [spec]
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+        bad = [k for k, v in items if not isinstance(v, Lens)]
+        if bad:
+            raise TypeError(f"lenses={{...}} must map names to Lens objects; {bad} do not.")
+    else:
+        parts = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        bad = [p for p in parts if not isinstance(p, (str, Lens))]
+        if bad:
+            raise TypeError(f"lenses must be names or Lens objects; got {[type(p).__name__ for p in bad]}.")
+        items = [(p.name, p) if isinstance(p, Lens) else (p, None) for p in parts if not isinstance(p, str) or p]
+    names = [k for k, _ in items]
+    unknown = [k for k, v in items if v is None and k not in LENS_KINDS]
     if unknown or not names:
-        raise ValueError(f"Unknown lens name(s) {unknown or names}; valid lenses: {', '.join(LENS_KINDS)}.")
-    return names
+        raise ValueError(f"Unknown lens name(s) {unknown or names}; valid lenses: {', '.join(LENS_KINDS)} "
+                         "(or pass Lens objects).")
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:
+        raise ValueError(f"Lens name(s) {twice} are given twice; give each lens a distinct name (Lens.name).")
+    return names, {k: v for k, v in items if v is not None}
 
 
-def refuse_causal_lenses_on_masked_lm(model, names: list[str]) -> None:
-    """Refuse lenses trained on next-token prediction (tuned, mat-tuned, jacobian) for a masked LM."""
-    wrong = sorted(set(names) - set(MASKED_LM_LENSES))
+def parse_lenses(spec) -> list[str]:
+    """The lens keys of ``spec`` in order (:func:`split_lenses`): ``"logit,mat"`` -> ``["logit", "mat"]``,
+    refusing unknown names with the valid list; a ``Lens`` object counts under its name."""
+    return split_lenses(spec)[0]
+
+
+def refuse_causal_lenses_on_masked_lm(model, names) -> None:
+    """Refuse lenses trained on next-token prediction (tuned, mat-tuned, jacobian) for a masked LM
+    (``names``: a lens specification; only the lenses to build by name are checked)."""
+    keys, given = split_lenses(names)
+    wrong = sorted(set(keys) - set(given) - set(MASKED_LM_LENSES))
     if is_masked_lm(model) and wrong:
         raise ValueError(f"Lens(es) {wrong} are trained on next-token prediction and do not apply to the masked LM "
                          f"{model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
@@ -52,12 +82,16 @@ def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> di
     return cost
 
 
-def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, tuned=None, jlens=None,
+def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None, jlens=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
                  jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
                  stats_device: str | None = None, sites: tuple[str, ...] = ("post",),
                  progress: bool = True) -> tuple[dict, dict, MapSet | None]:
-    """Fit (or take the given) lenses named in ``names``; returns ``(lenses, fit_cost, mat maps)``.
+    """Fit (or take the given) lenses of ``names``; returns ``(lenses, fit_cost, mat maps)``.
+
+    ``names``: a lens specification (:func:`split_lenses`): names to build, and ``Lens`` objects
+    taken as they are (``fit_cost`` then ``reused``, with the seconds and tokens of their
+    ``meta["provenance"]`` when they carry one).
 
     The no-intercept mat maps are fitted (``h_l -> h_L``, and every pair ``l < l'`` for the R²
     heatmap with ``all_pairs``, which needs ``O(L²·d²)`` statistics instead of ``O(L·d²)``) when a
@@ -71,13 +105,16 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
     from lensmat.lenses.jacobian import JLens, fit_jlens
     from lensmat.lenses.tuned import TunedLens, train_tuned_lens
 
+    names, given = split_lenses(names)
     lenses, cost = {}, {"logit": {"seconds": 0.0, "tokens": 0, "reused": False}}
+    given_cost = {k: _cost(getattr(lens, "meta", {}).get("provenance"), True) for k, lens in given.items()}
     fitted: dict[str, MapSet] = {}
     if maps is not None:
         maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
         maps.check_model(model)
         fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
-    wanted = ([n for n in names if n in ("mat", "mat-affine")] + (["mat-affine"] if "mat-tuned" in names else [])
+    built = [n for n in names if n not in given]
+    wanted = ([n for n in built if n in ("mat", "mat-affine")] + (["mat-affine"] if "mat-tuned" in built else [])
               + (["mat"] if with_maps or all_pairs else []))
     to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
     if to_fit:
@@ -91,7 +128,9 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
                                            all_pairs=all_pairs and name == "mat", seconds=seconds)
             cost[name] = _cost(fitted[name].provenance, False)
     for name in names:
-        if name == "logit":
+        if name in given:
+            lenses[name] = given[name]
+        elif name == "logit":
             lenses[name] = LogitLens(model)
         elif name in ("mat", "mat-affine"):
             lenses[name] = MatLens(model, fitted[name], name=name)
@@ -111,6 +150,6 @@ def build_lenses(model, names: list[str], train, *, maps: MapSet | None = None, 
             lenses[name] = jlens if reused else fit_jlens(model, train.dataset, n_prompts=jlens_prompts,
                                                           max_length=train.max_length, progress=progress)
             cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
-    return lenses, cost, fitted.get("mat")
+    return lenses, {**cost, **given_cost}, fitted.get("mat")
 
 
