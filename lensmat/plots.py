@@ -1,4 +1,5 @@
-"""Matplotlib figures of reports. Each function returns the figure and, given ``out``, saves PNGs."""
+"""Matplotlib figures of reports. Each function returns the figure and, given ``out``, saves PNGs;
+:func:`html_table` is the notebook view (``_repr_html_``) every result object shares."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def model_label(name: str, width: int = 40) -> str:
 
 def _subject(report: dict) -> str:
     """The model, and for the masked protocol the positions scored: the titles' parenthesis."""
-    return model_label(report["model"]) + (", [MASK] positions" if report.get("protocol") == "masked" else "")
+    return model_label(report.get("model", "")) + (", [MASK] positions" if report.get("protocol") == "masked" else "")
 
 
 def mid_curves(report: dict, metric: str, ax) -> None:
@@ -111,12 +112,19 @@ def r2_figure(report: dict, out=None):
     return _save(fig, out, "r2.png")
 
 
+METRIC_LABELS = {"kl": "KL(p || q) [nats]", "surprisal": "surprisal [nats]", "ce": "CE [nats]"}
+
+
+def lens_plots(report: dict, out=None, metrics=("kl",)) -> list:
+    """Precision@1/5/10 and one figure per metric of ``metrics`` (:data:`METRIC_LABELS`), one line per
+    lens of ``report["lenses"]`` (``{lens: {metric: [per layer]}}``; ``model`` names it when given)."""
+    figs = [precision_figure(report, out)] + [metric_figure(report, m, METRIC_LABELS[m], out) for m in metrics]
+    return _close(figs, out)
+
+
 def compare_plots(report: dict, out=None) -> list:
     """All figures of a ``compare`` report."""
-    figs = [precision_figure(report, out), metric_figure(report, "kl", "KL(p || q) [nats]", out),
-            metric_figure(report, "surprisal", "surprisal [nats]", out), metric_figure(report, "ce", "CE [nats]", out),
-            r2_figure(report, out)]
-    return _close(figs, out)
+    return lens_plots(report, out, ("kl", "surprisal", "ce")) + _close([r2_figure(report, out)], out)
 
 
 def submodule_plots(report: dict, out=None) -> list:
@@ -272,6 +280,25 @@ def early_exit_plots(report: dict, out=None) -> list:
     return _close([_save(fig, out, "early_exit.png")], out)
 
 
+def trajectory_summary_plots(report: dict, out=None) -> list:
+    """A ``trajectory`` report's per-layer means over positions of its ``statistic``, one line per lens
+    (the heatmap itself needs the :class:`~lensmat.analyses.trajectory.Trajectory`)."""
+    stat = report["statistic"]
+    ax = per_layer({n: s[f"mean_{stat}"] for n, s in report["summary"].items()}, f"mean {stat} over positions",
+                   f"{stat} per layer ({_subject(report)})")
+    ax.figure.tight_layout()
+    return _close([_save(ax.figure, out, "trajectory_summary.png")], out)
+
+
+def html_table(frame, title: str, max_rows: int = 24, max_cols: int = 14) -> str:
+    """The notebook view of a result: ``title`` above ``frame`` (a pandas DataFrame, pivoted by the
+    caller) as an HTML ``<table>``, cut to ``max_rows`` × ``max_cols``; missing values shown as ``–``."""
+    import html
+
+    return (f"<p><b>{html.escape(title)}</b></p>"
+            + frame.to_html(max_rows=max_rows, max_cols=max_cols, na_rep="–", float_format=lambda v: f"{v:.4g}"))
+
+
 def _token_label(token: str, width: int = 7) -> str:
     """A token as cell or tick text: outer spaces dropped, newlines and tabs visible, cut to ``width``."""
     text = token.strip(" ").replace("\n", "\\n").replace("\t", "\\t") or repr(token)
@@ -279,12 +306,13 @@ def _token_label(token: str, width: int = 7) -> str:
 
 
 def trajectory_figure(tokens: list[str], values: dict, cells: dict, label: str, title: str | None = None,
-                      bounded: bool = False, log_scale: bool = False, out=None):
+                      bounded: bool = False, log_scale: bool = False, layers: list[int] | None = None, out=None):
     """Layer × position heatmaps side by side, one per name in ``values`` (each ``[L+1, pos]``; NaN
     drawn grey), sharing one colour scale and colourbar (``label``: the quantity and its unit; 0..1
     with ``bounded``, symmetric-log with ``log_scale``; otherwise linear from 0, capped at Tukey's far-out
-    fence ``Q3 + 3·IQR`` when outliers exceed it, which the colourbar says). Layer 0 is the bottom row; columns are
-    labelled with ``tokens``; ``cells[name][layer][pos]`` is the text written in each cell. Saved as
+    fence ``Q3 + 3·IQR`` when outliers exceed it, which the colourbar says). The first row is at the bottom,
+    rows are labelled with ``layers`` (default 0, 1, …) and columns with ``tokens``; ``cells[name][row][pos]``
+    is the text written in each cell. Saved as
     ``trajectory.png`` in ``out``."""
     from matplotlib.colors import Normalize, SymLogNorm
 
@@ -312,7 +340,7 @@ def trajectory_figure(tokens: list[str], values: dict, cells: dict, label: str, 
                     color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
         ax.set_xticks(range(n_pos), [_token_label(t, 10) for t in tokens], rotation=60, ha="right",
                       rotation_mode="anchor", fontsize=7.5)
-        ax.set_yticks(range(n_layer))
+        ax.set_yticks(range(n_layer), range(n_layer) if layers is None else layers)
         ax.tick_params(axis="y", labelsize=7.5)
         ax.set_title(f"{name} lens", fontsize=10)
         ax.set_xlabel("position (input token)", fontsize=8)

@@ -14,7 +14,7 @@ position), the lens's top-``k`` tokens and probabilities and four statistics (:d
 
 A lens that does not cover a layer (``lens.covers(layer)`` False, e.g. the J-lens at ``L``) shows
 the model's own output there, and :attr:`Trajectory.covered` says so. :class:`Trajectory` turns into
-a per-cell table (:meth:`~Trajectory.frame`, :meth:`~Trajectory.to_csv`) and a layer × position
+a per-cell table (:meth:`~Trajectory.to_dataframe`, :meth:`~Trajectory.to_csv`) and a layer × position
 heatmap per lens (:meth:`~Trajectory.plot`). :func:`trajectory_report` is the ``lensmat trajectory``
 command: fit the lenses on the train split, read the text, write ``trajectory.png``,
 ``trajectory.csv`` and ``report.json``.
@@ -97,7 +97,7 @@ class Trajectory:
         i = self._lens_index([lens])[0]
         return [[self.vocab[int(t)] for t in row] for row in self.top_ids[i, :, :, 0]]
 
-    def frame(self):
+    def to_dataframe(self):
         """A pandas DataFrame, one row per (lens, layer, position), lens-major: ``lens, layer, position,
         token`` (the input token), ``target`` (None where there is none), ``final_top1`` (the model's),
         ``covered``, ``top1_token, top1_prob, ..., top{k}_token, top{k}_prob``, then the statistics
@@ -124,36 +124,59 @@ class Trajectory:
                                           dtype="Int64")
         return pd.DataFrame(columns)
 
+    frame = to_dataframe  # its earlier name, kept
+
+    def _repr_html_(self) -> str:
+        """Each lens's top-1 token per layer (rows, ``L`` first) and position (columns), truncated."""
+        import pandas as pd
+
+        from lensmat import plots
+
+        grids = {name: pd.DataFrame(self.top1_tokens(name), columns=self.tokens)[::-1] for name in self.lenses}
+        table = pd.concat(grids, names=["lens", "layer"])
+        return plots.html_table(table, f"Trajectory of {self.text!r} ({plots.model_label(self.model)}): top-1 tokens")
+
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`frame` to ``path`` (UTF-8, no index); returns the path."""
+        """Write :meth:`to_dataframe` to ``path`` (UTF-8, no index); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.frame().to_csv(path, index=False, float_format="%.6g")
+        self.to_dataframe().to_csv(path, index=False, float_format="%.6g")
         return path
 
-    def plot(self, statistic: str = "kl", lenses: list[str] | None = None, out: str | os.PathLike | None = None):
+    def plot(self, statistic: str = "kl", lenses: list[str] | None = None, out: str | os.PathLike | None = None, *,
+             positions: slice | list[int] | None = None, layer_stride: int = 1):
         """A matplotlib Figure: one heatmap per lens side by side, rows = layers (layer 0 at the bottom,
         ``L`` at the top), columns = positions labelled with the input tokens; each cell shows the lens's
         top-1 token and is coloured by ``statistic`` (one shared colour scale and colourbar, with its
         unit). Cells where a lens is undefined (showing the model's output) are marked ``*``; missing
-        values (no target) are grey. ``out``: a folder to save ``trajectory.png`` in."""
+        values (no target) are grey. For long prompts, ``positions`` (a slice or a list of indices into
+        :attr:`tokens`) keeps some columns and ``layer_stride`` every k-th layer (``L`` always kept).
+        ``out``: a folder to save ``trajectory.png`` in."""
 
         from lensmat import plots
 
+        if int(layer_stride) < 1:
+            raise ValueError(f"layer_stride must be a positive integer (every k-th layer), got {layer_stride}.")
+        cols = np.arange(len(self.tokens))[positions if positions is not None else slice(None)]
+        if cols.size == 0:
+            raise ValueError(f"positions={positions!r} selects none of the {len(self.tokens)} positions.")
+        rows = sorted(set(range(0, self.n_layers + 1, int(layer_stride))) | {self.n_layers})
         values = self.statistic(statistic)
         chosen = self._lens_index(lenses)
         cells = {}
         for i in chosen:
             text = self.top1_tokens(self.lenses[i])
-            cells[self.lenses[i]] = [[t if self.covered[i, layer] else f"{t}*" for t in row] for layer, row in enumerate(text)]
+            cells[self.lenses[i]] = [[text[layer][p] if self.covered[i, layer] else f"{text[layer][p]}*" for p in cols]
+                                     for layer in rows]
         what = "token at the position" if self.masked else "next token"
         title = (f"{plots.model_label(self.model)}: each lens's top-1 {what} per layer, coloured by "
                  f"{STATISTICS[statistic]}")
-        if any(not self.covered[i].all() for i in chosen):
+        if any(not self.covered[i, rows].all() for i in chosen):
             title += "\n* the lens is undefined at this layer: the model's own output is shown"
-        return plots.trajectory_figure(self.tokens, {self.lenses[i]: values[i] for i in chosen}, cells,
+        return plots.trajectory_figure([self.tokens[p] for p in cols],
+                                       {self.lenses[i]: values[i][np.ix_(rows, cols)] for i in chosen}, cells,
                                        label=STATISTICS[statistic], title=title, bounded=statistic == "p_final_top1",
-                                       log_scale=statistic == "target_rank", out=out)
+                                       log_scale=statistic == "target_rank", layers=rows, out=out)
 
     def summary(self) -> dict:
         """Per lens: the first layer from which its top-1 equals the model's final top-1 at every

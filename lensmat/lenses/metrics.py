@@ -7,7 +7,7 @@ cross-entropy against the text uses the positions that have a next token.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -91,6 +91,13 @@ class Reference:
             setattr(out, name, value[keep])
         return out
 
+    def against(self, targets: Int[torch.Tensor, "n"]) -> "Reference":
+        """The same reference with ``targets`` as every position's target (e.g. the model's own top-1,
+        ``topk[:, 0]``): a lens's CE against it is then the surprisal of those tokens under the lens."""
+        out = self.rows(torch.ones_like(self.has_target))
+        out.targets, out.has_target = targets, torch.ones_like(self.has_target)
+        return out
+
 
 class NonFiniteWarning(UserWarning):
     """Logits that held NaN/Inf (e.g. a composed swap that diverged); those positions are not scored."""
@@ -157,6 +164,41 @@ class LensScores:
         return out
 
 
+class LensEvaluation(NamedTuple):
+    """What :func:`evaluate_lenses` returns; unpacks as ``scores, stats, n_tokens``.
+
+    ``scores``: ``{lens: {metric: [value per layer of its site]}}`` (:data:`METRICS` plus
+    ``non_finite``; ``None`` where a layer was not scored); ``stats``: the accumulated
+    :class:`~lensmat.stats.gram.GramStats` or ``None``; ``n_tokens``: the positions scored.
+    """
+
+    scores: dict[str, dict[str, list[float | None]]]
+    stats: list | None
+    n_tokens: int
+
+    def to_dataframe(self):
+        """A tidy pandas DataFrame, one row per lens, layer and metric: ``lens, layer, metric, value``
+        (surprisal, KL and CE in nats; ``value`` NaN where a layer was not scored)."""
+        import pandas as pd
+
+        rows = [(lens, layer, metric, v) for lens, scores in self.scores.items() for metric, values in scores.items()
+                for layer, v in enumerate(values)]
+        return pd.DataFrame(rows, columns=["lens", "layer", "metric", "value"]).astype({"value": float})
+
+    def plot(self, out=None) -> list:
+        """Precision@1/5/10 and KL per layer, one line per lens (:func:`lensmat.plots.lens_plots`);
+        ``out``: a folder to save ``precision.png`` and ``kl.png`` in. Returns the figures."""
+        from lensmat import plots
+
+        return plots.lens_plots({"lenses": self.scores}, out)
+
+    def _repr_html_(self) -> str:
+        from lensmat import plots
+
+        table = self.to_dataframe().pivot(index=["lens", "metric"], columns="layer", values="value")
+        return plots.html_table(table, f"Lens scores per layer ({self.n_tokens} positions)")
+
+
 @torch.no_grad()
 def evaluate_lenses(
     model,
@@ -169,7 +211,7 @@ def evaluate_lenses(
     stats_device: str | None = None,
     total_tokens: int | None = None,
     progress: bool = True,
-) -> tuple[dict[str, dict[str, list[float | None]]], list | None, int]:
+) -> LensEvaluation:
     """Score every lens at every layer on the same tokens, streaming over ``batches``.
 
     Args:
@@ -180,8 +222,8 @@ def evaluate_lenses(
             the same forward passes (e.g. held-out statistics for R²), keeping the index pairs
             ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.stats.gram.pair_pattern`; default all).
 
-    Returns ``({lens: {metric: [values per layer of its site]}}, stats or None, n_tokens)``: L+1
-    values for a ``post`` lens, L for a ``mid`` one. Only one layer's ``[tokens, vocab]`` logits
+    Returns a :class:`LensEvaluation` ``(scores, stats, n_tokens)``, ``scores`` = ``{lens: {metric:
+    [values per layer of its site]}}``: L+1 values for a ``post`` lens, L for a ``mid`` one. Only one layer's ``[tokens, vocab]`` logits
     exist at a time.
     """
     from tqdm.auto import tqdm
@@ -210,4 +252,4 @@ def evaluate_lenses(
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()
-    return {name: s.result() for name, s in scores.items()}, stats, n_tokens
+    return LensEvaluation({name: s.result() for name, s in scores.items()}, stats, n_tokens)

@@ -9,13 +9,16 @@ the package face import it. The map of the layers: ``docs/modules.md``.
 
 Entry points: :func:`compare`, :func:`submodules`, :func:`linearity`, :func:`linearity_over_models`,
 :func:`saturation`, :func:`early_exit`, :func:`trajectory_report` (the same names, with ``out``,
-as ``lensmat.<name>``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
+as ``lensmat.<name>``), each returning a :class:`~lensmat.reports.results.Report` (a dict with
+``to_dataframe``, ``plot``, ``save``); :func:`load_report` (a run folder's ``report.json`` as a
+``Report``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
 :mod:`lensmat.reports.tables` (the CLI's text tables).
 """
 
 from lensmat.reports.published import (compare, early_exit, linearity, linearity_over_models, saturation, submodules,
                                        trajectory_report)
+from lensmat.reports.results import Report, load_report
 from lensmat.reports.writing import published, write_report
 
-__all__ = ["compare", "early_exit", "linearity", "linearity_over_models", "published", "saturation", "submodules",
-           "trajectory_report", "write_report"]
+__all__ = ["Report", "compare", "early_exit", "linearity", "linearity_over_models", "load_report", "published",
+           "saturation", "submodules", "trajectory_report", "write_report"]

@@ -55,11 +55,9 @@ _OUT_DOC = """
     checked and locked before any work and refused if it exists, unless ``force`` and lensmat wrote it."""
 
 
-def write_report(report: dict, out: str | os.PathLike) -> Path:
-    """Write ``out/report.json`` as strict JSON (atomically: temporary file, then rename). A NaN or
-    Inf value is written as null, listed in ``non_finite_values`` and warned about."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def strict(report: dict) -> dict:
+    """``report`` with every NaN/Inf float replaced by None (JSON null: not measured or undefined),
+    their paths listed under ``non_finite_values`` and warned about; a finite report comes back as is."""
     bad: list[str] = []
     report = _finite_or_null(report, "", bad)
     if bad:
@@ -67,8 +65,16 @@ def write_report(report: dict, out: str | os.PathLike) -> Path:
 
         report["non_finite_values"] = bad
         warnings.warn(f"{len(bad)} NaN/Inf values in the report (written as null, listed in non_finite_values), "
-                      f"e.g. {bad[:3]}.", RuntimeWarning, stacklevel=2)
+                      f"e.g. {bad[:3]}.", RuntimeWarning, stacklevel=3)
+    return report
+
+
+def write_report(report: dict, out: str | os.PathLike) -> Path:
+    """Write ``out/report.json`` as strict JSON (atomically: temporary file, then rename), through
+    :func:`strict`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(strict(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out / "report.json")
     return out / "report.json"

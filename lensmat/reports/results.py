@@ -1,0 +1,180 @@
+"""Reports as objects: a report dict that knows its command, turns into a tidy table and draws its figures.
+
+:class:`Report` is a ``dict`` (every ``report["lenses"]`` keeps working) with :meth:`~Report.to_dataframe`,
+:meth:`~Report.plot`, :meth:`~Report.save` and a notebook view; :func:`load_report` reads a run folder's
+``report.json`` (this or an older lensmat) back into one. The fields are docs/reports.md's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lensmat import plots
+from lensmat.outputs import publish
+from lensmat.reports.writing import strict, write_report
+
+# command: what plots it (the CLI's figures; a trajectory's heatmap needs the Trajectory itself)
+PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_plots,
+         "linearity-models": plots.linearity_models_plot, "saturation": plots.saturation_plots,
+         "early-exit": plots.early_exit_plots, "trajectory": plots.trajectory_summary_plots}
+COMMANDS = tuple(PLOTS)
+# the keys that tell an older report's command (checked in this order)
+_SIGNATURES = (("early-exit", "curves"), ("submodules", "variants"), ("linearity-models", "models"),
+               ("linearity", "pruning"), ("saturation", "mean_layer"), ("trajectory", "statistic"),
+               ("compare", "r2"))
+COLUMNS = ["lens", "site", "layer", "metric", "value"]
+_LINEARITY = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual",
+              "norm_ratio", "cosine")
+
+
+def infer_command(report: dict) -> str | None:
+    """The command that wrote ``report``: its ``command`` field, else the first of :data:`_SIGNATURES`
+    whose key it holds; None if neither."""
+    if "command" in report:
+        return report["command"]
+    return next((command for command, key in _SIGNATURES if key in report), None)
+
+
+class Report(dict):
+    """One analysis's report (docs/reports.md): a dict, with its ``command`` (one of :data:`COMMANDS`,
+    also the ``"command"`` field) and the views below.
+
+    ``None`` (JSON null) means not measured or undefined (a layer no position was scored at, a test
+    with too few tokens); NaN never appears in a Report: NaN/Inf values given to it become ``None``
+    and are listed in ``non_finite_values``, as in ``report.json``.
+    """
+
+    def __init__(self, report: dict, command: str | None = None) -> None:
+        command = command or infer_command(report)
+        if command not in COMMANDS:
+            raise ValueError(f"Cannot tell which lensmat command wrote this report (command {command!r}, keys "
+                             f"{', '.join(list(report)[:8])}); pass command= one of {', '.join(COMMANDS)}.")
+        super().__init__({**strict(report), "command": command})
+
+    @property
+    def command(self) -> str:
+        return self["command"]
+
+    def to_dataframe(self):
+        """A tidy pandas DataFrame of the report's per-layer tables, one row per ``lens, site, layer,
+        metric``, with its ``value`` (nats for surprisal, KL and CE; NaN where the report has null).
+
+        ``lens``: the lens, swap variant or kind, model (``linearity-models``), or ``"model"`` for a
+        measure of the model itself. ``site`` says what ``layer`` indexes: ``post`` the residual layer
+        ``0..L`` (for ``submodules`` variants: the first swapped block's input), ``mid`` block ``l``'s
+        ``resid_mid``, ``block`` block ``0..L-1``, ``pruned`` the number ``k`` of blocks removed,
+        ``rank`` saturation's rank ``k``, ``offset`` the implant's offset, ``model`` the model's index.
+        Left out (read them from the dict): ``r2`` matrices, scalars, early-exit's λ and threshold
+        curves, ``settles_at_layer``.
+        """
+        import pandas as pd
+
+        rows: list[tuple] = []
+        _TABLES[self.command](self, rows)
+        return pd.DataFrame(rows, columns=COLUMNS).astype({"value": float})
+
+    def plot(self, out: str | os.PathLike | None = None) -> list:
+        """The figures of the CLI's report (:mod:`lensmat.plots`; for ``trajectory`` the per-layer means
+        of its ``statistic``), as a list; ``out``: a folder to save their PNGs in (then closed)."""
+        return PLOTS[self.command](self, out)
+
+    def write(self, folder: Path) -> None:
+        """``report.json`` and the figures into an open output folder (:func:`lensmat.outputs.publish`)."""
+        write_report(self, folder)
+        self.plot(out=folder)
+
+    def save(self, out: str | os.PathLike, force: bool = False) -> Path:
+        """Write the report folder ``out`` (``report.json`` and the figures), refused if ``out`` exists
+        unless ``force`` and lensmat wrote it (:func:`lensmat.outputs.publish`). Returns ``out``."""
+        with publish(out, force) as folder:
+            self.write(folder)
+        return Path(out)
+
+    def _repr_html_(self) -> str:
+        title = f"lensmat {self.command}: {plots.model_label(self.get('model', ''))}".rstrip(": ")
+        frame = self.to_dataframe()
+        table = frame.pivot(index=["site", "lens", "metric"], columns="layer", values="value")
+        return plots.html_table(table, title)
+
+
+def load_report(run_dir: str | os.PathLike, command: str | None = None) -> Report:
+    """The :class:`Report` in ``run_dir/report.json`` (or the file itself), written by this or an older
+    lensmat; ``command`` names it when its keys do not (:func:`infer_command`)."""
+    path = Path(run_dir).expanduser()
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"No report at {path}: pass the folder a lensmat command wrote with --out (or out=), "
+                                "which holds report.json.")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON report ({err}): it was cut short or edited; run the command again "
+                         "with --out to rewrite it.") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} holds a JSON {type(report).__name__}, not a report object; pass a lensmat "
+                         "report.json.")
+    return Report(report, command)
+
+
+def _lists(rows: list, lens: str, site: str, scores: dict, keys=None) -> None:
+    """A row per layer of every list of numbers in ``scores`` (of ``keys`` when given)."""
+    for metric in scores if keys is None else keys:
+        values = scores.get(metric)
+        if isinstance(values, list) and all(v is None or isinstance(v, (int, float)) for v in values):
+            rows.extend((lens, site, layer, metric, v) for layer, v in enumerate(values))
+
+
+def _records(rows: list, lens: str, site: str, records: list[dict], x: str) -> None:
+    """A row per record and numeric field of ``records``, at the record's ``x``."""
+    for r in records:
+        rows.extend((lens, site, r[x], metric, v) for metric, v in r.items()
+                    if metric != x and (v is None or isinstance(v, (int, float))))
+
+
+def _compare(report: dict, rows: list) -> None:
+    for name, scores in report["lenses"].items():
+        _lists(rows, name, "post", scores)
+    for name, scores in report.get("mid", {}).get("lenses", {}).items():
+        _lists(rows, name, "mid", scores)
+
+
+def _submodules(report: dict, rows: list) -> None:
+    for name, scores in report["variants"].items():
+        _lists(rows, name, "post", scores)
+    for name, scores in report["single_block"].items():
+        _lists(rows, name, "block", scores)
+
+
+def _linearity(report: dict, rows: list) -> None:
+    _lists(rows, "model", "block", report, _LINEARITY)
+    for variant, records in report["pruning"].items():
+        _records(rows, variant, "pruned", records, "k")
+
+
+def _linearity_models(report: dict, rows: list) -> None:
+    for i, r in enumerate(report["models"]):
+        _records(rows, r["model"], "model", [{**r, "index": i}], "index")
+
+
+def _saturation(report: dict, rows: list) -> None:
+    _lists(rows, "model", "post", report, ("probe_accuracy", "probe_control"))
+    for metric in ("mean_layer", "mean_rank"):
+        rows.extend((report["lens"], "rank", k, metric, v) for k, v in enumerate(report[metric], start=1))
+    _records(rows, report["lens"], "offset", report.get("intervention_sweep") or [], "offset")
+
+
+def _early_exit(report: dict, rows: list) -> None:
+    for lens, records in report.get("fixed_exit", {}).items():
+        _records(rows, lens, "post", records, "layer")
+
+
+def _trajectory(report: dict, rows: list) -> None:
+    for lens, summary in report["summary"].items():
+        _lists(rows, lens, "post", summary, [k for k in summary if k.startswith("mean_")])
+
+
+_TABLES = {"compare": _compare, "submodules": _submodules, "linearity": _linearity,
+           "linearity-models": _linearity_models, "saturation": _saturation, "early-exit": _early_exit,
+           "trajectory": _trajectory}
