@@ -40,7 +40,7 @@ def main() -> None:
     lenses = {}
     for name in args.lenses.split(","):
         lenses[name] = (lensmat.LogitLens(model) if name == "logit" else
-                        lensmat.MatLens(model, lensmat.fit_maps(model, max_tokens=args.fit_tokens, progress=False)))
+                        lensmat.MatLens(model, lensmat.fit_maps(model, max_fit_tokens=args.fit_tokens, progress=False)))
     prompts = [s[: args.prompt_tokens] for s in tokenized(model, None, "heldout").seqs
                if len(s) >= args.prompt_tokens][: args.prompts]
     n_mean = args.prompt_tokens + args.new_tokens / 2

@@ -50,13 +50,13 @@ def main() -> None:
 
     forward()  # warm-up
     _, t_fwd = timed(forward)
-    mat = lensmat.fit_maps(model, max_tokens=args.fit_tokens, progress=False)
+    mat = lensmat.fit_maps(model, max_fit_tokens=args.fit_tokens, progress=False)
     lenses = {"logit": lensmat.LogitLens(model), "mat": lensmat.MatLens(model, mat)}
     _, t_eval = timed(lambda: lensmat.evaluate_lenses(model, lenses, batches, progress=False))
     print(f"\n(b) {n} held-out tokens: forward {t_fwd:.2f} s; evaluate logit+mat at {L + 1} layers {t_eval:.2f} s; "
           f"ratio {t_eval / t_fwd:.2f}x (target <= 2x)")
 
-    sub = lensmat.fit_submodule_maps(model, kinds=["attn", "mlp"], max_tokens=args.fit_tokens, progress=False)
+    sub = lensmat.fit_submodule_maps(model, kinds=["attn", "mlp"], max_fit_tokens=args.fit_tokens, progress=False)
     print("\n(c) swapped forward / plain forward")
     for kind in ("attn", "mlp"):
         hooks = lensmat.swap_hooks(model, sub, [kind])

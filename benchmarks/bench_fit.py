@@ -48,7 +48,7 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
     batches = list(data.batches(seqs, batch_size, tokens))
     extra = {}
     if kind == "evaluate":  # maps fitted before the clock starts; the matmul rate measured alongside
-        maps = lensmat.fit_maps(model, max_tokens=2_000, progress=False)
+        maps = lensmat.fit_maps(model, max_fit_tokens=2_000, progress=False)
         lenses = {"logit": lensmat.LogitLens(model), "mat": lensmat.MatLens(model, maps)}
         x, W = torch.randn(1024, model.cfg.d_model), model.W_U.detach().float()
         x @ W

@@ -33,7 +33,7 @@ def main() -> None:
 
     import lensmat
     from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
-    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.lenses.tuned import TunedLensTraining, train_tuned_lens
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -73,7 +73,7 @@ def main() -> None:
     for name, m in maps.items():
         score(lensmat.MatLens(model, m, name=name), name, fit_tokens, m.provenance["fit_seconds"])
     for tokens in args.tokens:
-        config = TunedLensConfig(tokens=tokens, batch_size=args.batch_size, lr=args.lr)
+        config = TunedLensTraining(tokens=tokens, batch_size=args.batch_size, lr=args.lr)
         for name, init in (("tuned", None), ("mat-tuned", maps["mat-affine"])):
             begin = time.perf_counter()
             lens = train_tuned_lens(model, train, config, init=init, progress=False)

@@ -44,7 +44,7 @@ def main() -> None:
     import lensmat
     from lensmat.lenses.metrics import evaluate_lenses
     from lensmat.models import reference_model_path
-    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.lenses.tuned import TunedLensTraining, train_tuned_lens
 
     torch.manual_seed(0)
     path = args.model or str(reference_model_path())
@@ -55,7 +55,7 @@ def main() -> None:
     train = lensmat.tokenized(bridge, split="train")
     heldout = lensmat.tokenized(bridge, split="heldout")
     L = int(bridge.cfg.n_layers)
-    config = TunedLensConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
+    config = TunedLensTraining(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
 
     ours = train_tuned_lens(bridge, train, config)
 

@@ -8,8 +8,10 @@ text -> tokens (:mod:`lensmat.data`) -> hook activations -> statistics -> maps (
 analyses here are the :mod:`lensmat.reports` versions, which take ``out=`` and ``force=``.
 """
 
+from lensmat import plots
 from lensmat._version import __version__
 from lensmat.analyses.generation import generate
+from lensmat.analyses.intervene import score_intervention
 from lensmat.analyses.linearity import evaluate_pruning, linearity_profile, linearity_score
 from lensmat.analyses.saturation_rankings import saturation_layers
 from lensmat.analyses.submodules import evaluate_swaps, fit_submodule_maps
@@ -19,9 +21,9 @@ from lensmat.data import Batch, Masking, batches, load_lines, tokenize
 from lensmat.lenses.base import Lens, LogitLens, MatLens, predictions_table, top_predictions
 from lensmat.lenses.jacobian import JLens, fit_jlens
 from lensmat.lenses.metrics import evaluate_lenses
-from lensmat.lenses.tuned import TunedLens, TunedLensConfig, train_tuned_lens
+from lensmat.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 from lensmat.models import ModelInfo, describe, is_masked_lm, load_model
-from lensmat.reports import compare, early_exit, linearity, saturation, submodules
+from lensmat.reports import Report, compare, early_exit, linearity, load_report, saturation, submodules
 from lensmat.stats.artifacts import load_maps, save_maps
 from lensmat.stats.collect import collect, resid_hook, resid_hooks
 from lensmat.stats.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
@@ -29,7 +31,7 @@ from lensmat.stats.gram import GramStats
 from lensmat.stats.pipeline import fit_maps, tokenized
 
 __all__ = [
-    "__version__",
+    "__version__", "plots",
     # models and data
     "ModelInfo", "describe", "is_masked_lm", "load_model", "Batch", "Masking", "batches", "load_lines", "tokenize",
     # statistics and maps
@@ -37,10 +39,19 @@ __all__ = [
     "r2_matrices", "fit_maps", "tokenized", "load_maps", "save_maps",
     # lenses
     "Lens", "LogitLens", "MatLens", "predictions_table", "top_predictions", "JLens", "fit_jlens", "TunedLens",
-    "TunedLensConfig", "train_tuned_lens", "evaluate_lenses",
+    "TunedLensTraining", "TunedLensConfig", "train_tuned_lens", "evaluate_lenses",
     # analyses
     "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "swap", "swap_hooks", "Trajectory", "trajectory",
-    "generate", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score",
-    # reports: the analyses with out= and force=
-    "compare", "submodules", "linearity", "saturation", "early_exit",
+    "generate", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
+    # reports: the analyses with out= and force=, returning a Report; a saved one read back
+    "compare", "submodules", "linearity", "saturation", "early_exit", "Report", "load_report",
 ]
+
+
+def __getattr__(name: str):
+    """Old names that still resolve, with a DeprecationWarning (``lensmat.TunedLensConfig``)."""
+    if name == "TunedLensConfig":
+        from lensmat.lenses import tuned
+
+        return tuned.__getattr__(name)
+    raise AttributeError(f"module 'lensmat' has no attribute {name!r}")

@@ -26,7 +26,7 @@ def test_bridge_logits_equal_hf_logits_past_the_sliding_window(family, request):
 def test_every_command_runs_and_is_exact_at_the_last_layer(family, request, tmp_path):
     model, _, corpus = request.getfixturevalue(family)
     L = int(model.cfg.n_layers)
-    tuned = lensmat.TunedLensConfig(tokens=300)
+    tuned = lensmat.TunedLensTraining(tokens=300)
     reports = {
         "compare": lensmat.compare(model, str(corpus), lenses="logit,mat,mat-affine,tuned,jacobian", max_length=32,
                                    tuned_config=tuned, jlens_prompts=60, out=tmp_path / "compare", progress=False),

@@ -65,11 +65,11 @@ def test_compare_is_exact_at_L_and_mat_beats_logit(gemma, tmp_path):
 
 
 def test_every_command_runs_on_small_budgets(gemma, tmp_path):
-    from lensmat.lenses.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensTraining
 
     runs = {
         "compare": lambda out: lensmat.compare(gemma, lenses="logit,mat,mat-affine,tuned,jacobian", max_fit_tokens=1_000,
-                                               max_eval_tokens=60, tuned_config=TunedLensConfig(tokens=300),
+                                               max_eval_tokens=60, tuned_config=TunedLensTraining(tokens=300),
                                                jlens_prompts=2, out=out, progress=False),
         "submodules": lambda out: lensmat.submodules(gemma, max_fit_tokens=1_000, max_eval_tokens=20, out=out,
                                                      progress=False),

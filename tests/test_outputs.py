@@ -187,13 +187,13 @@ def test_resume_with_other_settings_is_refused_naming_each_difference(tmp_path):
 
     model = lensmat.load_model()
     ckpt = tmp_path / "ckpt"
-    base = dict(max_tokens=400, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    base = dict(max_fit_tokens=400, checkpoint=ckpt, checkpoint_every=1, progress=False)
     lensmat.fit_maps(model, **base, batch_size=4)
     with pytest.raises(io.ArtifactError, match="batch_size: checkpoint 4, now 8") as err:
         lensmat.fit_maps(model, **base, batch_size=8, resume=True)
     assert "max_tokens" not in str(err.value)
     with pytest.raises(io.ArtifactError, match="max_tokens: checkpoint 400, now 500"):
-        lensmat.fit_maps(model, **{**base, "max_tokens": 500}, batch_size=4, resume=True)
+        lensmat.fit_maps(model, **{**base, "max_fit_tokens": 500}, batch_size=4, resume=True)
     corpus = tmp_path / "other.txt"
     corpus.write_text("\n".join(f"A different line number {i}." for i in range(40)) + "\n")
     with pytest.raises(io.ArtifactError, match="corpus.dataset: checkpoint 'leipzig-wiki'") as err:
@@ -313,16 +313,16 @@ def test_ctrl_c_during_fit_exits_130_with_the_resume_command(tmp_path):
 def test_the_python_api_refuses_impossible_settings_too():
     from lensmat.analyses.early_exit import layers_saved
     from lensmat.analyses.saturation import order_test
-    from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
+    from lensmat.lenses.tuned import TunedLensTraining, train_tuned_lens
 
     model = make_tiny_model()
     stats = collect(model, random_token_batches(2, 4, 10, 40), [resid_hooks(3)], progress=False)[0]
     with pytest.raises(ValueError, match="finite ridge >= 0"):
         fit_layer_maps(stats, ridge=-1.0)
     with pytest.raises(ValueError, match="tokens=-1 .*lr=nan"):
-        TunedLensConfig(tokens=-1, lr=float("nan"))
+        TunedLensTraining(tokens=-1, lr=float("nan"))
     with pytest.raises(ValueError, match="trained on 0 tokens is the logit lens"):
-        train_tuned_lens(model, [[0, 1, 2]], TunedLensConfig(tokens=0))
+        train_tuned_lens(model, [[0, 1, 2]], TunedLensTraining(tokens=0))
     with pytest.raises(ValueError, match="retention"):
         layers_saved([{"mean_layers": 3, "precision@1": 1.0}], 3, retention=1.5)
     with pytest.raises(ValueError, match="at least 1 shuffle"):

@@ -79,7 +79,7 @@ def test_compare_reads_every_layer_and_mat_beats_logit(smol_compare):
 
 
 def test_saved_maps_round_trip_and_refuse_another_model(smol, tmp_path):
-    maps = lensmat.fit_maps(smol, max_tokens=1_000, progress=False)
+    maps = lensmat.fit_maps(smol, max_fit_tokens=1_000, progress=False)
     path = lensmat.save_maps(maps, tmp_path / "maps")
     loaded = lensmat.load_maps(path, smol)
     for key, m in maps.maps.items():
@@ -113,11 +113,11 @@ def test_generation_with_exits_keeps_the_cache_complete(smol):
 def test_every_command_runs_on_small_budgets(smol, tmp_path):
     """Every command on SmolLM2 with small budgets; strict-JSON, finite reports (the composed RMSNorm
     swaps of `submodules` diverge to NaN on this model: those layers must be null and counted)."""
-    from lensmat.lenses.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensTraining
 
     reports = {
         "compare": lensmat.compare(smol, lenses="logit,mat,mat-affine,tuned,jacobian", max_fit_tokens=1_500,
-                                   max_eval_tokens=100, tuned_config=TunedLensConfig(tokens=300), jlens_prompts=2,
+                                   max_eval_tokens=100, tuned_config=TunedLensTraining(tokens=300), jlens_prompts=2,
                                    out=tmp_path / "compare", progress=False),
         "submodules": lensmat.submodules(smol, max_fit_tokens=1_500, max_eval_tokens=16, out=tmp_path / "submodules",
                                          progress=False),

@@ -9,7 +9,7 @@ import torch
 
 import lensmat
 from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
-from lensmat.lenses.tuned import TunedLensConfig, train_tuned_lens
+from lensmat.lenses.tuned import TunedLensTraining, train_tuned_lens
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_mat_beats_logit_at_every_layer_on_heldout_text(compare_report):
 
 
 def test_tuned_lens_lowers_heldout_kl_at_every_layer(reference_model):
-    lens = train_tuned_lens(reference_model, None, TunedLensConfig(tokens=30_000), progress=False)
+    lens = train_tuned_lens(reference_model, None, TunedLensTraining(tokens=30_000), progress=False)
     heldout = lensmat.tokenized(reference_model, split="heldout")
     scores, _, _ = lensmat.evaluate_lenses(reference_model, {"logit": lensmat.LogitLens(reference_model), "tuned": lens},
                                            heldout.batches(16, 5_000), progress=False)

@@ -48,14 +48,14 @@ def test_identity_map_where_the_block_is_the_identity_changes_nothing():
         if ".o." in name or "fc_out" in name:
             p.zero_()
     batches = random_token_batches(4, 8, 16, 40, seed=12)
-    pairs = submodule_pairs(model, ["block", "attn"], layers=[1])
+    pairs = submodule_pairs(model, ["block", "attn"], blocks=[1])
     maps = fitted(model, batches, pairs, intercept=True)
     block = maps.get(*submodule_pair(model, "block", 1))
     assert (block.W - torch.eye(16)).abs().max() < 1e-4 and block.b.abs().max() < 1e-4
     tokens = batches[0].tokens
     full = model(tokens)
     for kind in ("block", "attn"):
-        with swap(model, maps, kinds={kind}, layers=[1]):
+        with swap(model, maps, kinds={kind}, blocks=[1]):
             assert (model(tokens) - full).abs().max().item() <= 1e-4, kind
 
 
@@ -66,7 +66,7 @@ def test_swap_leaves_earlier_blocks_untouched_and_cleans_up(model):
     tokens = batches[0].tokens
     _, ref = model.run_with_cache(tokens)
     n_hooks = sum(len(hp.fwd_hooks) for hp in model.hook_dict.values())
-    with swap(model, maps, kinds={"attn"}, layers=[2]):
+    with swap(model, maps, kinds={"attn"}, layers=[2]):  # the old keyword still works
         _, cache = model.run_with_cache(tokens)
     for name in ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_mid"]:
         same = torch.equal(cache[name], ref[name])

@@ -12,7 +12,7 @@ from lensmat.lenses.base import LogitLens, MatLens
 from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.models import ModelMismatchError, describe
 from lensmat.stats.pipeline import Tokenized
-from lensmat.lenses.tuned import TunedLens, TunedLensConfig, train_tuned_lens
+from lensmat.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_tuned_lens_at_init_is_the_logit_lens(model):
 
 
 def test_tuned_lens_training_lowers_heldout_kl_and_round_trips(model, tmp_path):
-    lens = train_tuned_lens(model, tiny_corpus(1), TunedLensConfig(tokens=6000, batch_size=8, lr=0.5), progress=False)
+    lens = train_tuned_lens(model, tiny_corpus(1), TunedLensTraining(tokens=6000, batch_size=8, lr=0.5), progress=False)
     held = list(data.batches(tiny_corpus(2).seqs, 16))
     scores, _, _ = evaluate_lenses(model, {"logit": LogitLens(model), "tuned": lens}, held, progress=False)
     for layer in range(3):
@@ -56,14 +56,14 @@ def affine_maps(model, corpus):
 def test_mat_tuned_starts_as_the_affine_mat_lens_and_training_lowers_its_kl(model, tmp_path):
     train = tiny_corpus(1)
     maps = affine_maps(model, train)
-    start = train_tuned_lens(model, train, TunedLensConfig(tokens=0), init=maps, progress=False)
+    start = train_tuned_lens(model, train, TunedLensTraining(tokens=0), init=maps, progress=False)
     assert start.name == "mat-tuned"
     h = torch.randn(2, 5, 16)
     mat = MatLens(model, maps)
     with torch.no_grad():
         for layer in range(4):
             torch.testing.assert_close(start(h, layer), mat(h, layer), atol=1e-4, rtol=1e-4)
-    trained = train_tuned_lens(model, train, TunedLensConfig(tokens=6000, batch_size=8, lr=0.05), init=maps,
+    trained = train_tuned_lens(model, train, TunedLensTraining(tokens=6000, batch_size=8, lr=0.05), init=maps,
                                progress=False)
     on_train = list(train.batches(16))
     scores, _, _ = evaluate_lenses(model, {"start": start, "trained": trained}, on_train, progress=False)

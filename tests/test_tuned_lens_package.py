@@ -15,7 +15,8 @@ from lensmat.stats.collect import resid_hooks
 from lensmat.stats.artifacts import ArtifactError
 from lensmat.lenses.base import LogitLens
 from lensmat.models import ModelMismatchError
-from lensmat.lenses.tuned import TunedLens, package_unembed_hash
+from lensmat.lenses.tuned import TunedLens
+from lensmat.lenses.tuned_package import package_unembed_hash
 
 INSTALL = "pip install --no-deps tuned-lens==0.2.0 simple-parsing flatten-dict docstring-parser"
 

@@ -29,6 +29,7 @@ from lensmat.compat import bridge_cache_shim, cache_kwarg
 from lensmat.analyses.early_exit import TAU, exit_threshold
 from lensmat.lenses.base import readout
 from lensmat.models import describe, input_device, require_causal
+from lensmat.stats.pipeline import encode
 
 
 def _decoder(model) -> torch.nn.Module:
@@ -87,7 +88,7 @@ def _exit_hooks(lens, read, state: dict, n_layers: int) -> list:
         if layer == n_layers:
             state["h_last"] = h[0, -1]
         elif state["exit"] is None and state["theta"] < 1:
-            probs = torch.softmax(read(lens.transform(h[0, -1], layer)).float(), -1).topk(2)
+            probs = torch.softmax(read(lens.transform_hidden(h[0, -1], layer)).float(), -1).topk(2)
             if float(probs.values[0] - probs.values[1]) > state["theta"]:
                 state["exit"] = (layer, int(probs.indices[0]), h)
 
@@ -98,22 +99,35 @@ def _exit_hooks(lens, read, state: dict, n_layers: int) -> list:
     return hooks + [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(1, n_layers)]
 
 
+def prompt_ids(model, prompt: str | list[int] | torch.Tensor) -> list[int]:
+    """A prompt as token ids: a string is tokenized as every analysis reads a line (BOS first, if the
+    model uses one); ids (a list, or a tensor ``[pos]`` / ``[1, pos]``) are taken as they are."""
+    if isinstance(prompt, str):
+        return encode(model, [prompt], int(model.cfg.n_ctx))[0]
+    ids = prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+    if not ids or not all(isinstance(i, int) and 0 <= i < int(model.cfg.d_vocab) for i in ids):
+        raise ValueError(f"A prompt is a string or a non-empty list of token ids in [0, {model.cfg.d_vocab}).")
+    return ids
+
+
 @torch.no_grad()
-def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float | None = None, n_mean: float = 64.0,
-             tau: float | None = None) -> dict:
+def generate(model, lens, prompt: str | list[int] | torch.Tensor, max_new_tokens: int, *, lam: float | None = None,
+             n_mean: float = 64.0, tau: float | None = None) -> dict:
     """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model; ``lens``
     may then be None).
 
-    ``prompt`` is a list of token ids (BOS first, if the model uses one). The prompt is prefilled by
+    ``prompt``: a string, or token ids (BOS first, if the model uses one; :func:`prompt_ids`). The prompt is prefilled by
     the full model; each later token runs blocks with a key/value cache and may exit after block
     ``l−1`` (residual layer ``l``, ``1 ≤ l < L``), as the module docstring describes. The threshold
     ``θ(t)`` uses the input token's 0-based position ``t`` after BOS (the convention of the simulated
     curves) and ``n_mean`` as ``N``.
 
-    Returns ``{"tokens": new token ids, "exit_layers": per token (``L`` = no exit), "seconds": wall
-    time, "kv_lengths": cached positions per layer at the end (all equal when propagation is complete)}``.
+    Returns ``{"tokens": new token ids, "text": them decoded (with a tokenizer), "exit_layers": per
+    token (``L`` = no exit), "seconds": wall time, "kv_lengths": cached positions per layer at the end
+    (all equal when propagation is complete)}``.
     """
     require_causal(model, "Early-exit generation")
+    prompt = prompt_ids(model, prompt)
     if lam is not None and lens is None:
         raise ValueError("An exit threshold (lam) needs a lens to read the intermediate layers with.")
     decoder = _decoder(model)
@@ -145,12 +159,14 @@ def generate(model, lens, prompt: list[int], max_new_tokens: int, *, lam: float 
             t = len(prompt) + len(tokens) - 2  # the next input token's position in its line, BOS excluded, as in
             state["exit"] = None               # the simulated curves (lensmat.analyses.early_exit.positions)
             state["theta"] = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([t]), n_mean, tau)[0])
-    return {"tokens": tokens, "exit_layers": exits, "seconds": time.perf_counter() - start,
+    text = model.tokenizer.decode(tokens) if getattr(model, "tokenizer", None) is not None else None
+    return {"tokens": tokens, "text": text, "exit_layers": exits, "seconds": time.perf_counter() - start,
             "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
 
 
-def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+def greedy_reference(model, prompt: str | list[int] | torch.Tensor, max_new_tokens: int) -> list[int]:
     """Greedy tokens of the full bridge, recomputing the whole prefix each step (no cache)."""
+    prompt = prompt_ids(model, prompt)
     ids = list(prompt)
     for _ in range(max_new_tokens):
         ids.append(int(model(torch.tensor([ids], device=input_device(model)))[0, -1].argmax()))

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lensmat import data
+from lensmat.deprecation import renamed
 from lensmat.stats.collect import collect, resid_hook, resid_hooks, run_capture
 from lensmat.stats.gram import pair_pattern
 from lensmat.stats.fit import MapSet, fit_pairs
@@ -30,10 +31,11 @@ from lensmat.analyses.swap import SUBMODULE_KINDS, block_layout, expand_kinds, s
 PROTOCOL_KINDS = ("attn", "mlp", "ln")
 
 
-def submodule_pairs(model, kinds=SUBMODULE_KINDS, layers=None) -> list[tuple[str, str]]:
-    """Hook pairs of the given kinds (``ln`` = ln1 + ln2) in the given blocks (default: all)."""
-    layers = range(int(model.cfg.n_layers)) if layers is None else layers
-    return [submodule_pair(model, kind, layer) for layer in layers for kind in expand_kinds(kinds, model)]
+@renamed(layers="blocks")
+def submodule_pairs(model, kinds=SUBMODULE_KINDS, blocks=None) -> list[tuple[str, str]]:
+    """Hook pairs of the given kinds (``ln`` = ln1 + ln2) in the given blocks ``0..L-1`` (default: all)."""
+    blocks = range(int(model.cfg.n_layers)) if blocks is None else blocks
+    return [submodule_pair(model, kind, block) for block in blocks for kind in expand_kinds(kinds, model)]
 
 
 def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
@@ -44,18 +46,23 @@ def groups_for(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
     return [(src, *dict.fromkeys(tgts)) for src, tgts in by_source.items()]
 
 
-def fit_submodule_maps(model, dataset: str | None = None, *, kinds=SUBMODULE_KINDS, layers=None,
+@renamed(layers="blocks", max_tokens="max_fit_tokens")
+def fit_submodule_maps(model, dataset=None, *, kinds=SUBMODULE_KINDS, blocks=None,
                        intercept: bool = False, ridge: float = 0.0, split: str = "train",
-                       max_tokens: int | None = None, batch_size: int = 16,
+                       max_fit_tokens: int | None = None, batch_size: int = 16,
                        max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
                        progress: bool = True) -> MapSet:
     """Fit sub-module maps on the unmodified model's activations (the core collector and fitter),
-    at the positions a swap replaces (:meth:`~lensmat.stats.pipeline.Tokenized.replaced_batches`)."""
+    at the positions a swap replaces (:meth:`~lensmat.stats.pipeline.Tokenized.replaced_batches`): the
+    ``kinds`` of the blocks ``blocks`` (``0..L-1``, default all), from at most ``max_fit_tokens``
+    tokens of ``dataset`` (anything :func:`~lensmat.stats.pipeline.tokenized` takes). ``layers=`` and
+    ``max_tokens=`` are the old names."""
     corpus = tokenized(model, dataset, split, max_length, n_mask=n_mask, mask_seed=mask_seed)
-    pairs = submodule_pairs(model, kinds, layers)
+    pairs = submodule_pairs(model, kinds, blocks)
     start = time.perf_counter()
-    stats = collect(model, corpus.replaced_batches(batch_size, max_tokens), groups_for(pairs),
-                    total_tokens=corpus.n_tokens(max_tokens) if corpus.masking is None else None, progress=progress)
+    stats = collect(model, corpus.replaced_batches(batch_size, max_fit_tokens), groups_for(pairs),
+                    total_tokens=corpus.n_tokens(max_fit_tokens) if corpus.masking is None else None,
+                    progress=progress)
     return maps_from_stats(model, stats, corpus, pairs=pairs, intercept=intercept, ridge=ridge,
                            seconds=time.perf_counter() - start)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable
 
+from lensmat.deprecation import renamed
 from lensmat.stats.fit import MapSet
 
 SUBMODULE_KINDS = ("ln1", "attn", "ln2", "mlp", "block")
@@ -119,14 +120,16 @@ def expand_kinds(kinds: Iterable[str], model=None) -> list[str]:
     return [k for k in SUBMODULE_KINDS if k in wanted]
 
 
-def swap_hooks(model, maps: MapSet, kinds: Iterable[str] = ("attn",), layers: Iterable[int] | None = None) -> list:
+@renamed(layers="blocks")
+def swap_hooks(model, maps: MapSet, kinds: Iterable[str] = ("attn",), blocks: Iterable[int] | None = None) -> list:
     """Hooks that make the chosen sub-modules output their maps' predictions.
 
     Args:
         maps: sub-module maps (see :func:`lensmat.analyses.submodules.fit_submodule_maps`), checked
             against ``model``.
         kinds: among ``ln1, attn, ln2, mlp, block`` (``ln`` = both LayerNorms).
-        layers: blocks to swap (default: all).
+        blocks: block indices ``0..L-1`` to swap (default: all); ``layers=`` is the old name (a
+            layer is a residual layer ``0..L`` everywhere else in lensmat).
 
     Returns ``[(hook name, fn), ...]`` in forward order, for ``model.run_with_hooks(...,
     fwd_hooks=...)`` or ``model.hooks(...)``.
@@ -135,7 +138,7 @@ def swap_hooks(model, maps: MapSet, kinds: Iterable[str] = ("attn",), layers: It
     kinds = expand_kinds(kinds, model)
     if "block" in kinds and len(kinds) > 1:
         raise ValueError("Swap 'block' alone: it already replaces everything inside the block.")
-    blocks = range(int(model.cfg.n_layers)) if layers is None else sorted(set(layers))
+    blocks = range(int(model.cfg.n_layers)) if blocks is None else sorted(set(blocks))
     device, dtype = model.W_U.device, model.W_U.dtype
     hooks = []
     for layer in blocks:
@@ -154,16 +157,18 @@ def swap_hooks(model, maps: MapSet, kinds: Iterable[str] = ("attn",), layers: It
     return hooks
 
 
+@renamed(layers="blocks")
 @contextlib.contextmanager
-def swap(model, maps: MapSet, kinds: Iterable[str] = ("attn",), layers: Iterable[int] | None = None):
-    """Within the block, the chosen sub-modules of ``model`` output their linear maps.
+def swap(model, maps: MapSet, kinds: Iterable[str] = ("attn",), blocks: Iterable[int] | None = None):
+    """Within the block, the chosen sub-modules of ``model`` (in ``blocks``, default all; see
+    :func:`swap_hooks`) output their linear maps.
 
     Example::
 
-        with lensmat.swap(model, maps, kinds={"attn"}, layers=range(5, 8)):
+        with lensmat.swap(model, maps, kinds={"attn"}, blocks=range(5, 8)):
             logits = model(tokens)
 
     The hooks are removed on exit, also after an exception; hooks you added before stay.
     """
-    with model.hooks(fwd_hooks=swap_hooks(model, maps, kinds, layers)):
+    with model.hooks(fwd_hooks=swap_hooks(model, maps, kinds, blocks)):
         yield model

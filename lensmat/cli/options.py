@@ -148,15 +148,33 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     add_out_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars and no memory plan")
     add_stats_device(p)
-    p.add_argument("--memory-limit", type=POSITIVE, default=None, metavar="GB",
-                   help="refuse to start when the memory plan needs more than this many GB on a device "
-                        "(default: the device's free memory)")
+    p.add_argument("--memory-limit", type=_memory_size, default=None, metavar="SIZE",
+                   help="refuse to start when the memory plan needs more than SIZE on a device, e.g. 8GB or 512MB "
+                        "(a bare number is GB; default: the device's free memory)")
+
+
+def _memory_size(text: str) -> int:
+    """--memory-limit: bytes, from a size with its unit (``8GB``, ``512MB``, ``16GiB``) or a bare number of GB."""
+    from lensmat.stats.plan import parse_bytes
+
+    size = f"{text}GB" if _is_number(text) else text
+    try:
+        return parse_bytes(size)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace(repr(size), repr(text), 1)) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def memory(args: argparse.Namespace) -> dict:
-    """``stats_device`` and ``memory_limit`` (bytes) from ``--stats-device`` / ``--memory-limit GB``."""
-    limit = None if args.memory_limit is None else int(args.memory_limit * 1e9)
-    return {"stats_device": args.stats_device, "memory_limit": limit}
+    """``stats_device`` and ``memory_limit`` (bytes) from ``--stats-device`` / ``--memory-limit SIZE``."""
+    return {"stats_device": args.stats_device, "memory_limit": args.memory_limit}
 
 
 def run_keywords(args: argparse.Namespace) -> dict:

@@ -5,7 +5,8 @@ The layer above :mod:`lensmat.stats` (it may import stats, data, models and the 
 :mod:`~lensmat.lenses.tuned` the tuned lens (and the tuned-lens package's format);
 :mod:`~lensmat.lenses.jacobian` TransformerLens's J-lens; :mod:`~lensmat.lenses.importers` the
 paper's released maps; :mod:`~lensmat.lenses.metrics` scores lenses against the model
-(:func:`~lensmat.lenses.metrics.evaluate_lenses`); :mod:`~lensmat.lenses.registry` builds lenses
+(:func:`~lensmat.lenses.metrics.evaluate_lenses`, returning a
+:class:`~lensmat.lenses.metrics.LensEvaluation`); :mod:`~lensmat.lenses.registry` builds lenses
 by name. The map of the layers: ``docs/modules.md``.
 """
 

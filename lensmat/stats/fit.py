@@ -35,7 +35,11 @@ class IllConditionedWarning(UserWarning):
 
 @dataclass
 class LinearMap:
-    """``y = x @ W + b`` from hook ``source`` to hook ``target`` (``b`` is ``None`` without intercept)."""
+    """``y = x @ W + b`` from hook ``source`` to hook ``target`` (``b`` is ``None`` without intercept).
+
+    Orientation: ``W`` is ``[d_in, d_out]`` and multiplies row vectors from the right, the transpose
+    of ``nn.Linear.weight`` and of the paper's ``A x``; :attr:`weight` is ``W.T`` (``[d_out, d_in]``),
+    so ``nn.Linear(d_in, d_out).weight.copy_(m.weight)`` and ``.bias.copy_(m.b)`` give the same map."""
 
     W: Float[torch.Tensor, "d_in d_out"]
     b: Float[torch.Tensor, "d_out"] | None
@@ -46,6 +50,11 @@ class LinearMap:
         W = self.W.to(x.device, x.dtype)
         y = x @ W
         return y if self.b is None else y + self.b.to(x.device, x.dtype)
+
+    @property
+    def weight(self) -> Float[torch.Tensor, "d_out d_in"]:
+        """``W.T``: the ``nn.Linear``-style (and the paper's ``A``) orientation."""
+        return self.W.T
 
     def to(self, device=None, dtype=None) -> "LinearMap":
         return LinearMap(self.W.to(device, dtype), None if self.b is None else self.b.to(device, dtype),

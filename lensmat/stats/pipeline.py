@@ -13,13 +13,16 @@ are ``[CLS] line [SEP]``, ``n_mask`` random positions per line become ``[MASK]``
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lensmat import data
+from lensmat.deprecation import renamed
 from lensmat.stats.collect import collect, resid_hooks, site_hooks
 from lensmat.stats.gram import GramStats, pair_pattern
 from lensmat.stats.fit import MapSet, fit_pairs, layer_pairs
@@ -96,19 +99,50 @@ def encode(model, lines, max_length: int, bos: bool = True) -> list[list[int]]:
     return data.tokenize(lines, model.tokenizer, max_length, bos=bos)
 
 
-def tokenized(model, dataset: str | None = None, split: str = "train",
+def _split(rows: list, split: str) -> list:
+    """The ``split`` of rows given in memory, by the same 70/30 rule as a corpus's lines."""
+    n_train = math.floor(data.TRAIN_FRACTION * len(rows))
+    chosen = {"train": rows[:n_train], "heldout": rows[n_train:], "all": rows}[split]
+    if not chosen:
+        raise data.CorpusError(f"Split {split!r} of the {len(rows)} sequences given is empty; give more or use "
+                               "split='all'.")
+    return chosen
+
+
+def _token_rows(ids: torch.Tensor, model) -> list[list[int]]:
+    """Rows of a token-id tensor (``[pos]`` or ``[batch, pos]``, as the model reads them), checked."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise ValueError(f"Token ids must be a non-empty integer tensor [pos] or [batch, pos]; got {ids.dtype} "
+                         f"{list(ids.shape)}.")
+    vocab = int(model.cfg.d_vocab)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"Token ids must lie in [0, {vocab}) for {model.cfg.model_name!r}; got "
+                         f"[{int(ids.min())}, {int(ids.max())}].")
+    return [row.tolist() for row in ids.reshape(-1, ids.shape[-1]).cpu()]
+
+
+def tokenized(model, dataset=None, split: str = "train",
               max_length: int = data.DEFAULT_MAX_LENGTH, *, n_mask: int = 1, mask_seed: int = 0,
               scoring: data.Scoring | None = None) -> Tokenized:
     """Lines of ``dataset``'s ``split`` tokenized with the model's tokenizer (BOS prepended unless
     ``scoring`` says otherwise); for a masked LM, with the masked protocol (``n_mask`` positions
-    per line, chosen with ``mask_seed``)."""
+    per line, chosen with ``mask_seed``).
+
+    ``dataset``: a corpus spec (``None``: the bundled corpus; see :mod:`lensmat.data.corpora`), a
+    list of strings, a ``datasets.Dataset``, or token ids (``[pos]`` or ``[batch, pos]``, as the
+    model reads them: BOS included, no padding). Text given in memory is split 70/30 like a file's
+    lines; pass ``split="all"`` to use every row."""
     scoring = scoring or data.Scoring()
     if is_masked_lm(model) and not scoring.is_default:
         raise ValueError("A masked LM is scored at its [MASK] positions (the masked protocol); --positions and "
                          "--no-bos apply to causal models only.")
     max_length = min(max_length, int(model.cfg.n_ctx))
-    spec = str(dataset or data.DEFAULT_CORPUS)
-    seqs = encode(model, data.load_lines(spec, split), max_length, bos=scoring.bos)
+    if isinstance(dataset, torch.Tensor):
+        rows = _token_rows(dataset, model)
+        seqs, spec = [r[:max_length] for r in _split(rows, split)], f"<{len(rows)} token sequences>"
+    else:
+        seqs = encode(model, data.load_lines(dataset, split), max_length, bos=scoring.bos)
+        spec = data.describe_spec(dataset)
     if not is_masked_lm(model):
         return Tokenized(seqs, spec, split, max_length, scoring=scoring)
     masking = data.Masking.for_tokenizer(model.tokenizer, n_mask, mask_seed)
@@ -172,13 +206,17 @@ def maps_from_stats(model, stats: GramStats | list[GramStats], corpus: Tokenized
     return MapSet(maps, describe(model).to_dict(), intercept, ridge, provenance)
 
 
-def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tokens: int | None = None,
+@renamed(max_tokens="max_fit_tokens")
+def fit_maps(model, dataset=None, *, split: str = "train", max_fit_tokens: int | None = None,
              batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH, intercept: bool = False,
              ridge: float = 0.0, all_pairs: bool = False, progress: bool = True, checkpoint=None,
              checkpoint_every: int = 50, resume: bool = False, n_mask: int = 1, mask_seed: int = 0,
              scoring: data.Scoring | None = None, stats_device: str | None = None,
              memory_limit: int | None = None) -> MapSet:
-    """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split.
+    """Fit the residual maps ``h_l -> h_L`` (and every ``l < l'`` with ``all_pairs``) on a corpus split,
+    from at most ``max_fit_tokens`` scored tokens (the name every command uses; ``max_tokens`` still works).
+    ``dataset``: anything :func:`tokenized` takes (a spec, a list of strings, a ``datasets.Dataset``,
+    token ids).
 
     A masked LM is fitted on its masked positions only (``n_mask`` per line, ``mask_seed``); a
     causal model on the positions of ``scoring`` (default: every token after BOS).
@@ -190,7 +228,7 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
     Example::
 
         model = lensmat.load_model()
-        maps = lensmat.fit_maps(model, max_tokens=50_000)
+        maps = lensmat.fit_maps(model, max_fit_tokens=50_000)
         lens = lensmat.MatLens(model, maps)
     """
     from lensmat.stats.plan import check_memory
@@ -199,7 +237,7 @@ def fit_maps(model, dataset: str | None = None, *, split: str = "train", max_tok
     check_memory(model, "fit", corpus, all_pairs=all_pairs, batch_size=batch_size, stats_device=stats_device,
                  memory_limit=memory_limit, progress=progress)
     start = time.perf_counter()
-    stats = collect_layer_stats(model, corpus, max_tokens=max_tokens, batch_size=batch_size,
+    stats = collect_layer_stats(model, corpus, max_tokens=max_fit_tokens, batch_size=batch_size,
                                 pairs="all" if all_pairs else "to_last", progress=progress, checkpoint=checkpoint,
                                 checkpoint_every=checkpoint_every, resume=resume, stats_device=stats_device)
     return maps_from_stats(model, stats, corpus, intercept=intercept, ridge=ridge, all_pairs=all_pairs,

@@ -27,6 +27,7 @@ The model's own weights are printed, not checked: once a command runs they are a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,33 @@ from lensmat.stats.gram import pair_pattern, stats_nbytes
 COMMANDS = ("fit", "compare", "linearity", "submodules", "early-exit", "saturation", "trajectory")
 READS_LENSES = ("compare", "early-exit", "saturation")
 GB = 1e9
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(size: int | float | str | None) -> int | None:
+    """A memory size in bytes: a number is bytes; a string carries its unit (``"8GB"``, ``"512 MiB"``,
+    ``"1.5e9B"``; GB = 10⁹ bytes, GiB = 2³⁰). ``None`` stays ``None``. Raises ValueError naming the form."""
+    if size is None:
+        return None
+    example = "write a positive size with its unit, e.g. '8GB', '512MB' or '16GiB'"
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if text.endswith(u)), None)
+        try:
+            value = float(text[:-len(unit)]) * UNITS[unit] if unit else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"Memory size {size!r} is not a number with a unit; {example}.")
+    elif isinstance(size, (int, float)) and not isinstance(size, bool):
+        value = float(size)
+    else:
+        raise ValueError(f"Memory size {size!r} is neither a number of bytes nor a string; {example}.")
+    if not math.isfinite(value):
+        raise ValueError(f"Memory size {size!r} is not finite; {example}.")
+    if value <= 0:
+        raise ValueError(f"Memory size {size!r} is not positive; {example}.")
+    return int(value)
 READOUT_ARRAYS = 5  # [tokens, V] float32 alive at once: the model's logits, its log-probs and probs, a lens's, a product
 
 
@@ -199,7 +227,8 @@ def check_memory(model, command: str, corpus=None, *, all_pairs: bool = False, b
     """Plan ``command`` on a loaded ``model`` reading ``corpus`` (a :class:`~lensmat.stats.pipeline.Tokenized`,
     which bounds the tokens per batch), print the plan (unless ``progress=False``) and refuse with
     :class:`MemoryPlanError` when it does not fit (``memory_limit``: bytes per device instead of the
-    free memory). Returns the plan as a dict, for the report."""
+    free memory; a number of bytes or a size with its unit, ``"8GB"``: :func:`parse_bytes`). Returns the plan
+    as a dict, for the report."""
     import sys
 
     from lensmat.models import input_device
@@ -210,7 +239,7 @@ def check_memory(model, command: str, corpus=None, *, all_pairs: bool = False, b
              stats_device=stats_device, model_device=str(input_device(model)), **kwargs)
     if progress:
         print(p.format(), file=sys.stderr)
-    p.check(memory_limit, cheaper_options(p, all_pairs, batch_size))
+    p.check(parse_bytes(memory_limit), cheaper_options(p, all_pairs, batch_size))
     return p.to_dict()
 
 

@@ -31,13 +31,13 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lensmat.lenses.registry import parse_lenses
-    from lensmat.lenses.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensTraining
     from lensmat.reports import compare
     from lensmat.reports.tables import format_compare
 
     names = parse_lenses(args.lenses)
     lr = args.tuned_lr if args.tuned_lr is not None else (0.1 if args.tuned_optimizer == "sgd" else 1e-3)
-    tuned_config = TunedLensConfig(tokens=args.tuned_tokens, optimizer=args.tuned_optimizer, lr=lr)
+    tuned_config = TunedLensTraining(tokens=args.tuned_tokens, optimizer=args.tuned_optimizer, lr=lr)
     report = compare(load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned, jlens=args.jlens,
                      tuned_config=tuned_config, jlens_prompts=args.jlens_prompts, scoring=scoring(args),

@@ -25,13 +25,13 @@ def add_trajectory_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_trajectory(args: argparse.Namespace) -> int:
-    from lensmat.lenses.tuned import TunedLensConfig
+    from lensmat.lenses.tuned import TunedLensTraining
     from lensmat.reports import trajectory_report
     from lensmat.reports.tables import format_trajectory
 
     _, report = trajectory_report(
         load(args), args.text, args.dataset, lenses=args.lenses, statistic=args.statistic, k=args.k, maps=args.maps,
-        tuned=args.tuned, tuned_config=TunedLensConfig(tokens=args.tuned_tokens), max_fit_tokens=args.max_fit_tokens,
+        tuned=args.tuned, tuned_config=TunedLensTraining(tokens=args.tuned_tokens), max_fit_tokens=args.max_fit_tokens,
         **run_keywords(args))
     out = args.out
     print(format_trajectory(report))
