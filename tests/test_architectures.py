@@ -5,8 +5,8 @@ HF's; every sub-module kind's hook pair is the module (its output is a function 
 alone, and the model reads it); ``compare``, ``submodules``, ``linearity``, ``saturation`` and
 ``early-exit`` run with tiny budgets, exactly at ``L`` and with no NaN; the real early-exit loop
 decodes like the full model (causal families). A family the bridge cannot load is listed in
-``UNSUPPORTED`` with the reason, and the test fails if that changes. The README's support table
-is :func:`support_table`, checked here, so it always states what this matrix verified
+``UNSUPPORTED`` with the reason, and the test fails if that changes. The support table of
+``docs/architectures.md`` is :func:`support_table`, checked here, so it always states what this matrix verified
 (``python tests/test_architectures.py`` prints it)."""
 
 import math
@@ -65,7 +65,7 @@ UNSUPPORTED = {  # family: (config class, model class, config arguments, what th
 MASKED = {"bert", "roberta", "distilbert"}
 BLOCK_HOOKS = ("hook_resid_mid", "ln1.hook_normalized", "ln1.hook_out", "ln2.hook_normalized", "ln2.hook_out",
                "hook_attn_out", "hook_mlp_out")
-NO_HOOKS = {  # block hooks a family lacks, and why (the README's support table)
+NO_HOOKS = {  # block hooks a family lacks, and why (the support table of docs/architectures.md)
     "gpt_neox": ("hook_resid_mid",),  # parallel attention and MLP
     "gptj": ("hook_resid_mid", "ln2.hook_normalized", "ln2.hook_out"),  # parallel, one norm per block
     "phi": ("hook_resid_mid", "ln2.hook_normalized", "ln2.hook_out"),
@@ -242,7 +242,7 @@ KIND_NOTE = {"pre-norm": "ln1 attn ln2 mlp", "parallel": "ln1 attn ln2 mlp (para
 
 
 def support_table() -> str:
-    """The README's family × command table, from this matrix's expectations (each cell is a test above)."""
+    """The family × command table of docs/architectures.md, from this matrix's expectations (each cell is a test above)."""
     cols = ["loads, logits = HF", "sub-module kinds", *COMMANDS, "real early-exit loop"]
     lines = ["| family | " + " | ".join(f"`{c}`" if c in COMMANDS else c for c in cols) + " |",
              "|" + " --- |" * (len(cols) + 1)]
@@ -254,9 +254,9 @@ def support_table() -> str:
     return "\n".join(lines)
 
 
-def test_readme_support_table_is_this_matrix():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert support_table() in readme, "README's support table is stale: paste `python tests/test_architectures.py`"
+def test_docs_support_table_is_this_matrix():
+    page = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
+    assert support_table() in page, "docs/architectures.md's support table is stale: paste `python tests/test_architectures.py`"
 
 
 if __name__ == "__main__":

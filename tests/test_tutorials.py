@@ -5,6 +5,9 @@ small budgets, on the real offline models (marked ``real_tutorials``; not in the
 
 Each tutorial keeps its model, dataset and token budgets in one cell tagged ``parameters`` (the
 papermill convention); a run on another model inserts a cell after it that overrides them.
+
+The tutorials are committed with their outputs, written by ``python scripts/run_tutorials.py``; a
+fast test checks that every committed notebook was run top to bottom and kept its outputs small.
 """
 
 import re
@@ -32,7 +35,9 @@ def execute(path: Path, workdir: Path, **overrides):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    for cell in nb.cells:  # committed outputs are replaced by this run's
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     at = parameters_cell(nb)
     defined = {line.split("=")[0].strip() for line in nb.cells[at].source.splitlines() if "=" in line}
     assert {"MODEL", "DATASET"} <= defined
@@ -62,6 +67,29 @@ def check_outputs(nb):
 
 def test_there_are_five_tutorials():
     assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05"]
+
+
+WIDGETS = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_committed_tutorials_have_outputs(path):
+    """Committed as ``python scripts/run_tutorials.py`` writes them: every code cell run, in order,
+    in one kernel, no errors, plots as PNG, no widget state, and small enough to read in a diff."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    fix = "run `python scripts/run_tutorials.py` and commit the notebooks"
+    not_run = [i for i, c in enumerate(code) if c.execution_count is None]
+    assert not not_run, f"{path.name}: code cells {not_run} have no outputs: {fix}"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{path.name} was not run top to bottom: {fix}"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], f"{path.name} has an error output: {fix}"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} shows no plot: {fix}"
+    assert "widgets" not in nb.metadata and not any(m in o.get("data", {}) for o in outputs for m in WIDGETS), \
+        f"{path.name} keeps widget state: {fix}"
+    assert path.stat().st_size < 3_000_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
 
 
 @pytest.mark.slow
