@@ -22,7 +22,7 @@ VALUES = st.one_of(st.sampled_from(VALID), st.sampled_from(NASTY))  # half valid
 PATHS = st.one_of(st.sampled_from(["out", "missing/deeper/out"]), st.sampled_from(BAD_PATHS))
 NUMERIC = {  # the numeric options of each command (every one parsed by a shared type in lensmat.cli)
     "info": ["--max-length", "--random-init"],
-    "fit": ["--batch-size", "--max-tokens", "--ridge", "--checkpoint-every", "--max-length", "--memory-limit",
+    "fit": ["--batch-size", "--max-fit-tokens", "--ridge", "--checkpoint-every", "--max-length", "--memory-limit",
             "--n-mask", "--position-seed"],
     "compare": ["--batch-size", "--max-fit-tokens", "--max-eval-tokens", "--jlens-prompts", "--tuned-lr", "--max-length",
                 "--memory-limit"],
@@ -32,7 +32,7 @@ NUMERIC = {  # the numeric options of each command (every one parsed by a shared
     "early-exit": ["--retention", "--max-fit-tokens", "--max-eval-tokens", "--max-probe-tokens", "--masked-t"],
     "trajectory": ["--k", "--max-fit-tokens", "--max-length", "--batch-size"],
 }
-BUDGETS = {"fit": ["--max-tokens", "300"], "compare": ["--max-fit-tokens", "300", "--max-eval-tokens", "100"],
+BUDGETS = {"fit": ["--max-fit-tokens", "300"], "compare": ["--max-fit-tokens", "300", "--max-eval-tokens", "100"],
            "submodules": ["--max-fit-tokens", "300", "--max-eval-tokens", "60", "--kinds", "attn"],
            "linearity": ["--max-fit-tokens", "300", "--max-eval-tokens", "60"],
            "saturation": ["--max-eval-tokens", "100", "--permutations", "20", "--pairs", "4"],

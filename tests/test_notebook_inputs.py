@@ -109,3 +109,29 @@ def test_generate_takes_the_prompt_as_text_or_ids(tiny_gpt2):
     assert by_text["tokens"] == by_ids["tokens"] and by_text["text"] == model.tokenizer.decode(by_ids["tokens"])
     with pytest.raises(ValueError, match="non-empty list of token ids"):
         lensmat.generate(model, None, [], 2)
+
+
+def test_evaluate_lenses_reads_text_as_given(tiny_gpt2):
+    model, _, corpus = tiny_gpt2
+    texts = corpus.read_text().splitlines()[:20]
+    lenses = {"logit": lensmat.LogitLens(model)}
+    by_text = lensmat.evaluate_lenses(model, lenses, texts, progress=False)
+    by_batches = lensmat.evaluate_lenses(model, lenses, tokenized(model, texts, "all").batches(16), progress=False)
+    assert by_text.scores == by_batches.scores and by_text.n_tokens == by_batches.n_tokens > 0
+    heldout = lensmat.evaluate_lenses(model, lenses, str(corpus), progress=False)  # a spec: its heldout split
+    assert heldout.n_tokens == tokenized(model, str(corpus), "heldout").n_tokens()
+
+
+def test_evaluation_builds_no_autograd_graph(tiny_gpt2):
+    """Lenses pass gradients on, so the evaluation loops turn them off themselves."""
+    model, _, corpus = tiny_gpt2
+    seen = []
+
+    class Probe(lensmat.Lens):
+        def transform_hidden(self, h, layer):
+            seen.append(torch.is_grad_enabled())
+            return h
+
+    lensmat.evaluate_lenses(model, {"probe": Probe(model)}, str(corpus), progress=False)
+    lensmat.trajectory(model, {"probe": Probe(model)}, "w1 w4 w7")
+    assert seen and not any(seen)

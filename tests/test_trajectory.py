@@ -264,3 +264,96 @@ def test_cli_trajectory_on_the_bundled_model(tmp_path):
     assert report["summary"]["mat"]["mean_kl"][-1] == pytest.approx(0.0, abs=1e-6)
     assert math.isfinite(report["summary"]["logit"]["mean_kl"][0])
     assert lensmat.trajectory is trajectory
+
+
+# A batch of prompts, a followed token (targets=) and lenses given by name (issue 35).
+
+OTHER = "w2 w5 w8"
+
+
+@pytest.fixture(scope="module")
+def followed(gpt2_lenses) -> list[Trajectory]:
+    model, lenses = gpt2_lenses
+    return trajectory(model, lenses, [TEXT, OTHER], k=3, targets=["w7", 9])
+
+
+def test_followed_token_matches_run_with_cache_and_readout(followed, gpt2_lenses):
+    from lensmat.lenses.base import readout
+    from lensmat.stats.collect import resid_hook
+
+    model, lenses = gpt2_lenses
+    t = followed[0]
+    assert isinstance(followed, list) and len(followed) == 2 and [f.follow_id for f in followed] == [7, 9]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([IDS]))
+        for i, name in enumerate(t.lenses):
+            for layer in range(t.n_layers + 1):
+                h = cache[resid_hook(layer)][0]
+                logits = readout(model, h if name == "logit" else lenses[name].transform_hidden(h, layer)).double()
+                logp = torch.log_softmax(logits, -1)[:, 7]
+                assert t.follow_rank[i, layer].tolist() == ranks_of(logits, [7] * len(IDS))
+                np.testing.assert_allclose(t.follow_logprob[i, layer], logp, atol=1e-5)
+                np.testing.assert_allclose(t.follow_prob[i, layer], logp.exp(), atol=1e-6)
+    np.testing.assert_array_equal(t.follow_rank[:, :, 2], t.target_rank[:, :, 2])  # w4 -> w7: the same token
+    assert t.rank_trajectory("mat").tolist() == t.follow_rank[1].tolist()
+    assert t.rank_trajectory().shape == (2, t.n_layers + 1, len(IDS)) and t.rank_trajectory().dtype == np.int64
+
+
+def test_a_batch_reads_like_each_prompt_alone(followed, gpt2_lenses):
+    model, lenses = gpt2_lenses
+    assert followed[1].tokens == ["<|endoftext|>", "w2", "w5", "w8"] and followed[1].text == OTHER
+    for t, text, target in zip(followed, [TEXT, OTHER], [" w7", 9]):
+        alone = trajectory(model, lenses, text, k=3, targets=target)
+        assert alone.tokens == t.tokens and alone.follow_id == t.follow_id
+        for name in ("top_ids", "top_probs", *STATISTICS, "follow_rank", "follow_prob", "follow_logprob"):
+            np.testing.assert_array_equal(getattr(alone, name), getattr(t, name))
+    same = trajectory(model, lenses, (TEXT, OTHER), k=3, targets=7)
+    assert [s.follow_id for s in same] == [7, 7]
+    plain = trajectory(model, lenses, [TEXT], k=3)
+    assert len(plain) == 1 and plain[0].follow_id is None and plain[0].follow_rank is None
+    assert "follow_rank" not in plain[0].frame().columns
+
+
+def test_frame_has_the_follow_columns(followed):
+    t = followed[0]
+    df = t.frame()
+    assert list(df.columns[-4:]) == ["follow_token", "follow_rank", "follow_prob", "follow_logprob"]
+    assert (df.follow_token == "w7").all() and len(df) == 2 * (t.n_layers + 1) * len(IDS)
+    row = df[(df.lens == "mat") & (df.layer == 1) & (df.position == 3)].iloc[0]
+    assert row.follow_rank == t.follow_rank[1, 1, 3] and row.follow_prob == pytest.approx(t.follow_prob[1, 1, 3])
+    assert row.follow_logprob == pytest.approx(math.log(row.follow_prob))
+
+
+def test_bad_targets_are_refused(traj, gpt2_lenses):
+    model, lenses = gpt2_lenses
+    with pytest.raises(ValueError, match=r"targets='w1 w2' is 2 tokens, not one.*\[1, 2\].*targets=1"):
+        trajectory(model, lenses, TEXT, targets="w1 w2")
+    with pytest.raises(ValueError, match=r"2 target\(s\) for 1 prompt"):
+        trajectory(model, lenses, TEXT, targets=[1, 2])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        trajectory(model, lenses, [TEXT, OTHER], targets=int(model.cfg.d_vocab))
+    with pytest.raises(TypeError, match="token string or a token id"):
+        trajectory(model, lenses, TEXT, targets=1.5)
+    with pytest.raises(ValueError, match="follows no token"):
+        traj.rank_trajectory()
+    with pytest.raises(ValueError, match="no prompt"):
+        trajectory(model, lenses, [])
+    with pytest.raises(ValueError, match="empty"):
+        trajectory(model, lenses, [TEXT, " "])
+
+
+def test_lens_names_build_the_same_lenses(tiny_gpt2, gpt2_lenses, traj):
+    from lensmat.lenses.registry import fit_named_lenses
+
+    model, _, corpus = tiny_gpt2
+    named = trajectory(model, "logit,mat", TEXT, k=3, dataset=str(corpus), progress=False)
+    built, cost, _, _ = fit_named_lenses(model, ["logit", "mat"], str(corpus), progress=False)
+    direct = trajectory(model, built, TEXT, k=3)
+    mixed = trajectory(model, ["logit", gpt2_lenses[1]["mat"]], TEXT, k=3, dataset=str(corpus), progress=False)
+    assert named.lenses == direct.lenses == mixed.lenses == ["logit", "mat"] and cost["mat"]["tokens"] > 0
+    for name in named.lenses:
+        assert named.top1_tokens(name) == direct.top1_tokens(name) == traj.top1_tokens(name)
+        assert mixed.top1_tokens(name) == traj.top1_tokens(name)
+    np.testing.assert_allclose(named.kl, direct.kl, atol=1e-9)
+    with pytest.raises(ValueError, match="valid lenses"):
+        trajectory(model, "logit,nope", TEXT, dataset=str(corpus), progress=False)

@@ -6,7 +6,7 @@ question: :mod:`~lensmat.analyses.compare` (lenses layer by layer), :mod:`~lensm
 with :mod:`~lensmat.analyses.swap` (sub-modules replaced by their maps), :mod:`~lensmat.analyses.linearity`
 ("Your Transformer is Secretly Linear"), :mod:`~lensmat.analyses.saturation` ("Looking Beyond the
 Top-1"), :mod:`~lensmat.analyses.early_exit` and :mod:`~lensmat.analyses.generation` (early exit),
-:mod:`~lensmat.analyses.trajectory` (one text's prediction trajectory), :mod:`~lensmat.analyses.intervene`
+:mod:`~lensmat.analyses.trajectory` (prediction trajectories, with :mod:`~lensmat.analyses.trajectory_follow` for followed tokens), :mod:`~lensmat.analyses.intervene`
 (any hook or swap scored against the clean model). The papers' analyses do not
 import each other (an import-linter contract), except early exit, which builds on saturation's
 rankings. The map of the layers: ``docs/modules.md``.

@@ -12,6 +12,11 @@ position), the lens's top-``k`` tokens and probabilities and four statistics (:d
   a masked LM, as in lensmat's masked protocol (none at a ``[MASK]``, whose original the text hides).
   Missing values are NaN.
 
+With ``targets=`` (a token string or id, or one per prompt), it also follows that token:
+``follow_rank``, ``follow_prob`` and ``follow_logprob`` per (lens, layer, position)
+(:mod:`~lensmat.analyses.trajectory_follow`). ``text`` may be a list of prompts (one
+:class:`Trajectory` each) and ``lenses`` names to build (``"logit,mat"``).
+
 A lens that does not cover a layer (``lens.covers(layer)`` False, e.g. the J-lens at ``L``) shows
 the model's own output there, and :attr:`Trajectory.covered` says so. :class:`Trajectory` turns into
 a per-cell table (:meth:`~Trajectory.to_dataframe`, :meth:`~Trajectory.to_csv`) and a layer × position
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from lensmat.analyses.trajectory_follow import FOLLOW, follow_cells, resolve_targets
+from lensmat.lenses.registry import fit_named_lenses
 from lensmat.lenses.base import Lens, encode_text, layer_logits
 from lensmat.models import describe, is_masked_lm
 
@@ -71,7 +79,11 @@ class Trajectory:
     kl: Float[np.ndarray, "lens layer pos"]  # nats
     target_rank: Float[np.ndarray, "lens layer pos"]  # 0 = top-1; NaN where there is no target
     covered: Bool[np.ndarray, "lens layer"]  # False: the model's own output is shown there
-    vocab: dict[int, str]  # decoded text of every token id in ids, target_ids, final_top1 and top_ids
+    vocab: dict[int, str]  # decoded text of every token id in ids, target_ids, final_top1, top_ids, follow_id
+    follow_id: int | None = None  # the token followed (trajectory(..., targets=)); None: none
+    follow_rank: Float[np.ndarray, "lens layer pos"] | None = None  # its rank, 0 = top-1
+    follow_prob: Float[np.ndarray, "lens layer pos"] | None = None
+    follow_logprob: Float[np.ndarray, "lens layer pos"] | None = None  # nats
 
     @property
     def n_layers(self) -> int:
@@ -101,7 +113,8 @@ class Trajectory:
         """A pandas DataFrame, one row per (lens, layer, position), lens-major: ``lens, layer, position,
         token`` (the input token), ``target`` (None where there is none), ``final_top1`` (the model's),
         ``covered``, ``top1_token, top1_prob, ..., top{k}_token, top{k}_prob``, then the statistics
-        ``p_final_top1, entropy, kl`` (nats) and ``target_rank`` (nullable integer, 0 = top-1)."""
+        ``p_final_top1, entropy, kl`` (nats) and ``target_rank`` (nullable integer, 0 = top-1); with a
+        followed token (``targets=``), ``follow_token, follow_rank, follow_prob, follow_logprob``."""
         import pandas as pd
 
         n_lens, n_layer, n_pos, k = self.top_ids.shape
@@ -122,9 +135,24 @@ class Trajectory:
             columns[name] = getattr(self, name).ravel()
         columns["target_rank"] = pd.array([None if math.isnan(r) else int(r) for r in self.target_rank.ravel()],
                                           dtype="Int64")
+        if self.follow_id is not None:
+            columns["follow_token"] = self.vocab[self.follow_id]
+            columns["follow_rank"] = pd.array(self.follow_rank.ravel().astype(np.int64), dtype="Int64")
+            columns["follow_prob"], columns["follow_logprob"] = self.follow_prob.ravel(), self.follow_logprob.ravel()
         return pd.DataFrame(columns)
 
     frame = to_dataframe  # its earlier name, kept
+
+    def rank_trajectory(self, lens: str | None = None) -> Int[np.ndarray, "..."]:
+        """The followed token's rank (0 = top-1) at every layer 0..L and position, as integers:
+        ``[layer, pos]`` under ``lens``, ``[lens, layer, pos]`` under every lens (``None``), the peer
+        of TransformerLens's ``logit_lens(...).rank_trajectory(target)``. Its probabilities are
+        :attr:`follow_prob` and :attr:`follow_logprob`."""
+        if self.follow_id is None:
+            raise ValueError("This trajectory follows no token; read it with targets=, e.g. "
+                             "lensmat.trajectory(model, lenses, text, targets=' Paris').")
+        ranks = self.follow_rank.astype(np.int64)
+        return ranks if lens is None else ranks[self._lens_index([lens])[0]]
 
     def _repr_html_(self) -> str:
         """Each lens's top-1 token per layer (rows, ``L`` first) and position (columns), truncated."""
@@ -193,19 +221,46 @@ class Trajectory:
 
 
 @torch.no_grad()
-def trajectory(model, lenses: dict[str, Lens], text: str, k: int = 5) -> Trajectory:
-    """The prediction trajectory of ``text`` through every lens in ``lenses`` (name -> :class:`Lens`):
-    one forward pass, then every lens at every residual layer 0..L (see the module docstring).
+def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None, dataset: str | None = None,
+               max_fit_tokens: int | None = None, progress: bool = True) -> Trajectory | list[Trajectory]:
+    """The prediction trajectory of ``text`` through every lens in ``lenses``: one forward pass, then
+    every lens at every residual layer 0..L (see the module docstring).
 
     ``text`` gets BOS (causal) or ``[CLS] … [SEP]`` (masked LM, where it may hold ``[MASK]``); an empty
-    text or one longer than the model's context is refused. ``k``: top tokens kept per cell.
+    text or one longer than the model's context is refused. ``k``: top tokens kept per cell. A list
+    of texts (a batch of prompts) returns a list of :class:`Trajectory`, one per prompt, each read
+    by its own forward pass (no padding, so each is exactly the one-text result).
+
+    ``lenses``: ``{name: Lens}``, or names and ``Lens`` objects (``"logit,mat"``, a list; see
+    :func:`~lensmat.lenses.registry.split_lenses`): those named are built once for the whole batch
+    (:func:`~lensmat.lenses.registry.fit_named_lenses`: the mat maps are fitted on ``dataset``'s train split, the bundled
+    corpus by default, at most ``max_fit_tokens`` tokens; ``progress`` prints the plan).
+
+    ``targets``: a token to follow, a token string (``" Paris"``, exactly one token of the model's
+    tokenizer, no BOS) or id, for every prompt, or a list of one per prompt. The trajectory then
+    holds its rank, probability and log-probability under every lens at every layer and position
+    (:attr:`Trajectory.follow_rank` …, :meth:`Trajectory.rank_trajectory`).
     """
     if not lenses:
         raise ValueError("trajectory needs at least one lens, e.g. {'logit': lensmat.LogitLens(model)}.")
     d_vocab = int(model.cfg.d_vocab)
     if not 1 <= int(k) <= d_vocab:
         raise ValueError(f"k must be in 1..{d_vocab} (the vocabulary), got {k}.")
-    ids = encode_text(model, text)
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
+    if not texts:
+        raise ValueError("text=[] holds no prompt; pass a text or a list of texts.")
+    ids = [encode_text(model, t) for t in texts]  # refuse a bad text before fitting anything
+    follow = resolve_targets(model, targets, len(texts))
+    if isinstance(lenses, Mapping):
+        built = dict(lenses)
+    else:
+        built = fit_named_lenses(model, lenses, dataset, max_fit_tokens=max_fit_tokens, progress=progress)[0]
+    out = [_read(model, built, t, i, int(k), f) for t, i, f in zip(texts, ids, follow)]
+    return out[0] if isinstance(text, str) else out
+
+
+def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | None) -> Trajectory:
+    """One text's :class:`Trajectory` (``ids``: its encoding; ``follow``: the followed token or None)."""
     final, readouts = layer_logits(model, lenses, ids)
     tokens = ids[0]
     masked = is_masked_lm(model)
@@ -219,18 +274,17 @@ def trajectory(model, lenses: dict[str, Lens], text: str, k: int = 5) -> Traject
     p_final = log_final.exp()
     final_top1 = final.argmax(-1)
     rows = torch.arange(tokens.numel(), device=final.device)
-    n_layers = int(model.cfg.n_layers)
-    shape = (len(lenses), n_layers + 1, tokens.numel())
-    out = {name: np.full(shape, np.nan) for name in STATISTICS}
-    top_ids = np.zeros((*shape, int(k)), dtype=np.int64)
-    top_probs = np.zeros((*shape, int(k)))
+    shape = (len(lenses), int(model.cfg.n_layers) + 1, tokens.numel())
+    out = {name: np.full(shape, np.nan) for name in (*STATISTICS, *(FOLLOW if follow is not None else ()))}
+    top_ids = np.zeros((*shape, k), dtype=np.int64)
+    top_probs = np.zeros((*shape, k))
     covered = np.ones(shape[:2], dtype=bool)
     names = list(lenses)
     for name, layer, cov, logits in readouts:
         i = names.index(name)
         logp = torch.log_softmax(logits.to(final.device).double(), -1)  # [pos, vocab]
         p = logp.exp()
-        top = p.topk(int(k), -1)
+        top = p.topk(k, -1)
         top_ids[i, layer], top_probs[i, layer] = top.indices.cpu().numpy(), top.values.cpu().numpy()
         out["p_final_top1"][i, layer] = p[rows, final_top1].cpu().numpy()
         out["entropy"][i, layer] = (-torch.where(p > 0, p * logp, 0.0).sum(-1)).cpu().numpy()
@@ -238,13 +292,18 @@ def trajectory(model, lenses: dict[str, Lens], text: str, k: int = 5) -> Traject
         target_logp = logp[rows, targets.clamp(min=0)]
         rank = (logp > target_logp[:, None]).sum(-1).double()  # tokens strictly more likely than the target
         out["target_rank"][i, layer] = torch.where(has_target, rank, torch.nan).cpu().numpy()
+        if follow is not None:
+            out["follow_rank"][i, layer], out["follow_logprob"][i, layer] = follow_cells(logp, follow)
         covered[i, layer] = cov
+    if follow is not None:
+        out["follow_prob"] = np.exp(out["follow_logprob"])
     ids_np, targets_np, final_np = tokens.cpu().numpy(), targets.cpu().numpy(), final_top1.cpu().numpy()
-    seen = np.unique(np.concatenate([ids_np, targets_np[targets_np >= 0], final_np, top_ids.ravel()]))
+    seen = np.unique(np.concatenate([ids_np, targets_np[targets_np >= 0], final_np, top_ids.ravel(),
+                                     [] if follow is None else [follow]]).astype(np.int64))
     vocab = {int(t): model.tokenizer.decode([int(t)]) for t in seen}
     return Trajectory(model=describe(model).name, text=text, masked=masked, lenses=names, ids=ids_np,
                       tokens=[vocab[int(t)] for t in ids_np], target_ids=targets_np, final_top1=final_np,
-                      top_ids=top_ids, top_probs=top_probs, covered=covered, vocab=vocab, **out)
+                      top_ids=top_ids, top_probs=top_probs, covered=covered, vocab=vocab, follow_id=follow, **out)
 
 
 def trajectory_report(model, text: str, dataset: str | None = None, *,
@@ -259,11 +318,8 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
     through them (:func:`trajectory`). Returns ``(trajectory, report)``; :func:`lensmat.reports.trajectory_report`
     also writes ``trajectory.png`` (coloured by ``statistic``), ``trajectory.csv`` and ``report.json``.
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`."""
-    from lensmat import data
     from lensmat.analyses.common import start_run
-    from lensmat.lenses.registry import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm
-    from lensmat.stats.pipeline import tokenized
-    from lensmat.stats.plan import check_memory
+    from lensmat.lenses.registry import parse_lenses
 
     names = parse_lenses(lenses)
     check_statistic(statistic)
@@ -271,14 +327,10 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
     if not 1 <= k <= int(model.cfg.d_vocab):
         raise ValueError(f"k={k} top tokens per cell: the vocabulary has {model.cfg.d_vocab}; use 1 <= k <= {model.cfg.d_vocab}.")
     encode_text(model, text)  # refuse a bad text before fitting anything
-    refuse_causal_lenses_on_masked_lm(model, names)
-    train = tokenized(model, dataset, "train", max_length or data.DEFAULT_MAX_LENGTH)
-    memory = check_memory(model, "trajectory", train, batch_size=batch_size, stats_device=stats_device,
-                          memory_limit=memory_limit, progress=progress,
-                          fits_maps=any(n.startswith("mat") and not (n == "mat" and maps is not None) for n in names))
-    built, cost, _ = build_lenses(model, names, train, maps=maps, tuned=tuned, tuned_config=tuned_config,
-                                  max_fit_tokens=max_fit_tokens, batch_size=batch_size, stats_device=stats_device,
-                                  progress=progress)
+    built, cost, train, memory = fit_named_lenses(
+        model, lenses, dataset, maps=maps, tuned=tuned, tuned_config=tuned_config, max_fit_tokens=max_fit_tokens,
+        batch_size=batch_size, max_length=max_length, stats_device=stats_device, memory_limit=memory_limit,
+        progress=progress)
     traj = trajectory(model, built, text, k=k)
     report = {"model": traj.model, "model_info": describe(model).to_dict(), "dataset": train.dataset,
               "text": text, "tokens": traj.tokens, "n_layers": traj.n_layers, "lenses": names, "statistic": statistic,

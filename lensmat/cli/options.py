@@ -185,8 +185,10 @@ def run_keywords(args: argparse.Namespace) -> dict:
 
 # token budgets
 
-def add_fit_budget(p: argparse.ArgumentParser, what: str = "cap on train tokens") -> None:
-    p.add_argument("--max-fit-tokens", type=COUNT, default=None, help=f"{what} (default: all)")
+def add_fit_budget(p: argparse.ArgumentParser, what: str = "cap on train tokens", *aliases: str) -> None:
+    """--max-fit-tokens (``aliases``: older spellings that still work, e.g. fit's --max-tokens)."""
+    p.add_argument("--max-fit-tokens", *aliases, dest="max_fit_tokens", type=COUNT, default=None,
+                   help=f"{what} (default: all)")
 
 
 def add_eval_budget(p: argparse.ArgumentParser, default: int | None = None, help: str | None = None) -> None:

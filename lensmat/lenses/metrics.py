@@ -199,11 +199,27 @@ class LensEvaluation(NamedTuple):
         return plots.html_table(table, f"Lens scores per layer ({self.n_tokens} positions)")
 
 
+def _as_batches(model, batches, total_tokens: int | None) -> tuple[Iterable[Batch], int | None]:
+    """``batches`` as given, or the text given instead tokenized (see :func:`evaluate_lenses`)."""
+    import os
+
+    from lensmat.stats.pipeline import tokenized
+
+    texts = isinstance(batches, (list, tuple)) and len(batches) > 0 and all(isinstance(b, str) for b in batches)
+    if texts or isinstance(batches, torch.Tensor) or hasattr(batches, "column_names"):
+        corpus = tokenized(model, batches, "all")
+    elif batches is None or isinstance(batches, (str, os.PathLike)):
+        corpus = tokenized(model, batches, "heldout")
+    else:
+        return batches, total_tokens
+    return corpus.batches(16), corpus.n_tokens() if total_tokens is None else total_tokens
+
+
 @torch.no_grad()
 def evaluate_lenses(
     model,
     lenses: dict,
-    batches: Iterable[Batch],
+    batches,
     *,
     layers: Sequence[int] | None = None,
     stats_groups: Sequence[Sequence[str]] | None = None,
@@ -215,6 +231,9 @@ def evaluate_lenses(
     """Score every lens at every layer on the same tokens, streaming over ``batches``.
 
     Args:
+        batches: :class:`~lensmat.data.batches.Batch` objects, or the text itself: a list of strings, a
+            ``datasets.Dataset`` or token ids (all of it is read), or a corpus spec (its ``heldout``
+            split, as every reported number in lensmat), batched 16 at a time.
         lenses: ``{name: Lens}``; each reads its own site (``lens.site``: ``post`` = residual layers
             ``0..L``, ``mid`` = ``hook_resid_mid`` of blocks ``0..L-1``).
         layers: layers to score (default all of each lens's site).
@@ -230,6 +249,7 @@ def evaluate_lenses(
 
     from lensmat.stats.collect import run_capture, site_hooks, update_stats
 
+    batches, total_tokens = _as_batches(model, batches, total_tokens)
     n_layers = int(model.cfg.n_layers)
     sites = {name: getattr(lens, "site", "post") for name, lens in lenses.items()}
     wanted = range(n_layers + 1) if layers is None else layers

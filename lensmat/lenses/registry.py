@@ -153,3 +153,25 @@ def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None,
     return lenses, {**cost, **given_cost}, fitted.get("mat")
 
 
+def fit_named_lenses(model, lenses, dataset=None, *, command: str = "trajectory", maps=None, tuned=None, tuned_config=None,
+                     max_fit_tokens: int | None = None, batch_size: int = 16, max_length: int | None = None,
+                     stats_device: str | None = None, memory_limit: int | None = None, progress: bool = True):
+    """The lenses of a specification (names and ``Lens`` objects, :func:`~lensmat.lenses.registry.split_lenses`)
+    built on ``model`` (a bridge): those named are fitted on ``dataset``'s train split (``None``: the
+    bundled corpus) after the memory plan of ``command`` is checked (:func:`~lensmat.stats.plan.check_memory`, printed
+    with ``progress``), with :func:`~lensmat.lenses.registry.build_lenses`. Returns ``(lenses, fit_cost,
+    train, memory_plan)``, ``train`` the tokenized split."""
+    from lensmat import data
+    from lensmat.stats.pipeline import tokenized
+    from lensmat.stats.plan import check_memory
+
+    names, given = split_lenses(lenses)
+    refuse_causal_lenses_on_masked_lm(model, lenses)
+    train = tokenized(model, dataset, "train", max_length or data.DEFAULT_MAX_LENGTH)
+    fits = any(n.startswith("mat") and n not in given and not (n == "mat" and maps is not None) for n in names)
+    memory = check_memory(model, command, train, batch_size=batch_size, stats_device=stats_device,
+                          memory_limit=memory_limit, progress=progress, fits_maps=fits)
+    built, cost, _ = build_lenses(model, lenses, train, maps=maps, tuned=tuned, tuned_config=tuned_config,
+                                  max_fit_tokens=max_fit_tokens, batch_size=batch_size, stats_device=stats_device,
+                                  progress=progress)
+    return built, cost, train, memory

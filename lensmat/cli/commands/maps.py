@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from lensmat.cli.options import (COUNT, NONNEGATIVE, Command, add_all_pairs, add_intercept, add_model_options,
+from lensmat.cli.options import (COUNT, NONNEGATIVE, Command, add_all_pairs, add_fit_budget, add_intercept,
+                                 add_model_options,
                                  add_out_options, add_run_options, add_scoring_options, load, masking, memory, scoring)
 from lensmat.stats import pipeline
 
@@ -16,7 +17,7 @@ from lensmat.stats import pipeline
 def add_fit_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_run_options(p)
-    p.add_argument("--max-tokens", type=COUNT, default=None, help="cap on fit tokens (default: the whole split)")
+    add_fit_budget(p, "cap on fit tokens; --max-tokens is the old spelling", "--max-tokens")
     add_intercept(p, help="fit affine maps (y = xW + b)")
     p.add_argument("--ridge", type=NONNEGATIVE, default=0.0, help="ridge penalty λ added to XᵀX")
     add_all_pairs(p, help="also fit every h_l -> h_l' with l < l'")
@@ -59,7 +60,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     if args.resume and not Path(pipeline.checkpoint_path(checkpoint, rank, world)).exists():
         print(f"lensmat fit: no checkpoint at {checkpoint}; starting from the first batch", file=sys.stderr)
     model = load(args)
-    maps = pipeline.fit_maps(model, args.dataset, max_tokens=args.max_tokens, batch_size=args.batch_size,
+    maps = pipeline.fit_maps(model, args.dataset, max_fit_tokens=args.max_fit_tokens, batch_size=args.batch_size,
                              max_length=args.max_length, intercept=args.intercept, ridge=args.ridge,
                              all_pairs=args.all_pairs, progress=not args.quiet, checkpoint=checkpoint,
                              checkpoint_every=args.checkpoint_every, resume=args.resume, scoring=scoring(args),
