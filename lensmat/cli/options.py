@@ -248,3 +248,10 @@ def add_maps(p: argparse.ArgumentParser, help: str = "reuse maps saved by `lensm
 def add_tuned(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuned", default=None, help="reuse a saved tuned lens folder instead of training one")
     p.add_argument("--tuned-tokens", type=COUNT, default=200_000, help="train tokens for the tuned lens")
+
+
+def shown(table: str, args: argparse.Namespace) -> int:
+    """Print a command's result table and where its folder is; the exit code 0."""
+    print(table)
+    print(f"report and plots in {args.out}/")
+    return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lensmat.cli.options import (COUNT, POSITIVE, Command, add_all_pairs, add_eval_budget, add_fit_budget, add_lenses,
-                                 add_maps, add_model_options, add_run_options, add_scoring_options, add_tuned, load,
-                                 masking, run_keywords, scoring)
+from lensmat.cli.options import (COUNT, POSITIVE, Command, add_all_pairs, add_eval_budget, add_fit_budget,
+                                 add_lenses, add_maps, add_model_options, add_run_options, add_scoring_options,
+                                 add_tuned, load, masking, run_keywords, scoring, shown)
 from lensmat.lenses.registry import LENS_KINDS
 
 
@@ -42,9 +42,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned, jlens=args.jlens,
                      tuned_config=tuned_config, jlens_prompts=args.jlens_prompts, scoring=scoring(args),
                      all_pairs=args.all_pairs, sites=args.sites, **masking(args), **run_keywords(args))
-    print(format_compare(report))
-    print(f"report and plots in {args.out}/")
-    return 0
+    return shown(format_compare(report), args)
 
 
 COMPARE = Command("compare", "fit maps on train, compare lenses per layer on heldout (the main job)",

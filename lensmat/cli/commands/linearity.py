@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lensmat.cli.options import (NATURAL, Command, add_eval_budget, add_fit_budget, add_masking_options,
-                                 add_model_options, add_run_options, load, load_spec, masking, run_keywords)
+                                 add_model_options, add_run_options, load, load_spec, masking, run_keywords, shown)
 
 
 def add_linearity_options(p: argparse.ArgumentParser) -> None:
@@ -36,9 +36,7 @@ def cmd_linearity(args: argparse.Namespace) -> int:
         print(format_linearity_over_models(summary))
         print(f"report and plots in {args.out}/ (one folder per model)")
         return 0
-    print(format_linearity(linearity(load(args), args.dataset, **keywords)))
-    print(f"report and plots in {args.out}/")
-    return 0
+    return shown(format_linearity(linearity(load(args), args.dataset, **keywords)), args)
 
 
 LINEARITY = Command("linearity", "per-block linearity scores and depth pruning of the most linear blocks",

@@ -7,8 +7,9 @@ import argparse
 
 from lensmat.analyses.early_exit import MASKED_T
 from lensmat.analyses.saturation import SATURATION_LENSES
-from lensmat.cli.options import (COUNT, FRACTION, Command, _masked_t, add_eval_budget, add_fit_budget, add_k, add_lenses,
-                                 add_masking_options, add_model_options, add_run_options, load, masking, run_keywords)
+from lensmat.cli.options import (COUNT, FRACTION, Command, _masked_t, add_eval_budget, add_fit_budget, add_k,
+                                 add_lenses, add_masking_options, add_model_options, add_run_options, load, masking,
+                                 run_keywords, shown)
 
 
 def add_saturation_options(p: argparse.ArgumentParser) -> None:
@@ -33,9 +34,7 @@ def cmd_saturation(args: argparse.Namespace) -> int:
     report = saturation(load(args), args.dataset, lens=args.lens, k=args.k, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, n_permutations=args.permutations,
                         order_rule=args.order_rule, max_pairs=args.pairs, **masking(args), **run_keywords(args))
-    print(format_saturation(report))
-    print(f"report and plots in {args.out}/")
-    return 0
+    return shown(format_saturation(report), args)
 
 
 def add_early_exit_options(p: argparse.ArgumentParser) -> None:
@@ -60,9 +59,7 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
                         max_fit_tokens=args.max_fit_tokens, max_eval_tokens=args.max_eval_tokens,
                         max_probe_tokens=args.max_probe_tokens, masked_t=args.masked_t, **masking(args),
                         **run_keywords(args))
-    print(format_early_exit(report))
-    print(f"report and plots in {args.out}/")
-    return 0
+    return shown(format_early_exit(report), args)
 
 
 SATURATION = Command("saturation", "order in which the top-k tokens saturate across layers, probe, intervention",

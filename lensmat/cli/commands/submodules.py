@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lensmat.cli.options import (Command, add_eval_budget, add_fit_budget, add_intercept, add_masking_options,
-                                 add_model_options, add_run_options, load, masking, run_keywords)
+                                 add_model_options, add_run_options, load, masking, run_keywords, shown)
 
 
 def add_submodules_options(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,7 @@ def cmd_submodules(args: argparse.Namespace) -> int:
     report = submodules(load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, intercept=args.intercept, **masking(args),
                         **run_keywords(args))
-    print(format_submodules(report))
-    print(f"report and plots in {args.out}/")
-    return 0
+    return shown(format_submodules(report), args)
 
 
 SUBMODULES = Command("submodules", "swap attn/mlp/ln for linear maps: the paper's protocol and single-block swaps",
