@@ -3,6 +3,8 @@ TransformerLens's ``logit_lens`` and the tuned-lens package's ``PredictionTrajec
 
 import math
 
+import os
+
 import pytest
 import torch
 
@@ -195,7 +197,13 @@ def test_transformer_lens_logit_lens_reads_a_lensmat_lens(model, name):
 
 @pytest.mark.parametrize("name", ["mat-affine", "mat-tuned", "tuned"])
 def test_tuned_lens_package_prediction_trajectory(tiny_gpt2, name):
-    from tuned_lens.plotting import PredictionTrajectory
+    try:
+        from tuned_lens.plotting import PredictionTrajectory
+    except ImportError:  # CI installs it (.ci/run); a plain checkout may not have it
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("the tuned-lens package (and plotly) is not installed: pip install --no-deps tuned-lens==0.2.0 "
+                    "simple-parsing flatten-dict docstring-parser plotly")
 
     bridge = tiny_gpt2[0]
     lens = lenses_of_gpt2(bridge)[name]
