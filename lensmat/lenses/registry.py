@@ -82,6 +82,34 @@ def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> di
     return cost
 
 
+def _mat_maps(model, wanted: list[str], train, maps, *, all_pairs: bool, max_fit_tokens: int | None,
+              batch_size: int, stats_device: str | None, sites: tuple[str, ...],
+              progress: bool) -> tuple[dict[str, MapSet], dict]:
+    """The mat map sets ``wanted`` (``mat``, ``mat-affine``), all fitted from one collection pass on
+    ``train``, ``mat`` taken from ``maps`` (a folder or a :class:`MapSet`) when given; returns them and
+    their costs (with the logit lens's zero cost)."""
+    from lensmat.stats import artifacts as io
+
+    fitted: dict[str, MapSet] = {}
+    cost = {"logit": {"seconds": 0.0, "tokens": 0, "reused": False}}
+    if maps is not None:
+        maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
+        maps.check_model(model)
+        fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
+    to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
+    if to_fit:
+        start = time.perf_counter()
+        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
+                                    pairs="all" if all_pairs else "to_last", progress=progress,
+                                    stats_device=stats_device, sites=sites)
+        seconds = time.perf_counter() - start
+        for name in to_fit:
+            fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
+                                           all_pairs=all_pairs and name == "mat", seconds=seconds)
+            cost[name] = _cost(fitted[name].provenance, False)
+    return fitted, cost
+
+
 def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None, jlens=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
                  jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
@@ -101,32 +129,17 @@ def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None,
     ``sites=("post", "mid")`` also fits the maps ``resid_mid_l -> h_L`` into the mat map sets
     (a given ``maps`` must then hold them).
     """
-    from lensmat.stats import artifacts as io
     from lensmat.lenses.jacobian import JLens, fit_jlens
     from lensmat.lenses.tuned import TunedLens, train_tuned_lens
 
     names, given = split_lenses(names)
-    lenses, cost = {}, {"logit": {"seconds": 0.0, "tokens": 0, "reused": False}}
+    lenses = {}
     given_cost = {k: _cost(getattr(lens, "meta", {}).get("provenance"), True) for k, lens in given.items()}
-    fitted: dict[str, MapSet] = {}
-    if maps is not None:
-        maps = io.load_maps(maps, model) if isinstance(maps, (str, os.PathLike)) else maps
-        maps.check_model(model)
-        fitted["mat"], cost["mat"] = maps, _cost(maps.provenance, True)
     built = [n for n in names if n not in given]
     wanted = ([n for n in built if n in ("mat", "mat-affine")] + (["mat-affine"] if "mat-tuned" in built else [])
               + (["mat"] if with_maps or all_pairs else []))
-    to_fit = [n for n in dict.fromkeys(wanted) if n not in fitted]
-    if to_fit:
-        start = time.perf_counter()
-        stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size,
-                                    pairs="all" if all_pairs else "to_last", progress=progress,
-                                    stats_device=stats_device, sites=sites)
-        seconds = time.perf_counter() - start
-        for name in to_fit:
-            fitted[name] = maps_from_stats(model, stats, train, intercept=name == "mat-affine",
-                                           all_pairs=all_pairs and name == "mat", seconds=seconds)
-            cost[name] = _cost(fitted[name].provenance, False)
+    fitted, cost = _mat_maps(model, wanted, train, maps, all_pairs=all_pairs, max_fit_tokens=max_fit_tokens,
+                             batch_size=batch_size, stats_device=stats_device, sites=sites, progress=progress)
     for name in names:
         if name in given:
             lenses[name] = given[name]
