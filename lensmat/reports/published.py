@@ -30,15 +30,11 @@ def _reporting(analysis, command: str):
     return run
 
 
-def _write(report: Report, folder: Path) -> None:
-    report.write(folder)
-
-
-compare = published(_reporting(_compare.compare, "compare"), _write)
-submodules = published(_reporting(_submodules.submodules, "submodules"), _write)
-linearity = published(_reporting(_linearity.linearity, "linearity"), _write)
-saturation = published(_reporting(_saturation.saturation, "saturation"), _write)
-early_exit = published(_reporting(_early_exit.early_exit, "early-exit"), _write)
+compare = published(_reporting(_compare.compare, "compare"), Report.write)
+submodules = published(_reporting(_submodules.submodules, "submodules"), Report.write)
+linearity = published(_reporting(_linearity.linearity, "linearity"), Report.write)
+saturation = published(_reporting(_saturation.saturation, "saturation"), Report.write)
+early_exit = published(_reporting(_early_exit.early_exit, "early-exit"), Report.write)
 
 
 def _trajectory_report(*args, **kwargs) -> tuple[_trajectory.Trajectory, Report]:
