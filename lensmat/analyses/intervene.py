@@ -81,7 +81,7 @@ def score_intervention(model, text=None, *, hooks=None, swap=None, split: str = 
         clean = Reference(run_capture(model, batch, (), logits=True)[1], batch)
         logits = run_capture(model, batch, (), logits=True, fwd_hooks=fwd)[1]
         scores.update(0, logits, clean)
-        top1.update(0, logits, clean.against(clean.topk[:, 0]))
+        top1.update(0, logits, clean.against(clean.logits.argmax(-1)))
         n_tokens += batch.n_scored
     result = scores.result()
     with warnings.catch_warnings():  # the same positions, warned about once above

@@ -32,7 +32,8 @@ from jaxtyping import Float, Int
 
 from lensmat.stats.collect import check_layer, check_site, resid_hook, site_hooks
 from lensmat.stats.fit import LinearMap, MapSet
-from lensmat.models import input_device, is_masked_lm, mlm_head, model_device
+from lensmat.lenses.engine import readout
+from lensmat.models import input_device, model_device
 
 
 class Lens(torch.nn.Module):
@@ -95,20 +96,6 @@ class Lens(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, n_layers={self.n_layers}, site={self.site!r}"
-
-
-def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024) -> Float[torch.Tensor, "... d_vocab"]:
-    """The model's own prediction from a last-layer residual vector: final norm and unembedding
-    (``logit_readout``), or the masked-LM head for a masked LM; ``chunk_size`` rows at a time.
-    Differentiable when gradients are enabled (``torch.is_grad_enabled()``)."""
-    if not is_masked_lm(model):
-        from transformer_lens.tools.analysis.logit_lens import logit_readout
-
-        return logit_readout(model, h, return_type="logits", chunk_size=chunk_size,
-                             enable_grad=torch.is_grad_enabled()).values
-    head, rows = mlm_head(model), h.reshape(-1, h.shape[-1])
-    out = torch.cat([head(rows[i: i + chunk_size]) for i in range(0, rows.shape[0], chunk_size)])
-    return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 def tl_translator(lens: Lens):

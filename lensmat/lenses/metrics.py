@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float, Int
 
 from lensmat.data import Batch
+from lensmat.lenses import engine
 
 LogitsFn = Callable[[Int[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]]
 
@@ -71,32 +72,37 @@ TOP_K = (1, 5, 10)
 
 
 class Reference:
-    """What every lens is scored against at one batch's scored positions, computed once per batch:
-    the full model's ``logp`` and ``p`` (``[n, vocab]``), its top-``max(TOP_K)`` ids, ``neg_entropy``
-    = Σ p log p per position, and the ``targets`` (the next token; the original token at a masked
-    position) with ``has_target`` (False at a line's last token)."""
+    """What every lens is scored against at one batch's scored positions: the ``targets`` (the next
+    token; the original token at a masked position) with ``has_target`` (False at a line's last
+    token), and the full model's own distribution there, as its ``logits`` ``[n, vocab]`` when they
+    exist (a swapped model's scores, :meth:`LensScores.update`) or read from ``h_L`` by the engine
+    with the lenses (:func:`evaluate_lenses`, ``logits=None``)."""
 
-    def __init__(self, logits: Float[torch.Tensor, "n vocab"], batch: Batch) -> None:
-        self.logp = torch.log_softmax(logits.float(), dim=-1)
-        self.p = self.logp.exp()
-        self.topk = self.logp.topk(max(TOP_K), dim=-1).indices
-        self.neg_entropy = (self.p * self.logp).nan_to_num().sum(-1)  # [n]; 0·log 0 = 0
-        self.targets = batch.targets[batch.score_mask].to(logits.device)
-        self.has_target = batch.target_mask[batch.score_mask].to(logits.device)
+    def __init__(self, logits: Float[torch.Tensor, "n vocab"] | None, batch: Batch,
+                 device: torch.device | str | None = None) -> None:
+        device = logits.device if logits is not None else device
+        self.logits = logits
+        self.targets = batch.targets[batch.score_mask].to(device)
+        self.has_target = batch.target_mask[batch.score_mask].to(device)
 
     def rows(self, keep: torch.Tensor) -> "Reference":
         """The same reference at the positions where ``keep`` is True."""
         out = object.__new__(Reference)
-        for name, value in vars(self).items():
-            setattr(out, name, value[keep])
+        out.logits = None if self.logits is None else self.logits[keep]
+        out.targets, out.has_target = self.targets[keep], self.has_target[keep]
         return out
 
     def against(self, targets: Int[torch.Tensor, "n"]) -> "Reference":
-        """The same reference with ``targets`` as every position's target (e.g. the model's own top-1,
-        ``topk[:, 0]``): a lens's CE against it is then the surprisal of those tokens under the lens."""
-        out = self.rows(torch.ones_like(self.has_target))
-        out.targets, out.has_target = targets, torch.ones_like(self.has_target)
+        """The same reference with ``targets`` as every position's target (e.g. the model's own top-1):
+        a lens's CE against it is then the surprisal of those tokens under the lens."""
+        out = object.__new__(Reference)
+        out.logits, out.targets, out.has_target = self.logits, targets, torch.ones_like(self.has_target)
         return out
+
+    @property
+    def pick(self) -> Int[torch.Tensor, "n 1"]:
+        """The target ids as the engine's ``pick`` (a valid id where there is no target)."""
+        return torch.where(self.has_target, self.targets, 0)[:, None]
 
 
 class NonFiniteWarning(UserWarning):
@@ -109,51 +115,58 @@ class LensScores:
     ``p`` is the full model's distribution at the same position and ``q`` the lens's.
     Precision@k = fraction of positions where the lens's top-1 token is in p's top-k;
     surprisal = mean −log p(lens top-1); KL(p‖q) in nats; CE = −log q(actual next token),
-    over positions that have a next token.
+    over positions that have a next token. Every quantity comes from the readout engine
+    (:mod:`lensmat.lenses.engine`); the sums stay on the device until :meth:`result`.
 
     Positions whose logits hold NaN/Inf are counted in ``non_finite`` and left out of every
     metric (a layer where all were non-finite scores ``None``), never counted as misses.
     """
 
     def __init__(self, n_layers: int) -> None:
-        self.sums = {m: torch.zeros(n_layers + 1, dtype=torch.float64) for m in METRICS}
-        self.n = torch.zeros(n_layers + 1, dtype=torch.float64)
-        self.n_ce = torch.zeros(n_layers + 1, dtype=torch.float64)
-        self.non_finite = torch.zeros(n_layers + 1, dtype=torch.int64)
+        self.n_layers = n_layers
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def update(
-        self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
-        """Add one batch at ``layer``. With ``z`` the lens logits and ``log q = z − lse(z)``:
-        KL(p‖q) = Σ p log p − Σ p z + lse(z) (as Σ p = 1), CE = lse(z) − z[target]; so ``log q``
-        itself is never materialised."""
-        z = lens_logits.float()
-        finite = torch.isfinite(z).all(-1)
-        if not bool(finite.all()):
-            self.non_finite[layer] += int((~finite).sum())
-            z, ref = z[finite], ref.rows(finite)
-        lse = torch.logsumexp(z, dim=-1)
-        top1 = z.argmax(-1)
-        for k in TOP_K:
-            self.sums[f"precision@{k}"][layer] += float((ref.topk[:, :k] == top1[:, None]).any(-1).sum())
-        self.sums["surprisal"][layer] += float(-ref.logp.gather(-1, top1[:, None]).sum())
-        kl = (ref.neg_entropy - (ref.p * z).sum(-1) + lse).clamp_min(0)  # ≥ 0; rounding can dip below at q = p
-        self.sums["kl"][layer] += float(kl.double().sum())
-        if ref.has_target.any():
-            hit = ref.has_target
-            ce = lse[hit] - z[hit].gather(-1, ref.targets[hit][:, None])[:, 0]
-            self.sums["ce"][layer] += float(ce.sum())
-        self.n[layer] += z.shape[0]
-        self.n_ce[layer] += float(ref.has_target.sum())
+    def _allocate(self, device) -> None:
+        self.sums = {m: torch.zeros(self.n_layers + 1, dtype=torch.float64, device=device)
+                     for m in (*METRICS, "n", "n_ce", "non_finite")}
+
+    def update(self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
+        """Add one batch at ``layer`` from logits that exist (``ref`` must hold the model's logits)."""
+        if ref.logits is None:
+            raise ValueError("LensScores.update needs a Reference built from the model's logits.")
+        readout = engine.read_logits(lens_logits[None], ref.logits, pick=ref.pick, k_ref=max(TOP_K))
+        self.add(layer, readout.group(0), ref)
+
+    def add(self, layer: int, readout: engine.Readout, ref: Reference) -> None:
+        """Add one batch at ``layer`` from one group of an engine readout (tensors ``[n]``, with ``readout.ref``
+        the model's own distribution at the same positions)."""
+        if not self.sums:
+            self._allocate(readout.lse.device)
+        keep = readout.finite & readout.ref.finite
+        top1 = readout.top_ids[:, 0]
+        values = {f"precision@{k}": (readout.ref.top_ids[:, :k] == top1[:, None]).any(-1) for k in TOP_K}
+        values["surprisal"] = readout.ref.lse - readout.ref_at_top1
+        values["kl"] = readout.kl
+        with_target = keep & ref.has_target
+        values["ce"] = readout.lse - readout.picked[:, 0]
+        for m, v in values.items():
+            self.sums[m][layer] += torch.where(with_target if m == "ce" else keep, v.double(), 0.0).sum()
+        self.sums["n"][layer] += keep.sum()
+        self.sums["n_ce"][layer] += with_target.sum()
+        self.sums["non_finite"][layer] += (~keep).sum()
 
     def result(self) -> dict[str, list[float | None]]:
         """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored) and
         ``non_finite``: positions per layer whose logits were NaN/Inf (a :class:`NonFiniteWarning`
         says where)."""
+        if not self.sums:
+            self._allocate("cpu")
+        sums = {m: s.cpu() for m, s in self.sums.items()}  # the one transfer from the device
         out = {}
-        for m, s in self.sums.items():
-            denom = self.n_ce if m == "ce" else self.n
-            out[m] = [float(v / d) if d > 0 else None for v, d in zip(s, denom)]
-        out["non_finite"] = self.non_finite.tolist()
+        for m in METRICS:
+            denom = sums["n_ce" if m == "ce" else "n"]
+            out[m] = [float(v / d) if d > 0 else None for v, d in zip(sums[m], denom)]
+        out["non_finite"] = [int(c) for c in sums["non_finite"]]
         bad = [layer for layer, c in enumerate(out["non_finite"]) if c]
         if bad:
             import warnings
@@ -242,33 +255,49 @@ def evaluate_lenses(
             ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.stats.gram.pair_pattern`; default all).
 
     Returns a :class:`LensEvaluation` ``(scores, stats, n_tokens)``, ``scores`` = ``{lens: {metric:
-    [values per layer of its site]}}``: L+1 values for a ``post`` lens, L for a ``mid`` one. Only one layer's ``[tokens, vocab]`` logits
-    exist at a time.
+    [values per layer of its site]}}``: L+1 values for a ``post`` lens, L for a ``mid`` one. Every layer and
+    lens of a batch is read in one pass of the readout engine (:mod:`lensmat.lenses.engine`): no
+    ``[tokens, vocab]`` array of a whole layer exists.
     """
     from tqdm.auto import tqdm
 
-    from lensmat.stats.collect import run_capture, site_hooks, update_stats
+    from lensmat.lenses.base import Lens
+    from lensmat.models import model_device
+    from lensmat.stats.collect import resid_hook, run_capture, site_hooks, update_stats
 
     batches, total_tokens = _as_batches(model, batches, total_tokens)
+    for name, lens in lenses.items():
+        if isinstance(lens, Lens) and type(lens).forward is not Lens.forward:
+            raise TypeError(f"The {name!r} lens overrides forward(); the readout engine reads a lens as the model's "
+                            "readout of lens.transform_hidden(h, layer). Define transform_hidden instead.")
     n_layers = int(model.cfg.n_layers)
+    unembedding, device = engine.Unembedding(model), model_device(model)
     sites = {name: getattr(lens, "site", "post") for name, lens in lenses.items()}
     wanted = range(n_layers + 1) if layers is None else layers
     site_layers = {site: [(layer, site_hooks(n_layers, site)[layer]) for layer in wanted
                           if site == "post" or layer < n_layers] for site in set(sites.values())}
-    hooks = [h for pairs in site_layers.values() for _, h in pairs]
+    last = resid_hook(n_layers)  # h_L: the model's own distribution, read by the engine with the lenses
+    hooks = [h for pairs in site_layers.values() for _, h in pairs] + [last]
     extra = [h for g in (stats_groups or []) for h in g]
     scores = {name: LensScores(n_layers - (sites[name] == "mid")) for name in lenses}
     stats, n_tokens = None, 0
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="evaluate", disable=not progress)
     for batch in batches:
-        captured, logits = run_capture(model, batch, hooks + extra, logits=True)
+        captured, _ = run_capture(model, batch, hooks + extra)
         if stats_groups:
             stats = update_stats(stats, stats_groups, captured, stats_device or "cpu", pairs=stats_pairs)
-        ref = Reference(logits, batch)
+        ref = Reference(None, batch, device)
+        rows, where = [], []
         for name, lens in lenses.items():
             for layer, hook in site_layers[sites[name]]:
                 if lens.covers(layer):
-                    scores[name].update(layer, lens(captured[hook], layer), ref)
+                    rows.append(lens.transform_hidden(captured[hook].to(device), layer))
+                    where.append((name, layer))
+        if rows:
+            readout = engine.read(unembedding, torch.stack(rows), captured[last].to(device), pick=ref.pick,
+                                  k_ref=max(TOP_K))
+            for j, (name, layer) in enumerate(where):
+                scores[name].add(layer, readout.group(j), ref)
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()

@@ -98,6 +98,10 @@ def check_hooks(model, hooks: Iterable[str]) -> None:
         )
 
 
+class _Captured(Exception):
+    """Raised by the last capture of a forward that need not go on (no logits wanted)."""
+
+
 @torch.no_grad()
 def run_capture(
     model, batch: Batch, hooks: Sequence[str], *, logits: bool = False, fwd_hooks: Sequence = (),
@@ -106,6 +110,7 @@ def run_capture(
     each restricted to the batch's scored positions (rows in ``batch.score_mask`` order). A masked
     LM also gets the batch's attention mask, so padding never leaks into real positions.
     ``fwd_hooks`` (``[(name, fn)]``, e.g. :func:`lensmat.analyses.swap.swap_hooks`) run before the captures.
+    Without ``logits`` the forward stops once every hook is captured (no final norm, no unembedding).
 
     Raises :class:`ActivationError` when a captured activation holds NaN/Inf.
     """
@@ -117,13 +122,19 @@ def run_capture(
             rows = act[mask.to(act.device)]  # blocks may sit on different devices (device_map)
             _check_finite(name, rows)
             captured[name] = rows
+            if not logits and len(captured) == len(wanted):
+                raise _Captured
 
         return capture
 
     device = input_device(model)
+    wanted = dict.fromkeys(hooks)
     extra = {"attention_mask": batch.attention_mask.to(device)} if is_masked_lm(model) else {}
-    out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[*fwd_hooks, *((h, capture_into(h)) for h in dict.fromkeys(hooks))],
-                               return_type="logits" if logits else None, **extra)
+    try:
+        out = model.run_with_hooks(batch.tokens.to(device), fwd_hooks=[*fwd_hooks, *((h, capture_into(h)) for h in wanted)],
+                                   return_type="logits" if logits else None, **extra)
+    except _Captured:
+        return captured, None
     return captured, (out[mask.to(out.device)] if logits else None)
 
 
