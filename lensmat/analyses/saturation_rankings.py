@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
+from lensmat.lenses import engine
+from lensmat.models import model_device
 from lensmat.stats.collect import resid_hooks, run_capture
 from lensmat.stats.pipeline import Tokenized
 
@@ -62,21 +64,24 @@ def collect_rankings(model, lens, corpus: Tokenized, *, k: int = 5, batch_size: 
                      max_tokens: int | None = None, keep_resid: bool = True, progress: bool = True) -> Rankings:
     """Run ``corpus`` (:meth:`~lensmat.stats.pipeline.Tokenized.batches`, so a masked LM reads its lines
     with their ``[MASK]`` positions) and record the lens's top-``k`` at every layer at its scored
-    positions (up to ``max_tokens`` of them)."""
+    positions (up to ``max_tokens`` of them), every layer of a batch in one pass of the readout engine
+    (:func:`lensmat.lenses.engine.read`; equal logits are ranked by the lowest id)."""
     from tqdm.auto import tqdm
 
     n_layers = int(model.cfg.n_layers)
     hooks = resid_hooks(n_layers)
+    unembedding, device = engine.Unembedding(model), model_device(model)
     tops, probs, resids, origin, inputs = [], [], [], [], {}
     bar = tqdm(total=corpus.n_tokens(max_tokens), unit="tok", unit_scale=True, desc="rankings", disable=not progress)
     for batch in corpus.batches(batch_size, max_tokens):
         lines = batch.lines  # each row's index in corpus.seqs (batching skips lines with nothing to score)
-        captured, logits = run_capture(model, batch, hooks, logits=True)
-        per_layer = [torch.softmax((lens(captured[h], layer) if lens.covers(layer) else logits).float(), -1).topk(k, -1)
-                     for layer, h in enumerate(hooks[:-1])]
-        final = torch.softmax(logits.float(), -1).topk(k, -1)
-        tops.append(torch.stack([t.indices.cpu() for t in (*per_layer, final)]))
-        probs.append(torch.stack([t.values.cpu() for t in (*per_layer, final)]))
+        captured, _ = run_capture(model, batch, hooks)
+        last = captured[hooks[-1]].to(device)  # layer L reads the model itself, as a layer the lens does not cover
+        rows = [lens.transform_hidden(captured[h].to(device), layer) if lens.covers(layer) else last
+                for layer, h in enumerate(hooks[:-1])]
+        readout = engine.read(unembedding, torch.stack([*rows, last]), k=k)
+        tops.append(readout.top_ids.cpu())
+        probs.append(readout.top_probs.cpu())
         if keep_resid:
             resids.append(torch.stack([captured[h].float().cpu() for h in hooks]))
         rows, cols = batch.score_mask.nonzero(as_tuple=True)

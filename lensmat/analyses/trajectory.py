@@ -1,6 +1,6 @@
 """The prediction trajectory of one text: what every lens reads at every layer and position.
 
-:func:`trajectory` runs one text through the model once (:func:`~lensmat.lenses.base.layer_logits`, the
+:func:`trajectory` runs one text through the model once (:func:`~lensmat.lenses.base.read_layers`, the
 readout :func:`~lensmat.lenses.base.top_predictions` shares) and keeps, per (lens, layer ``l`` = 0..L,
 position), the lens's top-``k`` tokens and probabilities and four statistics (:data:`STATISTICS`):
 
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
-from lensmat.analyses.trajectory_follow import FOLLOW, follow_cells, resolve_targets
+from lensmat.analyses.trajectory_follow import FOLLOW, resolve_targets
 from lensmat.lenses.registry import fit_named_lenses
-from lensmat.lenses.base import Lens, encode_text, layer_logits
+from lensmat.lenses.base import Lens, encode_text, read_layers
 from lensmat.models import describe, is_masked_lm
 
 STATISTICS = {
@@ -261,7 +261,6 @@ def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None
 
 def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | None) -> Trajectory:
     """One text's :class:`Trajectory` (``ids``: its encoding; ``follow``: the followed token or None)."""
-    final, readouts = layer_logits(model, lenses, ids)
     tokens = ids[0]
     masked = is_masked_lm(model)
     if masked:  # the lens predicts the token at the position; a [MASK] hides it
@@ -269,31 +268,26 @@ def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | 
         targets = torch.where(tokens == mask_id, -1, tokens) if mask_id is not None else tokens.clone()
     else:
         targets = torch.cat([tokens[1:], tokens.new_full((1,), -1)])
-    has_target = targets >= 0
-    log_final = torch.log_softmax(final.double(), -1)
-    p_final = log_final.exp()
-    final_top1 = final.argmax(-1)
-    rows = torch.arange(tokens.numel(), device=final.device)
+    has_target = (targets >= 0).cpu().numpy()
+    pick = [targets.clamp(min=0)] + ([torch.full_like(targets, follow)] if follow is not None else [])
+    final, cells = read_layers(model, lenses, ids, k=k, pick=torch.stack(pick, -1), rank=True, entropy=True)
+    final_top1 = final.top_ids[:, 0]
     shape = (len(lenses), int(model.cfg.n_layers) + 1, tokens.numel())
     out = {name: np.full(shape, np.nan) for name in (*STATISTICS, *(FOLLOW if follow is not None else ()))}
     top_ids = np.zeros((*shape, k), dtype=np.int64)
     top_probs = np.zeros((*shape, k))
     covered = np.ones(shape[:2], dtype=bool)
     names = list(lenses)
-    for name, layer, cov, logits in readouts:
+    for name, layer, cov, r in cells:  # picked / rank columns: final top-1, target, followed token
         i = names.index(name)
-        logp = torch.log_softmax(logits.to(final.device).double(), -1)  # [pos, vocab]
-        p = logp.exp()
-        top = p.topk(k, -1)
-        top_ids[i, layer], top_probs[i, layer] = top.indices.cpu().numpy(), top.values.cpu().numpy()
-        out["p_final_top1"][i, layer] = p[rows, final_top1].cpu().numpy()
-        out["entropy"][i, layer] = (-torch.where(p > 0, p * logp, 0.0).sum(-1)).cpu().numpy()
-        out["kl"][i, layer] = torch.where(p_final > 0, p_final * (log_final - logp), 0.0).sum(-1).cpu().numpy()
-        target_logp = logp[rows, targets.clamp(min=0)]
-        rank = (logp > target_logp[:, None]).sum(-1).double()  # tokens strictly more likely than the target
-        out["target_rank"][i, layer] = torch.where(has_target, rank, torch.nan).cpu().numpy()
+        logp = (r.picked - r.lse[:, None]).double().cpu().numpy()
+        top_ids[i, layer], top_probs[i, layer] = r.top_ids.cpu().numpy(), r.top_probs.double().cpu().numpy()
+        out["p_final_top1"][i, layer] = np.exp(logp[:, 0])
+        out["entropy"][i, layer] = r.entropy.double().cpu().numpy()
+        out["kl"][i, layer] = r.kl.double().cpu().numpy()
+        out["target_rank"][i, layer] = np.where(has_target, r.rank[:, 1].double().cpu().numpy(), np.nan)
         if follow is not None:
-            out["follow_rank"][i, layer], out["follow_logprob"][i, layer] = follow_cells(logp, follow)
+            out["follow_rank"][i, layer], out["follow_logprob"][i, layer] = r.rank[:, 2].double().cpu().numpy(), logp[:, 2]
         covered[i, layer] = cov
     if follow is not None:
         out["follow_prob"] = np.exp(out["follow_logprob"])

@@ -46,11 +46,3 @@ def resolve_targets(model, targets, n_prompts: int) -> list[int | None]:
                              "prompt, or one token string or id for all of them.")
         return [encode_target(model, t) for t in targets]
     return [encode_target(model, targets)] * n_prompts
-
-
-def follow_cells(logp: Float[torch.Tensor, "pos vocab"], token: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(rank, logprob)`` of ``token`` at each position of one lens's log-probabilities: the rank is
-    the number of tokens strictly more likely (0 = top-1), as for ``target_rank``."""
-    logprob = logp[:, token]
-    rank = (logp > logprob[:, None]).sum(-1).double()
-    return rank.cpu().numpy(), logprob.cpu().numpy()

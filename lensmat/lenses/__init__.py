@@ -10,6 +10,6 @@ paper's released maps; :mod:`~lensmat.lenses.metrics` scores lenses against the 
 by name. The map of the layers: ``docs/modules.md``.
 """
 
-from lensmat.lenses.base import Lens, LogitLens, MatLens, layer_logits, predictions_table, readout, top_predictions
+from lensmat.lenses.base import Lens, LogitLens, MatLens, read_layers, predictions_table, readout, top_predictions
 
-__all__ = ["Lens", "LogitLens", "MatLens", "layer_logits", "predictions_table", "readout", "top_predictions"]
+__all__ = ["Lens", "LogitLens", "MatLens", "read_layers", "predictions_table", "readout", "top_predictions"]

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 
 from lensmat.stats.collect import check_layer, check_site, resid_hook, site_hooks
 from lensmat.stats.fit import LinearMap, MapSet
+from lensmat.lenses import engine
 from lensmat.lenses.engine import readout
 from lensmat.models import input_device, model_device
 
@@ -194,27 +195,39 @@ def encode_text(model, text: str) -> Int[torch.Tensor, "1 pos"]:
 
 
 @torch.no_grad()
-def layer_logits(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"]):
-    """One forward of ``ids`` (one sequence) and every lens's readout of every layer 0..L of its site.
+def read_layers(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"], *, k: int = 5,
+                pick: Int[torch.Tensor, "pos m"] | None = None, rank: bool = False, entropy: bool = False):
+    """One forward of ``ids`` (one sequence) and every lens's reading of every layer 0..L of its site,
+    in one pass of the readout engine (:func:`lensmat.lenses.engine.read`, top-``k`` per cell).
 
-    Returns ``(logits, readouts)``: the model's own logits ``[pos, d_vocab]`` and an iterator over
-    ``(lens name, layer, covered, logits [pos, d_vocab])``, lens by lens, layers 0..L, computed one
-    ``[pos, d_vocab]`` at a time; where a lens does not cover a layer (``covered`` False, e.g. the
-    J-lens at ``L``, a ``mid``-site lens at ``L``) the logits are the model's own output.
+    Returns ``(final, cells)``: ``final``, the model's own :class:`~lensmat.lenses.engine.Readout` at each
+    position (tensors ``[pos, ...]``), and ``cells``, a list of ``(lens name, layer, covered, readout)``,
+    lens by lens, layers 0..L, each ``readout`` one group (``[pos, ...]``) with ``kl`` against the model.
+    ``picked`` holds the model's final top-1 token first, then the columns of ``pick``. Where a lens
+    does not cover a layer (``covered`` False, e.g. the J-lens at ``L``, a ``mid``-site lens at ``L``)
+    the cell is the model's own output (KL 0).
     """
     n_layers = int(model.cfg.n_layers)
     hooks = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
-    wanted = {h for hs in hooks.values() for h in hs}
-    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
-
-    @torch.no_grad()
-    def readouts():
-        for name, lens in lenses.items():
-            for layer in range(n_layers + 1):
-                covered = lens.covers(layer)
-                yield name, layer, covered, (lens(cache[hooks[name][layer]][0], layer) if covered else logits[0])
-
-    return logits[0], readouts()
+    last = resid_hook(n_layers)
+    wanted = {h for hs in hooks.values() for h in hs} | {last}
+    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
+    unembedding, device = engine.Unembedding(model), model_device(model)
+    h_last = cache[last][0].to(device)
+    options = dict(k=k, k_ref=k, rank=rank, entropy=entropy)
+    final_top1 = engine.read(unembedding, h_last[None], k=1).top_ids[0]  # [pos, 1]
+    pick = final_top1 if pick is None else torch.cat([final_top1, pick.to(device)], -1)
+    where = [(name, layer) for name, lens in lenses.items() for layer in range(n_layers + 1) if lens.covers(layer)]
+    rows = [lenses[name].transform_hidden(cache[hooks[name][layer]][0].to(device), layer) for name, layer in where]
+    if rows:
+        read = engine.read(unembedding, torch.stack(rows), h_last, pick=pick, **options)
+        final = read.ref
+    else:
+        read, final = None, engine.read(unembedding, h_last[None], pick=pick, **options).group(0)
+    final.kl = torch.zeros_like(final.lse)
+    groups = {cell: read.group(j) for j, cell in enumerate(where)}
+    return final, [(name, layer, (name, layer) in groups, groups.get((name, layer), final))
+                   for name in lenses for layer in range(n_layers + 1)]
 
 
 def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> dict:
@@ -228,11 +241,11 @@ def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> di
     the model's own output there.
     """
     ids = encode_text(model, text)
-    _, readouts = layer_logits(model, lenses, ids)
+    _, cells = read_layers(model, lenses, ids, k=k)
     rows: dict[str, list] = {name: [] for name in lenses}
-    for name, _, _, logits in readouts:
-        rows[name].append(torch.softmax(logits.float(), -1).topk(k))
-    out = {name: {"ids": torch.stack([r.indices for r in rs]).cpu(), "probs": torch.stack([r.values for r in rs]).cpu()}
+    for name, _, _, readout in cells:
+        rows[name].append(readout)
+    out = {name: {"ids": torch.stack([r.top_ids for r in rs]).cpu(), "probs": torch.stack([r.top_probs for r in rs]).cpu()}
            for name, rs in rows.items()}
     return {"tokens": [model.tokenizer.decode([t]) for t in ids[0].tolist()], "lenses": out}
 
