@@ -18,8 +18,8 @@ single-pass accumulators (online log-sum-exp as in flash attention's softmax):
 - ``finite``: rows whose normalised state and logits are finite (NaN/Inf rows are left out of
   every metric by the callers, and counted).
 
-No ``[n, V]`` array of a whole layer exists: the peak is one chunk, ``groups·n × chunk`` float32
-(:func:`chunk_bytes`; the memory plan's readout line). Nothing in the loop leaves the device: the
+No ``[n, V]`` array of a whole layer exists: the peak is a few chunks of :data:`CHUNK_ELEMENTS`
+float32 logits (the memory plan's readout line, :mod:`lensmat.stats.plan`). Nothing in the loop leaves the device: the
 sums stay tensors until the caller reads them. Logits are computed in the model's dtype and reduced
 in float32.
 
@@ -40,13 +40,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from lensmat.models import is_masked_lm, mlm_head
+from lensmat.stats.plan import READOUT_CHUNK_ELEMENTS
 
-CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MB of float32): the GEMM stays efficient, the reductions in cache
-
-
-def chunk_bytes(rows: int, d_vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Bytes of the engine's working set for ``rows`` stacked rows: a few chunk-sized float32 arrays."""
-    return 4 * 4 * min(rows * d_vocab, max(chunk_elements, rows * 256))
+CHUNK_ELEMENTS = READOUT_CHUNK_ELEMENTS  # logits per chunk (4 MB of float32): an efficient GEMM, reductions in cache
+CHUNK_WIDTH = 2048  # vocabulary columns per chunk; a chunk holds CHUNK_ELEMENTS // CHUNK_WIDTH stacked rows
 
 
 def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024) -> Float[torch.Tensor, "... d_vocab"]:
@@ -77,6 +74,7 @@ class Unembedding:
         adapter_transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
         self.transform = adapter_transform if callable(adapter_transform) and self._head is None else None
         self.d_vocab = int(self.W.shape[1])
+        self._slices: dict[tuple[int, int], torch.Tensor] = {}
         self._check()
 
     def _check(self) -> None:
@@ -102,7 +100,10 @@ class Unembedding:
 
     def logits(self, x: Float[torch.Tensor, "rows d_x"], start: int, stop: int) -> Float[torch.Tensor, "rows chunk"]:
         """Logits of the vocabulary slice ``start:stop`` for normalised rows ``x``."""
-        w = self.W[:, start:stop]
+        key = (start, stop)
+        if key not in self._slices:  # contiguous column blocks of W, cut once (a GEMM on a strided slice is slower)
+            self._slices[key] = self.W[:, start:stop].contiguous()
+        w = self._slices[key]
         z = x @ w if self.b is None else torch.addmm(self.b[start:stop], x, w)
         return z if self.transform is None else self.transform(z)
 
@@ -178,7 +179,7 @@ def read(
     """
     states = rows if reference is None else torch.cat([reference[None], rows])
     x = unembedding.normalise(states).transpose(0, 1).contiguous()  # [n, G1, d_x], position-major
-    finite = torch.isfinite(states).all(-1).T.to(x.device) & torch.isfinite(x).all(-1)
+    finite = torch.isfinite(x.sum(-1))  # a NaN/Inf anywhere in h makes its normalised row NaN
 
     def chunk(p0, p1, start, stop):
         return unembedding.logits(x[p0:p1].reshape(-1, x.shape[-1]), start, stop).float().view(p1 - p0, x.shape[1], -1)
@@ -229,7 +230,7 @@ def reduce(
             first.ref.rank = counted.ref.rank
         return first
     device = finite.device
-    width = min(d_vocab, max(256, 1 << 11))
+    width = min(d_vocab, CHUNK_WIDTH)
     block = max(1, min(n, chunk_elements // (width * n_groups)))
     f32 = dict(device=device, dtype=torch.float32)
     m = torch.full((n, n_groups), -torch.inf, **f32)  # running max of each row's logits

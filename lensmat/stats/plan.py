@@ -17,10 +17,11 @@ What is counted (float64 statistics, :func:`~lensmat.stats.gram.stats_nbytes`):
   sub-module and block (ln1, attn, ln2 and mlp by default: 4 per block);
 - the activation chunk of one batch, ``batch_size · max_length`` tokens: the captured hooks in
   the model's dtype, their concatenation, and its float64 copy;
-- the readout chunk, for commands that read lenses: five ``[tokens, V]`` float32 arrays (the
-  model's logits, log-probabilities and probabilities, one lens's logits, one product).
-  ``trajectory`` reads one text only (a few ``[text tokens, V]`` float64 arrays at a time), which
-  is not counted.
+- the readout, for commands that read lenses (:mod:`lensmat.lenses.engine`): the stacked rows of
+  every layer and lens of one batch, ``(2·(L+1) + 1) · tokens · d`` (logit and mat, plus the
+  model's ``h_L``), three copies in the model's dtype (the rows, the stack and its normalised
+  transpose), and four float32 arrays of :data:`READOUT_CHUNK_ELEMENTS` logits; no ``[tokens, V]``
+  array. ``trajectory`` reads one text only, which is not counted.
 
 The model's own weights are printed, not checked: once a command runs they are already loaded.
 """
@@ -66,7 +67,8 @@ def parse_bytes(size: int | float | str | None) -> int | None:
     if value <= 0:
         raise ValueError(f"Memory size {size!r} is not positive; {example}.")
     return int(value)
-READOUT_ARRAYS = 5  # [tokens, V] float32 alive at once: the model's logits, its log-probs and probs, a lens's, a product
+READOUT_CHUNK_ELEMENTS = 1 << 20  # logits per readout-engine chunk (4 MB of float32)
+READOUT_CHUNK_ARRAYS = 4  # chunk-sized float32 arrays alive at once in the engine's loop
 
 
 class MemoryPlanError(MemoryError):
@@ -198,12 +200,13 @@ def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size
             groups * stats_nbytes([shape.d_model, shape.d_model]))
     tokens = batch_size * max_length if batch_tokens is None else batch_tokens
     width = (shape.n_layers + 1 + (shape.n_layers if mid else 0)) * shape.d_model
-    chunk, readout = f"activation chunk ({tokens} tokens)", f"readout chunk ({tokens} tokens × vocabulary)"
+    chunk, readout = f"activation chunk ({tokens} tokens)", f"readout rows and chunks ({tokens} tokens)"
     items[f"{chunk}, model dtype"] = 2 * tokens * width * shape.dtype_bytes
     items[f"{chunk}, float64"] = tokens * width * 8
     on_model = [f"{chunk}, model dtype"]
     if command in READS_LENSES:
-        items[readout] = READOUT_ARRAYS * tokens * shape.d_vocab * 4
+        rows = (2 * (shape.n_layers + 1) + 1 + (2 * shape.n_layers if mid else 0)) * tokens * shape.d_model
+        items[readout] = 3 * rows * shape.dtype_bytes + READOUT_CHUNK_ARRAYS * READOUT_CHUNK_ELEMENTS * 4
         on_model.append(readout)
     return MemoryPlan(command, shape, items, str(stats_device), dict.fromkeys(on_model, str(model_device)))
 
