@@ -10,6 +10,7 @@ analyses here are the :mod:`lensmat.reports` versions, which take ``out=`` and `
 
 from lensmat import plots
 from lensmat._version import __version__
+from lensmat.analyses.exit_probe import ExitProbe, train_exit_probe
 from lensmat.analyses.generation import generate
 from lensmat.analyses.intervene import score_intervention
 from lensmat.analyses.linearity import evaluate_pruning, linearity_profile, linearity_score
@@ -42,7 +43,7 @@ __all__ = [
     "TunedLensTraining", "TunedLensConfig", "train_tuned_lens", "evaluate_lenses",
     # analyses
     "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "swap", "swap_hooks", "Trajectory", "trajectory",
-    "generate", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
+    "generate", "ExitProbe", "train_exit_probe", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
     # reports: the analyses with out= and force=, returning a Report; a saved one read back
     "compare", "submodules", "linearity", "saturation", "early_exit", "Report", "load_report",
 ]

@@ -241,15 +241,18 @@ def test_blocks_after_an_exit_do_not_run_their_mlp(tiny_llama):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_fast_readout_is_the_lens_readout(family, request):
-    from lensmat.analyses.generation import fast_readout
+def test_the_generation_readout_is_the_lens_readout(family, request):
+    from lensmat.analyses.generation import top_tokens
+    from lensmat.lenses import engine
     from lensmat.lenses.base import readout
 
     model, _, _ = request.getfixturevalue(family)
-    h = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
-    read = fast_readout(model, h[0])
-    assert read.__name__ == "direct"  # no output transform in these families: the direct path is taken
-    torch.testing.assert_close(read(h), readout(model, h), atol=1e-5, rtol=1e-5)
+    unembedding = engine.Unembedding(model)
+    for h in torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3:
+        ids, probs = top_tokens(unembedding, h, 2)
+        want = torch.softmax(readout(model, h).float(), -1).topk(2)
+        assert torch.equal(ids, want.indices)
+        torch.testing.assert_close(probs, want.values, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_thresholds_use_the_simulated_curves_positions(tiny_gpt2, monkeypatch):
@@ -280,3 +283,153 @@ def test_a_probe_without_both_classes_is_left_out_with_a_warning(tiny_bert):
     with pytest.warns(RuntimeWarning, match="logit lens's probe exit is left out"):
         r = early_exit(model, str(corpus), lenses="logit", max_probe_tokens=3, max_eval_tokens=30, progress=False)
     assert set(r["saturation"]) == {"gap", "cosine", "oracle"} and r["protocol"] == "masked"
+
+
+# Cheap exit checks: the exit probe (lensmat.analyses.exit_probe) and generate(check="gated" | "probe")
+
+def constant_probe(model, lens, bias):
+    """An exit probe whose logit at layer ``l`` is ``bias[l-1]`` whatever ``h_l`` holds (W = 0)."""
+    from lensmat.analyses.exit_probe import ExitProbe, lens_fingerprint
+    from lensmat.models import describe
+
+    n_layers = model.cfg.n_layers
+    meta = {"model": describe(model).to_dict(), "label": "top1",
+            "lens": {"name": lens.name, "fingerprint": lens_fingerprint(lens, n_layers)}}
+    return ExitProbe(torch.zeros(n_layers - 1, model.cfg.d_model), torch.tensor(bias, dtype=torch.float32), meta)
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_an_always_confident_probe_exits_at_layer_1_and_emits_the_lens_top1_there(family, request):
+    model, _, _ = request.getfixturevalue(family)
+    lens = LogitLens(model)
+    prompt = [48, 1, 4, 7, 10, 13, 16]
+    out = generate(model, lens, prompt, 8, check="probe", probe=constant_probe(model, lens, [30.0, 30.0]), gate=0.5)
+    assert out["exit_layers"] == [3] + [1] * 7
+    assert out["readouts"] == [1] * 8 and out["probe_checks"] == [0] + [1] * 7  # one probe, one readout per token
+    exact = generate(model, lens, prompt, 8, lam=-1.0)  # the exact rule exiting at layer 1 emits the same tokens
+    assert out["tokens"] == exact["tokens"] and exact["exit_layers"] == out["exit_layers"]
+    assert exact["readouts"] == [1] * 8  # the exit check is the emitting readout
+    assert len(set(out["kv_lengths"])) == 1
+
+
+@pytest.mark.parametrize("check", ["gated", "probe"])
+def test_a_gate_that_never_opens_never_exits_and_is_the_full_model(check, tiny_gpt2):
+    model, _, _ = tiny_gpt2
+    lens = LogitLens(model)
+    prompt = [48, 3, 6, 9, 12]
+    full = generate(model, None, prompt, 12)
+    assert full["readouts"] == [1] * 12 and full["probe_checks"] == [0] * 12
+    lam = -1.0 if check == "gated" else None  # gated: the exact rule would exit at every layer if asked
+    for probe, gate in ((constant_probe(model, lens, [5.0, 5.0]), 1.0), (constant_probe(model, lens, [-30.0, -30.0]), 0.5)):
+        out = generate(model, lens, prompt, 12, lam=lam, check=check, probe=probe, gate=gate)
+        assert out["tokens"] == full["tokens"] and out["exit_layers"] == [3] * 12
+        assert out["readouts"] == [1] * 12 and out["probe_checks"] == [0] + [2] * 11
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_gated_with_gate_0_is_exact_and_a_closed_layer_saves_its_readouts(family, request):
+    model, _, _ = request.getfixturevalue(family)
+    lens, prompt = LogitLens(model), [48, 2, 5, 8, 11]
+    exact = mixed_run(model, prompt, 24)
+    lam = next(lam for lam in (0.05, 0.0, -0.05, -0.1)
+               if generate(model, lens, prompt, 24, lam=lam, n_mean=8)["exit_layers"] == exact["exit_layers"])
+    rng_probe = constant_probe(model, lens, [0.0, 0.0])
+    rng_probe.W = torch.randn(rng_probe.W.shape, generator=torch.Generator().manual_seed(0))
+    gated = generate(model, lens, prompt, 24, lam=lam, n_mean=8, check="gated", probe=rng_probe, gate=0.0)
+    assert gated["tokens"] == exact["tokens"] and gated["exit_layers"] == exact["exit_layers"]
+    assert gated["readouts"] == exact["readouts"] and sum(exact["readouts"]) > 24
+    assert gated["probe_checks"][1:] == [r - (e == 3) for r, e in zip(exact["readouts"][1:], exact["exit_layers"][1:])]
+    shut = generate(model, lens, prompt, 24, lam=lam, n_mean=8, check="gated",  # layer 1 open, layer 2 shut
+                    probe=constant_probe(model, lens, [30.0, -30.0]), gate=0.5)
+    assert set(shut["exit_layers"][1:]) <= {1, 3} and shut["readouts"][1:] == [1 + (e == 3) for e in shut["exit_layers"][1:]]
+    assert max(shut["readouts"]) == 2 < max(exact["readouts"])  # layer 2 is never read
+    same = exact["exit_layers"].index(2) if 2 in exact["exit_layers"] else 24  # identical until exact exits at 2
+    assert shut["tokens"][:same] == exact["tokens"][:same] and shut["exit_layers"][:same] == exact["exit_layers"][:same]
+    assert all(a <= b for a, b in zip(shut["readouts"][:same], exact["readouts"][:same]))
+    assert len(set(shut["kv_lengths"])) == 1
+
+
+def test_the_exit_probe_folds_its_scaler_and_reloads_identical(tiny_gpt2, tiny_llama, tmp_path):
+    import lensmat
+    from lensmat.analyses.exit_probe import ExitProbe, train_exit_probe
+    from lensmat.models import ModelMismatchError
+    from lensmat.stats.artifacts import ArtifactError
+    from lensmat.stats.pipeline import tokenized
+
+    model, _, corpus = tiny_gpt2
+    lens = LogitLens(model)
+    probe = train_exit_probe(model, lens, str(corpus), max_tokens=600, progress=False)
+    assert probe.W.shape == (2, model.cfg.d_model) and probe.meta["label"] == "top1" and probe.meta["n_tokens"] == 600
+    assert probe.meta["data"]["split"] == "train"
+    train = tokenized(model, str(corpus), "train")
+    r = collect_rankings(model, lens, train, k=1, max_tokens=600, progress=False)
+    p = probe.probability(r.resid)
+    assert p.shape == (4, 600) and bool((p[0] == 0).all()) and bool((p[-1] == 0).all())
+    layer1 = (r.lens_topk[1, :, 0] == r.final_topk[:, 0]).numpy()
+    from sklearn.metrics import balanced_accuracy_score
+
+    assert balanced_accuracy_score(layer1, (p[1] > 0.5).numpy()) == pytest.approx(probe.meta["train_balanced_accuracy"][0])
+    probe.save(tmp_path / "probe")
+    back = ExitProbe.load(tmp_path / "probe", model, lens)
+    assert torch.equal(back.W, probe.W) and torch.equal(back.b, probe.b) and back.meta["label"] == "top1"
+    llama = tiny_llama[0]
+    with pytest.raises(ModelMismatchError, match="exit probe"):
+        ExitProbe.load(tmp_path / "probe", llama)
+    mat = lensmat.MatLens(model, lensmat.fit_maps(model, str(corpus), progress=False))
+    with pytest.raises(ModelMismatchError, match="fitted with the 'logit' lens, not the 'mat' lens"):
+        ExitProbe.load(tmp_path / "probe", model, mat)
+    with pytest.raises(ArtifactError, match="not a saved lensmat exit_probe"):
+        ExitProbe.load(tmp_path, model)
+    with pytest.raises(ValueError, match="train split"):
+        train_exit_probe(model, lens, tokenized(model, str(corpus), "heldout"), progress=False)
+    with pytest.raises(ValueError, match="label="):
+        train_exit_probe(model, lens, str(corpus), label="gap", progress=False)
+
+
+def test_cheap_checks_refuse_what_they_cannot_use(tiny_gpt2, tiny_llama):
+    from lensmat.analyses.exit_probe import ExitProbe
+    from lensmat.models import ModelMismatchError
+
+    model, _, _ = tiny_gpt2
+    lens, prompt = LogitLens(model), [48, 1, 2]
+    probe = constant_probe(model, lens, [0.0, 0.0])
+    for check in ("gated", "probe"):
+        with pytest.raises(ValueError, match=f"check='{check}' needs an exit probe"):
+            generate(model, lens, prompt, 2, lam=0.5 if check == "gated" else None, check=check)
+    with pytest.raises(ValueError, match="check='fast'"):
+        generate(model, lens, prompt, 2, check="fast", probe=probe)
+    with pytest.raises(ValueError, match="an exit probe is used by check='gated'"):
+        generate(model, lens, prompt, 2, lam=0.5, probe=probe)
+    for gate in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="gate="):
+            generate(model, lens, prompt, 2, lam=0.5, check="gated", probe=probe, gate=gate)
+    with pytest.raises(ValueError, match="pass lam=None"):
+        generate(model, lens, prompt, 2, lam=0.5, check="probe", probe=probe)
+    llama = tiny_llama[0]
+    with pytest.raises(ModelMismatchError, match="different model"):
+        generate(llama, LogitLens(llama), prompt, 2, check="probe", probe=probe)
+    short = ExitProbe(torch.zeros(1, model.cfg.d_model), torch.zeros(1), probe.meta)
+    with pytest.raises(ModelMismatchError, match="n_layers=2"):
+        generate(model, lens, prompt, 2, check="probe", probe=short)
+    other = constant_probe(model, lens, [0.0, 0.0])
+    other.meta["lens"]["fingerprint"] = [x + 1 for x in other.meta["lens"]["fingerprint"]]
+    with pytest.raises(ModelMismatchError, match="another 'logit' lens"):
+        generate(model, lens, prompt, 2, check="gated", lam=0.5, probe=other)
+
+
+@pytest.mark.slow
+def test_the_exit_probe_predicts_held_out_exits_on_the_reference_model(reference_model):
+    from sklearn.metrics import balanced_accuracy_score
+
+    from lensmat.analyses.exit_probe import exit_labels, train_exit_probe
+    from lensmat.stats.pipeline import tokenized
+
+    model = reference_model
+    lens = LogitLens(model)
+    probe = train_exit_probe(model, lens, None, max_tokens=3000, progress=False)
+    r = collect_rankings(model, lens, tokenized(model, None, "heldout"), k=1, max_tokens=2000, progress=False)
+    labels, p = exit_labels(r), probe.probability(r.resid)
+    scores = [balanced_accuracy_score(labels[layer].numpy(), (p[layer] > 0.5).numpy())
+              for layer in range(1, model.cfg.n_layers) if 0 < int(labels[layer].sum()) < labels.shape[1]]
+    assert len(scores) >= model.cfg.n_layers - 2
+    assert sum(scores) / len(scores) > 0.65 and min(scores) > 0.55  # chance is 0.5

@@ -5,16 +5,33 @@ per step, and watches the residual stream through the bridge's own hook points, 
 every causal architecture the bridge loads (GPT-2, Llama-style RMSNorm + rotary models, Gemma-3
 with its sliding-window layers, ...):
 
-- ``blocks.{l-1}.hook_resid_post`` (residual layer ``l``, ``1 ≤ l < L``): the lens reads ``h_l``;
-  if its top-two gap exceeds ``θ(t)`` (:func:`lensmat.analyses.early_exit.exit_threshold`) the step exits
-  at ``l`` and emits the lens's top-1 there.
+- ``blocks.{l-1}.hook_resid_post`` (residual layer ``l``, ``1 ≤ l < L``): a check decides whether the
+  step exits at ``l``; the first layer that says yes is the exit layer, and the step emits the lens's
+  top-1 there.
 - ``blocks.{j}.hook_resid_pre`` for every later block ``j ≥ l``: the block's input is replaced by
   ``h_l``, so the key/value entries it writes for this position are computed from the exit
   state (CALM's state propagation, Schuster et al. 2022) and later tokens can attend to it.
   A skipped block's MLP is not run (its output would be discarded), and neither are the final
   norm and unembedding; its attention still runs on the single new position.
 
-So a token that exits at ``l`` costs ``l`` full blocks plus ``L − l`` attention-only blocks.
+So a token that exits at ``l`` costs ``l`` full blocks plus ``L − l`` attention-only blocks, plus its checks.
+
+The checks (``generate(check=...)``):
+
+- ``"exact"`` (default): the confidence rule of :mod:`lensmat.analyses.early_exit`. The lens reads ``h_l``
+  (final norm and the full unembedding of ``lens.transform_hidden(h, l)``, through the readout engine,
+  :func:`_confident`) and the
+  step exits if the top-two gap exceeds ``θ(t)`` (:func:`lensmat.analyses.early_exit.exit_threshold`).
+  Each check is a full-vocabulary readout: on a small model with a large vocabulary (SmolLM2-135M:
+  ``d_model`` 576, 49,152 tokens, a 113 MB float32 unembedding) one readout moves more memory than
+  several blocks, so the checks eat much of what the skipped blocks save.
+- ``"gated"``: an :class:`~lensmat.analyses.exit_probe.ExitProbe` (one linear classifier per layer on the
+  raw ``h_l``: ``d_model`` multiply-adds) runs first, and the exact check only where the probe's
+  probability exceeds ``gate``. The exits are the exact rule's, taken at fewer checked layers.
+- ``"probe"``: the step exits where the probe's probability exceeds ``gate``; one full readout at the
+  exit layer gives the emitted token (the full model pays one too, at the end). No confidence check.
+
+``generate`` returns, per token, the exit layer and the number of full readouts it ran (``"readouts"``).
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ import torch
 
 from lensmat.compat import bridge_cache_shim, cache_kwarg
 from lensmat.analyses.early_exit import TAU, exit_threshold
-from lensmat.lenses.base import readout
+from lensmat.lenses import engine
 from lensmat.models import describe, input_device, require_causal
 from lensmat.stats.pipeline import encode
 
@@ -66,37 +83,110 @@ def _mlps_skipped_after_exit(model, state: dict):
             object.__delattr__(mlp, "forward")  # back to the class's forward
 
 
-def fast_readout(model, probe: torch.Tensor):
-    """``h -> logits`` through the bridge's own final norm and unembedding modules, without
-    :func:`~lensmat.lenses.base.readout`'s per-call validation (milliseconds, more than a small block
-    costs at batch 1). Checked once against ``readout`` on ``probe``; where they differ (an output
-    transform such as logit soft-capping), ``readout`` itself is returned."""
-    def direct(h):
-        return model.unembed(model.ln_final(h))
-
-    with torch.no_grad():
-        same = torch.allclose(direct(probe).float(), readout(model, probe).float(), atol=1e-4, rtol=1e-4)
-    return direct if same else (lambda h: readout(model, h))
+def top_tokens(unembedding, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [k], probs [k])`` of one last-layer-basis vector ``h`` (``[d_model]``) through the model's readout,
+    read by the engine (:func:`lensmat.lenses.engine.read`: one chunk at batch 1)."""
+    r = engine.read(unembedding, h[None, None], k=k)
+    return r.top_ids[0, 0], r.top_probs[0, 0]
 
 
-def _exit_hooks(lens, read, state: dict, n_layers: int) -> list:
-    """The hooks of a decoding step, sharing ``state``: after block ``l−1`` (``1 ≤ l < L``), the first layer whose
-    top-two gap under ``lens`` (read by ``read``) exceeds ``state["theta"]`` is recorded as ``state["exit"] =
-    (layer, top-1, h)`` (``h_L`` goes to ``state["h_last"]``); after an exit, every later block's input is ``h``."""
-    def watch(h, hook):
-        layer = int(hook.name.split(".")[1]) + 1
-        if layer == n_layers:
+CHECKS = ("exact", "gated", "probe")
+
+
+def _confident(lens, read, state: dict, h, layer: int) -> int | None:
+    """The exact confidence check: one full readout of ``lens`` at ``layer`` (``read``: the model's
+    :class:`~lensmat.lenses.engine.Unembedding`); the lens's top-1 if its top-two gap exceeds
+    ``state["theta"]``, else ``None``."""
+    state["readouts"] += 1
+    ids, probs = top_tokens(read, lens.transform_hidden(h, layer), 2)
+    if float(probs[0] - probs[1]) > state["theta"]:
+        return int(ids[0])
+    return None
+
+
+def _exit_hooks(lens, read, state: dict, n_layers: int, check: str = "exact", gate=None) -> list:
+    """The hooks of a decoding step, sharing ``state``: after block ``l−1`` (``1 ≤ l < L``) the check
+    decides whether to exit; the first layer that does is recorded as ``state["exit"] = (layer,
+    top-1, h)`` (``h_L`` goes to ``state["h_last"]``); after an exit, every later block's input is ``h``.
+
+    ``check``: ``"exact"`` runs :func:`_confident` at every layer while ``state["theta"] < 1``;
+    ``"gated"`` runs it only where ``gate(h, layer)`` (the exit probe's one dot product) is true;
+    ``"probe"`` exits where ``gate`` is true (while ``state["active"]``), the emitted token being the
+    lens's top-1 there (one full readout). ``state["readouts"]`` and ``state["probes"]`` count the full
+    readouts and probe evaluations."""
+    def last(layer):
+        def watch(h, hook):
             state["h_last"] = h[0, -1]
-        elif state["exit"] is None and state["theta"] < 1:
-            probs = torch.softmax(read(lens.transform_hidden(h[0, -1], layer)).float(), -1).topk(2)
-            if float(probs.values[0] - probs.values[1]) > state["theta"]:
-                state["exit"] = (layer, int(probs.indices[0]), h)
+        return watch
+
+    def exact(layer):
+        def watch(h, hook):
+            if state["exit"] is None and state["theta"] < 1:
+                token = _confident(lens, read, state, h[0, -1], layer)
+                if token is not None:
+                    state["exit"] = (layer, token, h)
+        return watch
+
+    def gated(layer):
+        def watch(h, hook):
+            if state["exit"] is None and state["theta"] < 1:
+                state["probes"] += 1
+                if gate(h[0, -1], layer):
+                    token = _confident(lens, read, state, h[0, -1], layer)
+                    if token is not None:
+                        state["exit"] = (layer, token, h)
+        return watch
+
+    def probed(layer):
+        def watch(h, hook):
+            if state["exit"] is None and state["active"]:
+                state["probes"] += 1
+                if gate(h[0, -1], layer):
+                    state["readouts"] += 1
+                    state["exit"] = (layer, int(top_tokens(read, lens.transform_hidden(h[0, -1], layer), 1)[0][0]), h)
+        return watch
 
     def propagate(h, hook):
         return h if state["exit"] is None else state["exit"][2]
 
-    hooks = [(f"blocks.{b}.hook_resid_post", watch) for b in range(n_layers)]
+    make = {"exact": exact, "gated": gated, "probe": probed}[check]
+    hooks = [(f"blocks.{b}.hook_resid_post", make(b + 1) if b + 1 < n_layers else last(b + 1))
+             for b in range(n_layers)]
     return hooks + [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(1, n_layers)]
+
+
+def _probe_gate(probe, gate: float, device):
+    """``(h, layer) -> bool``: the exit probe's ``P(exit ok | h_layer) > gate``, as ``h · w_l > logit(gate) − b_l``
+    (one dot product and one scalar comparison). ``gate = 0`` always opens, ``gate = 1`` never does."""
+    rows = list(probe.W.to(device))  # one [d_model] view per layer, made once
+    logit = -math.inf if gate == 0 else math.inf if gate == 1 else math.log(gate / (1 - gate))
+    cut = [logit - float(b) for b in probe.b]
+
+    def opens(h, layer):
+        return bool(torch.dot(h.float(), rows[layer - 1]) > cut[layer - 1])
+    return opens
+
+
+def _check_arguments(model, lens, check: str, lam, probe, gate) -> None:
+    if check not in CHECKS:
+        raise ValueError(f"check={check!r}: use one of {', '.join(map(repr, CHECKS))}.")
+    if check == "exact":
+        if probe is not None:
+            raise ValueError("check='exact' reads the lens at every layer; an exit probe is used by check='gated' or "
+                             "check='probe'.")
+    else:
+        if probe is None:
+            raise ValueError(f"check={check!r} needs an exit probe (probe=ExitProbe, from "
+                             "lensmat.analyses.exit_probe.train_exit_probe or ExitProbe.load).")
+        if lens is None:
+            raise ValueError(f"check={check!r} needs the lens the exit probe was trained with.")
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1:
+            raise ValueError(f"gate={gate!r}: the probe's probability threshold is a number in [0, 1] "
+                             "(0: always open, 1: never).")
+        probe.check(model, lens)
+    if check == "probe" and lam is not None:
+        raise ValueError("check='probe' exits on the probe alone (P > gate), without the confidence threshold; "
+                         "pass lam=None (lam is for check='exact' and 'gated').")
 
 
 def prompt_ids(model, prompt: str | list[int] | torch.Tensor) -> list[int]:
@@ -112,32 +202,51 @@ def prompt_ids(model, prompt: str | list[int] | torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def generate(model, lens, prompt: str | list[int] | torch.Tensor, max_new_tokens: int, *, lam: float | None = None,
-             n_mean: float = 64.0, tau: float | None = None) -> dict:
-    """Greedy decoding with confidence exit (``lam=None``: never exit, i.e. the full model; ``lens``
-    may then be None).
+             n_mean: float = 64.0, tau: float | None = None, check: str = "exact", probe=None,
+             gate: float = 0.5) -> dict:
+    """Greedy decoding with early exit (``check="exact"`` and ``lam=None``: never exit, i.e. the full
+    model; ``lens`` may then be None).
 
     ``prompt``: a string, or token ids (BOS first, if the model uses one; :func:`prompt_ids`). The prompt is prefilled by
     the full model; each later token runs blocks with a key/value cache and may exit after block
-    ``l−1`` (residual layer ``l``, ``1 ≤ l < L``), as the module docstring describes. The threshold
-    ``θ(t)`` uses the input token's 0-based position ``t`` after BOS (the convention of the simulated
-    curves) and ``n_mean`` as ``N``.
+    ``l−1`` (residual layer ``l``, ``1 ≤ l < L``), as the module docstring describes. Where to exit:
+
+    - ``check="exact"`` (the default): the confidence rule. At every layer one full readout of the lens
+      (final norm, unembedding, softmax); exit where its top-two gap exceeds ``θ(t)``. ``θ(t)`` uses the
+      input token's 0-based position ``t`` after BOS (the convention of the simulated curves),
+      ``lam`` as λ, ``n_mean`` as ``N`` and ``tau`` as ``τ``.
+    - ``check="gated"``: the same rule, run only at the layers where the exit probe
+      (``probe``, an :class:`~lensmat.analyses.exit_probe.ExitProbe`: one dot product with ``h_l``) gives
+      ``P > gate``. Every exit is one the exact rule would also take at that layer; layers the gate keeps
+      shut are not checked, so a token may exit later than under ``"exact"`` (``gate=0`` checks every
+      layer and gives exactly ``"exact"``'s tokens and exit layers).
+    - ``check="probe"``: exit at the first layer where the probe gives ``P > gate``, emitting the lens's
+      top-1 there (one full readout per token, as the full model pays one at the end); no confidence
+      check and no λ (``lam`` must be None). ``gate=1`` never exits.
+
+    The probe must have been trained for this model and lens (:meth:`ExitProbe.check
+    <lensmat.analyses.exit_probe.ExitProbe.check>` refuses another; :class:`~lensmat.models.ModelMismatchError`).
 
     Returns ``{"tokens": new token ids, "text": them decoded (with a tokenizer), "exit_layers": per
-    token (``L`` = no exit), "seconds": wall time, "kv_lengths": cached positions per layer at the end
-    (all equal when propagation is complete)}``.
+    token (``L`` = no exit), "readouts": full-vocabulary readouts per token (every confidence check,
+    plus the final one of a token that does not exit; the first token, from the prefill, has 1),
+    "probe_checks": probe evaluations per token, "seconds": wall time, "kv_lengths": cached positions
+    per layer at the end (all equal when propagation is complete)}``.
     """
     require_causal(model, "Early-exit generation")
     prompt = prompt_ids(model, prompt)
     if lam is not None and lens is None:
         raise ValueError("An exit threshold (lam) needs a lens to read the intermediate layers with.")
+    _check_arguments(model, lens, check, lam, probe, gate)
     decoder = _decoder(model)
     from transformers import DynamicCache
 
     n_layers, device = int(model.cfg.n_layers), input_device(model)
     tau = TAU if tau is None else tau
-    state: dict = {"theta": math.inf, "exit": None, "h_last": None}
-    read = fast_readout(model, model.W_E[prompt[0]].float().to(model.W_U.dtype))
-    hooks = _exit_hooks(lens, read, state, n_layers)
+    state: dict = {"theta": math.inf, "active": False, "exit": None, "h_last": None, "readouts": 0, "probes": 0}
+    read = engine.Unembedding(model)
+    opens = None if probe is None else _probe_gate(probe, float(gate), model.W_U.device)
+    hooks = _exit_hooks(lens, read, state, n_layers, check, opens)
     cache = DynamicCache(config=model.original_model.config)
     kwarg = cache_kwarg(decoder)
 
@@ -145,23 +254,26 @@ def generate(model, lens, prompt: str | list[int] | torch.Tensor, max_new_tokens
         decoder(input_ids=torch.tensor([ids], device=device), use_cache=True, **{kwarg: cache})
         if state["exit"] is not None:
             return state["exit"][0], state["exit"][1]
-        return n_layers, int(read(state["h_last"]).argmax(-1))
+        state["readouts"] += 1
+        return n_layers, int(top_tokens(read, state["h_last"], 1)[0][0])
 
     start = time.perf_counter()
-    tokens, exits = [], []
+    tokens, exits, readouts, probes = [], [], [], []
     with model.hooks(fwd_hooks=hooks), bridge_cache_shim(model), _mlps_skipped_after_exit(model, state):
         ids = list(prompt)
         for _ in range(max_new_tokens):
             layer, token = step(ids)
             tokens.append(token)
             exits.append(layer)
+            readouts.append(state["readouts"])
+            probes.append(state["probes"])
             ids = [token]
             t = len(prompt) + len(tokens) - 2  # the next input token's position in its line, BOS excluded, as in
-            state["exit"] = None               # the simulated curves (lensmat.analyses.early_exit.positions)
+            state.update(exit=None, readouts=0, probes=0, active=True)  # the simulated curves (early_exit.positions)
             state["theta"] = math.inf if lam is None else float(exit_threshold(lam, torch.tensor([t]), n_mean, tau)[0])
     text = model.tokenizer.decode(tokens) if getattr(model, "tokenizer", None) is not None else None
-    return {"tokens": tokens, "text": text, "exit_layers": exits, "seconds": time.perf_counter() - start,
-            "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
+    return {"tokens": tokens, "text": text, "exit_layers": exits, "readouts": readouts, "probe_checks": probes,
+            "seconds": time.perf_counter() - start, "kv_lengths": [cache.get_seq_length(i) for i in range(n_layers)]}
 
 
 def greedy_reference(model, prompt: str | list[int] | torch.Tensor, max_new_tokens: int) -> list[int]:

@@ -9,8 +9,6 @@ prompt.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from jaxtyping import Float
 
 FOLLOW = ("follow_rank", "follow_prob", "follow_logprob")
 

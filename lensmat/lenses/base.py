@@ -243,10 +243,10 @@ def top_predictions(model, lenses: dict[str, Lens], text: str, k: int = 5) -> di
     ids = encode_text(model, text)
     _, cells = read_layers(model, lenses, ids, k=k)
     rows: dict[str, list] = {name: [] for name in lenses}
-    for name, _, _, readout in cells:
-        rows[name].append(readout)
-    out = {name: {"ids": torch.stack([r.top_ids for r in rs]).cpu(), "probs": torch.stack([r.top_probs for r in rs]).cpu()}
-           for name, rs in rows.items()}
+    for name, _, _, cell in cells:
+        rows[name].append(cell)
+    out = {name: {"ids": torch.stack([r.top_ids for r in rs]).cpu(),
+                  "probs": torch.stack([r.top_probs for r in rs]).cpu()} for name, rs in rows.items()}
     return {"tokens": [model.tokenizer.decode([t]) for t in ids[0].tolist()], "lenses": out}
 
 

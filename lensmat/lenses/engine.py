@@ -43,7 +43,7 @@ from lensmat.models import is_masked_lm, mlm_head
 from lensmat.stats.plan import READOUT_CHUNK_ELEMENTS
 
 CHUNK_ELEMENTS = READOUT_CHUNK_ELEMENTS  # logits per chunk (4 MB of float32): an efficient GEMM, reductions in cache
-CHUNK_WIDTH = 2048  # vocabulary columns per chunk; a chunk holds CHUNK_ELEMENTS // CHUNK_WIDTH stacked rows
+CHUNK_WIDTH = 2048  # vocabulary columns per chunk (at least; fewer rows than CHUNK_ELEMENTS // 2048 get wider ones)
 
 
 def readout(model, h: Float[torch.Tensor, "... d_model"], chunk_size: int = 1024) -> Float[torch.Tensor, "... d_vocab"]:
@@ -74,7 +74,6 @@ class Unembedding:
         adapter_transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
         self.transform = adapter_transform if callable(adapter_transform) and self._head is None else None
         self.d_vocab = int(self.W.shape[1])
-        self._slices: dict[tuple[int, int], torch.Tensor] = {}
         self._check()
 
     def _check(self) -> None:
@@ -100,10 +99,7 @@ class Unembedding:
 
     def logits(self, x: Float[torch.Tensor, "rows d_x"], start: int, stop: int) -> Float[torch.Tensor, "rows chunk"]:
         """Logits of the vocabulary slice ``start:stop`` for normalised rows ``x``."""
-        key = (start, stop)
-        if key not in self._slices:  # contiguous column blocks of W, cut once (a GEMM on a strided slice is slower)
-            self._slices[key] = self.W[:, start:stop].contiguous()
-        w = self._slices[key]
+        w = self.W[:, start:stop]  # a strided view: no copy of the unembedding
         z = x @ w if self.b is None else torch.addmm(self.b[start:stop], x, w)
         return z if self.transform is None else self.transform(z)
 
@@ -230,7 +226,7 @@ def reduce(
             first.ref.rank = counted.ref.rank
         return first
     device = finite.device
-    width = min(d_vocab, CHUNK_WIDTH)
+    width = min(d_vocab, max(CHUNK_WIDTH, chunk_elements // (n * n_groups)))  # few rows: wider chunks
     block = max(1, min(n, chunk_elements // (width * n_groups)))
     f32 = dict(device=device, dtype=torch.float32)
     m = torch.full((n, n_groups), -torch.inf, **f32)  # running max of each row's logits
