@@ -180,6 +180,14 @@ def read(
     def chunk(p0, p1, start, stop):
         return unembedding.logits(x[p0:p1].reshape(-1, x.shape[-1]), start, stop).float().view(p1 - p0, x.shape[1], -1)
 
+    if unembedding.transform is None:  # logits linear in x: Σ_v e_v z_v = x · (W e) + b · e, one small GEMM
+        def weighted(p0, p1, start, stop, e):
+            w = unembedding.W[:, start:stop]
+            u = (e.to(w.dtype) @ w.T).float()  # [nb, d_x]
+            bias = 0 if unembedding.b is None else (e * unembedding.b[start:stop].float()).sum(-1, keepdim=True)
+            return torch.bmm(x[p0:p1].float(), u[..., None])[..., 0] + bias
+
+        chunk.weighted = weighted
     return reduce(chunk, finite, unembedding.d_vocab, reference is not None, **options)
 
 
@@ -213,7 +221,8 @@ def reduce(
 ) -> Readout:
     """The single pass behind :func:`read`: ``chunk(p0, p1, start, stop)`` gives the float32 logits
     ``[p1 − p0, G1, stop − start]`` of positions ``p0:p1`` and vocabulary ``start:stop`` (group 0 the
-    reference when ``has_ref``)."""
+    reference when ``has_ref``); ``chunk.weighted(p0, p1, start, stop, e)``, where present, gives
+    ``Σ_v e[i, v] z[i, g, v]`` without reading the chunk (``[nb, G1]``)."""
     n, n_groups = finite.shape
     g = n_groups - has_ref
     if rank and pick is not None and _thresholds is None:
@@ -229,77 +238,82 @@ def reduce(
     width = min(d_vocab, max(CHUNK_WIDTH, chunk_elements // (n * n_groups)))  # few rows: wider chunks
     block = max(1, min(n, chunk_elements // (width * n_groups)))
     f32 = dict(device=device, dtype=torch.float32)
-    m = torch.full((n, n_groups), -torch.inf, **f32)  # running max of each row's logits
-    s = torch.zeros((n, n_groups), **f32)  # running Σ exp(z − m)
-    top_v = torch.full((n, g, k), -torch.inf, **f32)
-    top_i = torch.zeros((n, g, k), dtype=torch.int64, device=device)
-    if has_ref:
-        ref_v = torch.full((n, k_ref), -torch.inf, **f32)
-        ref_i = torch.zeros((n, k_ref), dtype=torch.int64, device=device)
-        kl_sum = torch.zeros((n, g), **f32)  # Σ exp(z_ref − m_ref) (z_ref − z)
-        at_top1 = torch.zeros((n, g), **f32)
-    if pick is not None:
-        pick = pick.to(device)
-        picked = torch.zeros((n, n_groups, pick.shape[1]), **f32)
-        counts = torch.zeros((n, n_groups, pick.shape[1]), dtype=torch.int64, device=device)
-    if entropy:
-        self_sum = torch.zeros((n, n_groups), **f32)  # Σ exp(z − m) z
     lens = slice(1, None) if has_ref else slice(None)
+    pick = None if pick is None else pick.to(device)
+    blocks = []  # (p0, p1, running state of positions p0:p1): no slice writes in the loop
+    for p0 in range(0, n, block):
+        nb = min(block, n - p0)
+        st = {"m": torch.full((nb, n_groups), -torch.inf, **f32),  # running max of each row's logits
+              "s": torch.zeros((nb, n_groups), **f32),  # running Σ exp(z − m)
+              "top_v": torch.full((nb, g, k), -torch.inf, **f32),
+              "top_i": torch.zeros((nb, g, k), dtype=torch.int64, device=device)}
+        if has_ref:
+            st |= {"ref_v": torch.full((nb, k_ref), -torch.inf, **f32),
+                   "ref_i": torch.zeros((nb, k_ref), dtype=torch.int64, device=device),
+                   "kl": torch.zeros((nb, g), **f32),  # Σ exp(z_ref − m_ref) (z_ref − z)
+                   "at_top1": torch.zeros((nb, g), **f32)}
+        if pick is not None:
+            st |= {"picked": torch.zeros((nb, n_groups, pick.shape[1]), **f32),
+                   "counts": torch.zeros((nb, n_groups, pick.shape[1]), dtype=torch.int64, device=device)}
+        if entropy:
+            st["self"] = torch.zeros((nb, n_groups), **f32)  # Σ exp(z − m) z
+        blocks.append((p0, p0 + nb, st))
     for start in range(0, d_vocab, width):
         stop = min(start + width, d_vocab)
-        for p0 in range(0, n, block):
-            p1 = min(p0 + block, n)
+        for p0, p1, st in blocks:
             z = chunk(p0, p1, start, stop)  # [nb, G1, C], the engine's own: overwritten below
             v, i = z.max(-1)
-            m_old = m[p0:p1]
-            m_new = torch.maximum(m_old, v)
-            scale = torch.exp(m_old - m_new)
+            m_new = torch.maximum(st["m"], v)
+            scale = torch.exp(st["m"] - m_new)
             if has_ref:
                 zr = z[:, 0]
                 e = torch.exp(zr - m_new[:, :1])
-                dot = torch.bmm(z, e[..., None])[..., 0]  # Σ e z of every row, the reference's first
-                kl_sum[p0:p1] = kl_sum[p0:p1] * scale[:, :1] + (dot[:, :1] - dot[:, 1:])
+                weighted = getattr(chunk, "weighted", None)  # Σ e z of every row, the reference's first
+                dot = weighted(p0, p1, start, stop, e) if weighted else torch.bmm(z, e[..., None])[..., 0]
+                st["kl"] = st["kl"] * scale[:, :1] + (dot[:, :1] - dot[:, 1:])
                 if k == 1:
-                    better = v[:, 1:] > top_v[p0:p1, :, 0]
-                    at_top1[p0:p1] = torch.where(better, zr.gather(-1, i[:, 1:]), at_top1[p0:p1])
+                    better = v[:, 1:] > st["top_v"][..., 0]
+                    st["at_top1"] = torch.where(better, zr.gather(-1, i[:, 1:]), st["at_top1"])
                 rv, ri = zr.topk(min(k_ref, stop - start), -1)
-                ref_v[p0:p1], ref_i[p0:p1] = _merge_top(ref_v[p0:p1], ref_i[p0:p1], rv, ri + start, k_ref)
+                st["ref_v"], st["ref_i"] = _merge_top(st["ref_v"], st["ref_i"], rv, ri + start, k_ref)
             if k == 1:
                 cv, ci = v[:, lens, None], i[:, lens, None]
             else:
                 cv, ci = z[:, lens].topk(min(k, stop - start), -1)
-            top_v[p0:p1], top_i[p0:p1] = _merge_top(top_v[p0:p1], top_i[p0:p1], cv, ci + start, k)
+            st["top_v"], st["top_i"] = _merge_top(st["top_v"], st["top_i"], cv, ci + start, k)
             if pick is not None:
                 local = pick[p0:p1] - start
                 inside = ((local >= 0) & (local < stop - start))[:, None]
                 vals = z.gather(-1, local.clamp(0, stop - start - 1)[:, None].expand(-1, n_groups, -1))
-                picked[p0:p1] = torch.where(inside, vals, picked[p0:p1])
+                st["picked"] = torch.where(inside, vals, st["picked"])
                 if _thresholds is not None:
-                    counts[p0:p1] += (z[..., None, :] > _thresholds[p0:p1, ..., None]).sum(-1)
+                    st["counts"] = st["counts"] + (z[..., None, :] > _thresholds[p0:p1, ..., None]).sum(-1)
             if entropy:
-                self_sum[p0:p1] = self_sum[p0:p1] * scale + (torch.exp(z - m_new[..., None]) * z).sum(-1)
-            s[p0:p1] = s[p0:p1] * scale + z.sub_(m_new[..., None]).exp_().sum(-1)  # z is spent: in place
-            m[p0:p1] = m_new
+                st["self"] = st["self"] * scale + (torch.exp(z - m_new[..., None]) * z).sum(-1)
+            st["s"] = st["s"] * scale + z.sub_(m_new[..., None]).exp_().sum(-1)  # z is spent: in place
+            st["m"] = m_new
+    acc = {key: torch.cat([st[key] for _, _, st in blocks]) for key in blocks[0][2]}
+    m, s = acc["m"], acc["s"]
     lse = m + s.log()
     finite = finite & torch.isfinite(lse)
-    out = Readout(lse=lse[:, lens].T, top_ids=top_i.transpose(0, 1), top_logits=top_v.transpose(0, 1),
+    out = Readout(lse=lse[:, lens].T, top_ids=acc["top_i"].transpose(0, 1), top_logits=acc["top_v"].transpose(0, 1),
                   finite=finite[:, lens].T)
     if pick is not None:
-        out.picked = picked[:, lens].transpose(0, 1)
+        out.picked = acc["picked"][:, lens].transpose(0, 1)
         if _thresholds is not None:
-            out.rank = counts[:, lens].transpose(0, 1)
+            out.rank = acc["counts"][:, lens].transpose(0, 1)
     if entropy:
-        out.entropy = (lse - self_sum / s).clamp_min(0)[:, lens].T
+        out.entropy = (lse - acc["self"] / s).clamp_min(0)[:, lens].T
     if has_ref:
         lse_ref = lse[:, 0]
-        kl = kl_sum / s[:, :1] - lse_ref[:, None] + lse[:, 1:]
+        kl = acc["kl"] / s[:, :1] - lse_ref[:, None] + lse[:, 1:]
         out.kl = kl.clamp_min(0).T  # ≥ 0; rounding can dip below at q = p
-        out.ref_at_top1 = at_top1.T if k == 1 else None
-        out.ref = Readout(lse=lse_ref, top_ids=ref_i, top_logits=ref_v, finite=finite[:, 0])
+        out.ref_at_top1 = acc["at_top1"].T if k == 1 else None
+        out.ref = Readout(lse=lse_ref, top_ids=acc["ref_i"], top_logits=acc["ref_v"], finite=finite[:, 0])
         if pick is not None:
-            out.ref.picked = picked[:, 0]
+            out.ref.picked = acc["picked"][:, 0]
             if _thresholds is not None:
-                out.ref.rank = counts[:, 0]
+                out.ref.rank = acc["counts"][:, 0]
         if entropy:
-            out.ref.entropy = (lse_ref - self_sum[:, 0] / s[:, 0]).clamp_min(0)
+            out.ref.entropy = (lse_ref - acc["self"][:, 0] / s[:, 0]).clamp_min(0)
     return out
