@@ -1,5 +1,5 @@
-"""Benchmark: fit residual maps the lensmat way vs plain forward passes and the paper's way, and
-evaluate lenses against their arithmetic floor.
+"""Benchmark: fit residual maps the lensmat way vs plain forward passes and the paper's way (lens
+evaluation against its measured floor is bench_readout.py).
 
 For each token budget, in a fresh subprocess each (so peak memory is per job; model loading is
 not timed):
@@ -8,13 +8,10 @@ not timed):
   to_last     collect the float64 statistics the maps h_l -> h_L need + solve them (streaming)
   lensmat     collect the statistics of every pair h_l, h_l' + solve every pair l < l'
   baseline    stack every scored activation of h_0..h_L, one lstsq per pair (the paper's way)
-  evaluate    score the logit and mat lenses at every layer (lensmat.evaluate_lenses); its floor
-              is the readouts' multiply-adds, (L+1) x 2 lenses x tokens x d_model x d_vocab, at
-              the [1024, d_model] @ [d_model, d_vocab] float32 matmul rate measured in the same job
 Prints wall time, peak RSS and the ratios, measured in one run.
 
     python benchmarks/bench_fit.py --tokens 20000 200000
-    python benchmarks/bench_fit.py --model smollm2-135m --tokens 10000 --kinds hf_forward,forward,to_last,evaluate
+    python benchmarks/bench_fit.py --model smollm2-135m --tokens 10000 --kinds hf_forward,forward,to_last
 """
 
 from __future__ import annotations
@@ -46,19 +43,6 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
         seqs = seqs + seqs
     hooks = resid_hooks(int(model.cfg.n_layers))
     batches = list(data.batches(seqs, batch_size, tokens))
-    extra = {}
-    if kind == "evaluate":  # maps fitted before the clock starts; the matmul rate measured alongside
-        maps = lensmat.fit_maps(model, max_fit_tokens=2_000, progress=False)
-        lenses = {"logit": lensmat.LogitLens(model), "mat": lensmat.MatLens(model, maps)}
-        x, W = torch.randn(1024, model.cfg.d_model), model.W_U.detach().float()
-        x @ W
-        t0 = time.perf_counter()
-        for _ in range(5):
-            x @ W
-        rate = 5 * 1024 * W.numel() / (time.perf_counter() - t0)
-        n = sum(b.n_scored for b in batches)
-        extra = {"floor_seconds": (model.cfg.n_layers + 1) * len(lenses) * n * W.numel() / rate,
-                 "macs_per_second": rate}
     start = time.perf_counter()
     with torch.no_grad():
         if kind == "forward":
@@ -67,8 +51,6 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
         elif kind == "hf_forward":
             for b in batches:
                 model.original_model(input_ids=b.tokens)
-        elif kind == "evaluate":
-            lensmat.evaluate_lenses(model, lenses, batches, progress=False)
         elif kind in ("lensmat", "to_last"):
             pairs = pair_pattern(len(hooks), "all" if kind == "lensmat" else "to_last")
             stats = collect(model, batches, [hooks], pairs=[pairs], progress=False)[0]
@@ -85,7 +67,7 @@ def job(kind: str, tokens: int, model_spec: str | None, batch_size: int) -> dict
                     torch.linalg.lstsq(acts[src], acts[tgt])
     seconds = time.perf_counter() - start
     return {"kind": kind, "tokens": sum(b.n_scored for b in batches), "seconds": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -120,10 +102,6 @@ def main() -> None:
                      ("lensmat", "hf_forward"), ("baseline", "lensmat"), ("forward", "hf_forward")):
             if a in r and b in r:
                 print(f"{'':>8} {a}/{b} = {r[a]['seconds'] / r[b]['seconds']:.2f}")
-        if "evaluate" in r:
-            e = r["evaluate"]
-            print(f"{'':>8} evaluate/floor = {e['seconds'] / e['floor_seconds']:.2f} (floor {e['floor_seconds']:.1f} s "
-                  f"at {e['macs_per_second'] / 1e9:.1f} G multiply-adds/s)")
 
 
 if __name__ == "__main__":

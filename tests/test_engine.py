@@ -173,3 +173,34 @@ def test_scores_from_logits_leave_non_finite_rows_out(big_vocab):
     assert got["non_finite"] == [1]
     assert got["kl"][0] == pytest.approx(float((logp.exp() * (logp - logq)).sum(-1).mean()), rel=1e-5)
     assert got["surprisal"][0] == pytest.approx(float(-logp.gather(-1, logq.argmax(-1)[:, None]).mean()), rel=1e-5)
+
+
+def test_a_lens_that_overrides_forward_is_refused_by_the_engine(big_vocab):
+    class Forwarding(RandomLens):
+        def forward(self, h, layer):
+            return super().forward(h, layer) * 2
+
+    with pytest.raises(TypeError, match="overrides forward.*transform_hidden"):
+        evaluate_lenses(big_vocab, {"odd": Forwarding(big_vocab)}, random_token_batches(1, 2, 6, V), progress=False)
+
+
+def test_the_engine_never_asks_the_device_for_a_python_value(big_vocab, monkeypatch):
+    """Device-ready: no .item(), float(), int() or bool() on a tensor anywhere in a read (each would
+    wait for a GPU), so the sums stay on the device until the caller reads them."""
+    unembedding = engine.Unembedding(big_vocab)  # its one-time check compares on the host, before the loop
+    rows, ref = torch.randn(3, 20, 16), torch.randn(20, 16)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host synchronisation inside the engine")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = engine.read(unembedding, rows, ref, k=3, pick=torch.zeros(20, 1, dtype=torch.int64), rank=True,
+                      entropy=True, chunk_elements=4096)
+    scores = LensScores(0)
+    batch_ref = Reference.__new__(Reference)
+    batch_ref.logits, batch_ref.targets = None, torch.zeros(20, dtype=torch.int64)
+    batch_ref.has_target = torch.ones(20, dtype=torch.bool)
+    scores.add(0, engine.read(unembedding, rows[:1], ref, pick=batch_ref.pick).group(0), batch_ref)
+    monkeypatch.undo()
+    assert out.kl.shape == (3, 20) and scores.sums["n"][0] == 20
