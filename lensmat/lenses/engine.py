@@ -42,7 +42,7 @@ from jaxtyping import Bool, Float, Int
 from lensmat.models import is_masked_lm, mlm_head
 from lensmat.stats.plan import READOUT_CHUNK_ELEMENTS
 
-CHUNK_ELEMENTS = READOUT_CHUNK_ELEMENTS  # logits per chunk (4 MB of float32): an efficient GEMM, reductions in cache
+CHUNK_ELEMENTS = READOUT_CHUNK_ELEMENTS  # logits per chunk (8 MB of float32): an efficient GEMM, reductions in cache
 CHUNK_WIDTH = 2048  # vocabulary columns per chunk (at least; fewer rows than CHUNK_ELEMENTS // 2048 get wider ones)
 
 

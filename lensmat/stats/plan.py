@@ -67,7 +67,7 @@ def parse_bytes(size: int | float | str | None) -> int | None:
     if value <= 0:
         raise ValueError(f"Memory size {size!r} is not positive; {example}.")
     return int(value)
-READOUT_CHUNK_ELEMENTS = 1 << 20  # logits per readout-engine chunk (4 MB of float32)
+READOUT_CHUNK_ELEMENTS = 1 << 21  # logits per readout-engine chunk (8 MB of float32)
 READOUT_CHUNK_ARRAYS = 4  # chunk-sized float32 arrays alive at once in the engine's loop
 
 
