@@ -119,22 +119,16 @@ def _exit_hooks(lens, read, state: dict, n_layers: int, check: str = "exact", ga
             state["h_last"] = h[0, -1]
         return watch
 
-    def exact(layer):
+    def confident(layer):  # "exact"; "gated" asks the probe first
         def watch(h, hook):
             if state["exit"] is None and state["theta"] < 1:
+                if check == "gated":
+                    state["probes"] += 1
+                    if not gate(h[0, -1], layer):
+                        return
                 token = _confident(lens, read, state, h[0, -1], layer)
                 if token is not None:
                     state["exit"] = (layer, token, h)
-        return watch
-
-    def gated(layer):
-        def watch(h, hook):
-            if state["exit"] is None and state["theta"] < 1:
-                state["probes"] += 1
-                if gate(h[0, -1], layer):
-                    token = _confident(lens, read, state, h[0, -1], layer)
-                    if token is not None:
-                        state["exit"] = (layer, token, h)
         return watch
 
     def probed(layer):
@@ -149,7 +143,7 @@ def _exit_hooks(lens, read, state: dict, n_layers: int, check: str = "exact", ga
     def propagate(h, hook):
         return h if state["exit"] is None else state["exit"][2]
 
-    make = {"exact": exact, "gated": gated, "probe": probed}[check]
+    make = probed if check == "probe" else confident
     hooks = [(f"blocks.{b}.hook_resid_post", make(b + 1) if b + 1 < n_layers else last(b + 1))
              for b in range(n_layers)]
     return hooks + [(f"blocks.{b}.hook_resid_pre", propagate) for b in range(1, n_layers)]
