@@ -33,6 +33,34 @@ _LEGACY_NAMES = {"report.json", "meta.json", "maps.safetensors", "lens.safetenso
 _held: dict[Path, int] = {}  # lock file -> claims held by this process (claims nest)
 
 
+_interrupted = False  # a Ctrl-C arrived (catch_interrupts): raised again at every check_interrupted()
+
+
+def catch_interrupts() -> None:
+    """Make Ctrl-C sticky in this process (the command line calls it): SIGINT raises
+    ``KeyboardInterrupt`` as usual and is also remembered, so an interrupt that lands where Python
+    ignores exceptions (inside a ``__del__`` or a weakref callback, which print "Exception ignored"
+    and go on) is raised again at the next :func:`check_interrupted`. Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupted(signum, frame):
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def check_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived since :func:`catch_interrupts` (a long loop's safe point)."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 class OutputError(ValueError):
     """An output folder that lensmat must not write or replace."""
 

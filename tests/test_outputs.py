@@ -310,6 +310,26 @@ def test_ctrl_c_during_fit_exits_130_with_the_resume_command(tmp_path):
     assert not out.exists() and not (tmp_path / ".maps.lensmat-lock").exists()
 
 
+def test_a_ctrl_c_that_lands_where_exceptions_are_ignored_is_raised_again_at_the_next_batch(monkeypatch):
+    """An interrupt raised inside a __del__ is printed and dropped by Python; catch_interrupts remembers
+    it, and collect raises it again before its next batch (so a fit never runs on after Ctrl-C)."""
+    import signal
+
+    from lensmat import outputs
+
+    monkeypatch.setattr(outputs, "_interrupted", False)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        outputs.catch_interrupts()
+        with pytest.raises(KeyboardInterrupt):  # as usual
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        model = make_tiny_model()
+        with pytest.raises(KeyboardInterrupt):  # the loop's safe point raises it again
+            collect(model, random_token_batches(2, 2, 6, 40), [resid_hooks(3)], progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_the_python_api_refuses_impossible_settings_too():
     from lensmat.analyses.early_exit import layers_saved
     from lensmat.analyses.saturation import order_test

@@ -75,12 +75,13 @@ def _quiet_loading(quiet: bool):
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Run the parsed command with its output folder claimed (rank 0 writes); returns its exit code,
     or the code of the failure it raised (printed here)."""
-    from lensmat.outputs import claim
+    from lensmat.outputs import catch_interrupts, claim
 
     debug = args.debug or os.environ.get("LENSMAT_DEBUG", "") not in ("", "0")
     inputs = [getattr(args, k, None) for k in ("dataset", "model", "maps", "tuned", "jlens", "source", "checkpoints")]
     out = getattr(args, "out", None) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 writes
     bad_input, refused = _expected_errors()
+    catch_interrupts()
     try:
         with claim(out, getattr(args, "force", False), inputs), _quiet_loading(getattr(args, "quiet", False)):
             return args.func(args)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lensmat.data import Batch
 from lensmat.stats.gram import GramStats
 from lensmat.models import input_device, is_masked_lm
+from lensmat.outputs import check_interrupted
 
 
 class ActivationError(RuntimeError):
@@ -194,6 +195,7 @@ def collect(
     start, seen = time.perf_counter(), 0
     try:
         for i, batch in enumerate(batches):
+            check_interrupted()  # a Ctrl-C is never lost, even one that landed where exceptions are ignored
             if i < done:  # already in the resumed statistics
                 bar.update(batch.n_scored)
                 continue
