@@ -46,6 +46,8 @@ def catch_interrupts() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # SIGINT ignored (a shell's background job) or handled by the caller: theirs to decide
 
     def interrupted(signum, frame):
         global _interrupted

@@ -295,8 +295,11 @@ def test_a_missing_cuda_device_is_refused_when_parsing(capsys):
 def test_ctrl_c_during_fit_exits_130_with_the_resume_command(tmp_path):
     out = tmp_path / "maps"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # the child starts with SIGINT's default action even when this run was started as a background job of a
+    # shell script, which ignores SIGINT (an ignore that Python, and so lensmat, keeps)
     proc = subprocess.Popen([sys.executable, "-m", "lensmat", "fit", "--out", str(out), "--checkpoint-every", "1",
-                             "--batch-size", "2", "--quiet"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                             "--batch-size", "2", "--quiet"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "maps.checkpoint" / "meta.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
@@ -320,6 +323,7 @@ def test_a_ctrl_c_that_lands_where_exceptions_are_ignored_is_raised_again_at_the
     monkeypatch.setattr(outputs, "_interrupted", False)
     previous = signal.getsignal(signal.SIGINT)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         outputs.catch_interrupts()
         with pytest.raises(KeyboardInterrupt):  # as usual
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
