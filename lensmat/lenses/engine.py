@@ -180,6 +180,7 @@ def read(
     def chunk(p0, p1, start, stop):
         return unembedding.logits(x[p0:p1].reshape(-1, x.shape[-1]), start, stop).float().view(p1 - p0, x.shape[1], -1)
 
+    weighted = None
     if unembedding.transform is None:  # logits linear in x: Σ_v e_v z_v = x · (W e) + b · e, one small GEMM
         def weighted(p0, p1, start, stop, e):
             w = unembedding.W[:, start:stop]
@@ -187,8 +188,7 @@ def read(
             bias = 0 if unembedding.b is None else (e * unembedding.b[start:stop].float()).sum(-1, keepdim=True)
             return torch.bmm(x[p0:p1].float(), u[..., None])[..., 0] + bias
 
-        chunk.weighted = weighted
-    return reduce(chunk, finite, unembedding.d_vocab, reference is not None, **options)
+    return reduce(chunk, finite, unembedding.d_vocab, reference is not None, weighted=weighted, **options)
 
 
 @torch.no_grad()
@@ -196,13 +196,13 @@ def read_logits(logits: Float[torch.Tensor, "g n vocab"], reference: Float[torch
                 **options) -> Readout:
     """:func:`read` for logits that already exist (a swapped or intervened model's output): the same
     reductions, chunked over their vocabulary; rows holding NaN/Inf are marked not ``finite``."""
-    stacked = (logits if reference is None else torch.cat([reference[None], logits])).transpose(0, 1)  # [n, G1, V]
-    finite = torch.isfinite(stacked).all(-1)
+    sources = ([] if reference is None else [reference[None]]) + [logits]  # [G1 groups, n, V], never copied whole
+    finite = torch.cat([torch.isfinite(t).all(-1) for t in sources]).T  # [n, G1]
 
-    def chunk(p0, p1, start, stop):
-        return stacked[p0:p1, :, start:stop].to(torch.float32, copy=True)  # the engine overwrites its chunks
+    def chunk(p0, p1, start, stop):  # a fresh float32 block: the engine overwrites its chunks
+        return torch.cat([t[:, p0:p1, start:stop].float() for t in sources]).transpose(0, 1).contiguous()
 
-    return reduce(chunk, finite, stacked.shape[-1], reference is not None, **options)
+    return reduce(chunk, finite, logits.shape[-1], reference is not None, **options)
 
 
 def reduce(
@@ -217,16 +217,17 @@ def reduce(
     rank: bool = False,
     entropy: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
+    weighted=None,
     _thresholds: torch.Tensor | None = None,
 ) -> Readout:
     """The single pass behind :func:`read`: ``chunk(p0, p1, start, stop)`` gives the float32 logits
     ``[p1 − p0, G1, stop − start]`` of positions ``p0:p1`` and vocabulary ``start:stop`` (group 0 the
-    reference when ``has_ref``); ``chunk.weighted(p0, p1, start, stop, e)``, where present, gives
+    reference when ``has_ref``); ``weighted(p0, p1, start, stop, e)``, where given, gives
     ``Σ_v e[i, v] z[i, g, v]`` without reading the chunk (``[nb, G1]``)."""
     n, n_groups = finite.shape
     g = n_groups - has_ref
     if rank and pick is not None and _thresholds is None:
-        options = dict(k=k, k_ref=k_ref, pick=pick, chunk_elements=chunk_elements)
+        options = dict(k=k, k_ref=k_ref, pick=pick, chunk_elements=chunk_elements, weighted=weighted)
         first = reduce(chunk, finite, d_vocab, has_ref, entropy=entropy, **options)
         thresholds = first.picked if not has_ref else torch.cat([first.ref.picked[None], first.picked])
         counted = reduce(chunk, finite, d_vocab, has_ref, _thresholds=thresholds.transpose(0, 1).contiguous(), **options)
@@ -268,7 +269,7 @@ def reduce(
             if has_ref:
                 zr = z[:, 0]
                 e = torch.exp(zr - m_new[:, :1])
-                weighted = getattr(chunk, "weighted", None)  # Σ e z of every row, the reference's first
+                # Σ e z of every row, the reference's first
                 dot = weighted(p0, p1, start, stop, e) if weighted else torch.bmm(z, e[..., None])[..., 0]
                 st["kl"] = st["kl"] * scale[:, :1] + (dot[:, :1] - dot[:, 1:])
                 if k == 1:
