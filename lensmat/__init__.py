@@ -24,8 +24,9 @@ from lensmat.lenses.jacobian import JLens, fit_jlens
 from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 from lensmat.models import ModelInfo, describe, is_masked_lm, load_model
-from lensmat.reports import Report, compare, early_exit, linearity, load_report, saturation, submodules
+from lensmat.reports import Report, compare, early_exit, linearity, load_report, saturation, submodules, transfer
 from lensmat.stats.artifacts import load_maps, save_maps
+from lensmat.stats.bootstrap import Bootstrap
 from lensmat.stats.collect import collect, resid_hook, resid_hooks
 from lensmat.stats.fit import LinearMap, MapSet, fit_layer_maps, fit_map, r2, r2_matrices
 from lensmat.stats.gram import GramStats
@@ -37,7 +38,7 @@ __all__ = [
     "ModelInfo", "describe", "is_masked_lm", "load_model", "Batch", "Masking", "batches", "load_lines", "tokenize",
     # statistics and maps
     "GramStats", "collect", "resid_hook", "resid_hooks", "LinearMap", "MapSet", "fit_layer_maps", "fit_map", "r2",
-    "r2_matrices", "fit_maps", "tokenized", "load_maps", "save_maps",
+    "r2_matrices", "fit_maps", "tokenized", "load_maps", "save_maps", "Bootstrap",
     # lenses
     "Lens", "LogitLens", "MatLens", "predictions_table", "top_predictions", "JLens", "fit_jlens", "TunedLens",
     "TunedLensTraining", "TunedLensConfig", "train_tuned_lens", "evaluate_lenses",
@@ -45,7 +46,7 @@ __all__ = [
     "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "swap", "swap_hooks", "Trajectory", "trajectory",
     "generate", "ExitProbe", "train_exit_probe", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
     # reports: the analyses with out= and force=, returning a Report; a saved one read back
-    "compare", "submodules", "linearity", "saturation", "early_exit", "Report", "load_report",
+    "compare", "submodules", "linearity", "saturation", "early_exit", "transfer", "Report", "load_report",
 ]
 
 

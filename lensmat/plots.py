@@ -25,19 +25,45 @@ def _close(figs: list, out) -> list:
     return figs
 
 
-def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax=None):
-    """One line per name over residual layers 0..L."""
+def per_layer(curves: dict[str, list[float | None]], ylabel: str, title: str, ax=None,
+              bands: dict[str, tuple[list, list]] | None = None):
+    """One line per name over residual layers 0..L, with its interval shaded where ``bands[name]``
+    gives ``(low, high)`` per layer."""
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.5))
     for name, values in curves.items():
         xs = [i for i, v in enumerate(values) if v is not None]
-        ax.plot(xs, [values[i] for i in xs], marker="o", ms=3, label=name)
+        (line,) = ax.plot(xs, [values[i] for i in xs], marker="o", ms=3, label=name)
+        band(ax, range(len(values)), *(bands or {}).get(name, ((), ())), line.get_color())
     ax.set_xlabel("residual layer l")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def band(ax, xs, low, high, colour) -> None:
+    """Shade an interval ``low..high`` (``None`` entries skipped) at ``xs``."""
+    keep = [(x, lo, hi) for x, lo, hi in zip(xs, low, high) if lo is not None and hi is not None]
+    if keep:
+        x, lo, hi = zip(*keep)
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+
+
+def point_band(ax, rows: list[dict], x: str, colour) -> None:
+    """Shade the Precision@1 interval of curve points (``rows`` sorted by ``x``) that carry ``ci_low``/``ci_high``."""
+    if rows and "ci_low" in rows[0]:
+        band(ax, [r[x] for r in rows], [r["ci_low"]["precision@1"] for r in rows],
+             [r["ci_high"]["precision@1"] for r in rows], colour)
+
+
+def metric_curves(scores: dict[str, dict], metric: str) -> tuple[dict, dict]:
+    """``({name: values}, {name: (ci_low, ci_high)})`` of ``metric`` from ``{name: scores}`` (the bands
+    where the scores carry intervals)."""
+    curves = {n: s[metric] for n, s in scores.items()}
+    bands = {n: (s["ci_low"][metric], s["ci_high"][metric]) for n, s in scores.items() if "ci_low" in s}
+    return curves, bands
 
 
 def model_label(name: str, width: int = 40) -> str:
@@ -60,7 +86,11 @@ def mid_curves(report: dict, metric: str, ax) -> None:
         return
     for name, scores in report["mid"]["lenses"].items():
         xs = [layer for layer in report["mid"]["layers"] if scores[metric][layer] is not None]
-        ax.plot([x + 0.5 for x in xs], [scores[metric][x] for x in xs], ls="--", marker="x", ms=3, label=f"{name} @ mid")
+        (line,) = ax.plot([x + 0.5 for x in xs], [scores[metric][x] for x in xs], ls="--", marker="x", ms=3,
+                          label=f"{name} @ mid")
+        if "ci_low" in scores:
+            band(ax, [x + 0.5 for x in report["mid"]["layers"]], scores["ci_low"][metric], scores["ci_high"][metric],
+                 line.get_color())
     ax.legend(fontsize=8)
 
 
@@ -68,8 +98,8 @@ def precision_figure(report: dict, out=None):
     """Precision@1/5/10 per layer, one line per lens; the model is named once, above the panels."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
     for ax, k in zip(axes, (1, 5, 10)):
-        per_layer({n: s[f"precision@{k}"] for n, s in report["lenses"].items()}, f"Precision@{k}",
-                  f"Precision@{k} vs the model's top-1", ax)
+        curves, bands = metric_curves(report["lenses"], f"precision@{k}")
+        per_layer(curves, f"Precision@{k}", f"Precision@{k} vs the model's top-1", ax, bands)
         mid_curves(report, f"precision@{k}", ax)
     fig.suptitle(_subject(report))
     fig.tight_layout()
@@ -79,7 +109,8 @@ def precision_figure(report: dict, out=None):
 def metric_figure(report: dict, metric: str, ylabel: str, out=None):
     """One metric per layer, one line per lens (e.g. ``kl``, ``surprisal``, ``ce``)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    per_layer({n: s[metric] for n, s in report["lenses"].items()}, ylabel, f"{metric} per layer ({_subject(report)})", ax)
+    curves, bands = metric_curves(report["lenses"], metric)
+    per_layer(curves, ylabel, f"{metric} per layer ({_subject(report)})", ax, bands)
     mid_curves(report, metric, ax)
     fig.tight_layout()
     return _save(fig, out, f"{metric}.png")
@@ -130,10 +161,10 @@ def compare_plots(report: dict, out=None) -> list:
 def submodule_plots(report: dict, out=None) -> list:
     """The paper-protocol curves (Precision@1 and surprisal per variant) and the single-block matrix."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    per_layer({v: s["precision@1"] for v, s in report["variants"].items()}, "Precision@1",
-              "blocks ≥ l swapped (paper protocol)", axes[0])
-    per_layer({v: s["surprisal"] for v, s in report["variants"].items()}, "surprisal [nats]",
-              "surprisal of the swapped model's top-1", axes[1])
+    for ax, metric, label, title in zip(axes, ("precision@1", "surprisal"), ("Precision@1", "surprisal [nats]"),
+                                        ("blocks ≥ l swapped (paper protocol)", "surprisal of the swapped model's top-1")):
+        curves, bands = metric_curves(report["variants"], metric)
+        per_layer(curves, label, title, ax, bands)
     fig.tight_layout()
     figs = [_save(fig, out, "protocol.png")]
     kinds = list(report["single_block"])
@@ -158,6 +189,8 @@ def linearity_plots(report: dict, out=None) -> list:
                                ("linearity_no_residual", "h_l -> h_{l+1} − h_l", "tab:orange")):
         ax.plot(blocks, report[key], marker="o", ms=3, color=colour, label=f"{label} (train)")
         ax.plot(blocks, report[f"heldout_{key}"], ls="--", color=colour, label=f"{label} (held out)")
+        if "ci_low" in report:
+            band(ax, blocks, report["ci_low"][f"heldout_{key}"], report["ci_high"][f"heldout_{key}"], colour)
     ax.set_xlabel("block l")
     ax.set_ylabel("linearity score")
     ax.set_title("Linearity per block")
@@ -175,7 +208,10 @@ def linearity_plots(report: dict, out=None) -> list:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, metric, label in zip(axes, ("ce", "precision@1"), ("held-out CE [nats]", "Precision@1 vs the full model")):
         for variant, rows in report["pruning"].items():
-            ax.plot([r["k"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=variant)
+            (line,) = ax.plot([r["k"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=variant)
+            if rows and "ci_low" in rows[0]:
+                band(ax, [r["k"] for r in rows], [r["ci_low"][metric] for r in rows], [r["ci_high"][metric] for r in rows],
+                     line.get_color())
         ax.set_xlabel("k most linear blocks removed")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -221,7 +257,13 @@ def saturation_plots(report: dict, out=None) -> list:
     per offset of the implanted layer from the early token's ``s_1``."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     ks = range(1, len(report["mean_layer"]) + 1)
-    axes[0].bar(ks, report["mean_layer"], color="tab:blue")
+    if "ci_low" in report:  # the bars' 95% intervals over documents
+        low, high = report["ci_low"]["mean_layer"], report["ci_high"]["mean_layer"]
+        errors = [[m - lo if None not in (m, lo) else 0 for m, lo in zip(report["mean_layer"], low)],
+                  [hi - m if None not in (m, hi) else 0 for m, hi in zip(report["mean_layer"], high)]]
+    else:
+        errors = None
+    axes[0].bar(ks, report["mean_layer"], color="tab:blue", yerr=errors, capsize=3)
     for k, layer, rank in zip(ks, report["mean_layer"], report["mean_rank"]):
         axes[0].text(k, layer, "rank n/a" if rank is None else f"rank {rank:.2f}", ha="center", va="bottom", fontsize=8)
     tau = report["kendall_tau"]
@@ -260,16 +302,20 @@ def early_exit_plots(report: dict, out=None) -> list:
         rows = sorted(rows, key=lambda r: r["mean_layers"])
         line, = axes[0].plot([r["mean_layers"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3,
                              label=f"{lens} (saves {report['savings'][lens]:.1%})")
+        point_band(axes[0], rows, "mean_layers", line.get_color())
         fixed = report.get("fixed_exit", {}).get(lens)
         if fixed:
             axes[0].plot([r["mean_layers"] for r in fixed], [r["precision@1"] for r in fixed], ls="--", lw=1,
                          color=line.get_color(), label=f"{lens}, fixed exit layer")
+            point_band(axes[0], fixed, "mean_layers", line.get_color())
     axes[0].axhline(report["retention"], color="grey", lw=0.8, ls="--")
     axes[0].set_xlabel("mean blocks run")
     axes[0].set_ylabel("Precision@1 vs the full model")
     axes[0].set_title(f"confidence exit ({model_label(report['model'])})")
     for method, rows in report["saturation"].items():
-        axes[1].plot([r["speedup"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3, label=method)
+        line, = axes[1].plot([r["speedup"] for r in rows], [r["precision@1"] for r in rows], marker="o", ms=3,
+                             label=method)
+        point_band(axes[1], sorted(rows, key=lambda r: r["speedup"]), "speedup", line.get_color())
     axes[1].set_xlabel("speed-up (L · tokens / blocks run)")
     axes[1].set_ylabel("Precision@1 vs the full model")
     axes[1].set_title(f"saturation exit ({report['saturation_lens']} lens)")
@@ -349,3 +395,55 @@ def trajectory_figure(tokens: list[str], values: dict, cells: dict, label: str, 
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, out, "trajectory.png")
+
+
+def transfer_plots(report: dict, out=None) -> list:
+    """A ``transfer`` report's matrices as heatmaps, one figure per lens (``transfer_{lens}.png``):
+    Precision@1 (0..1) and KL(p_model ‖ q) in nats (symmetric-log colour) of lens layer ``i`` (rows,
+    top to bottom) read at residual layer ``j`` (columns); missing entries grey, the diagonal (the
+    lens itself) outlined, values written in the cells up to 13 layers."""
+    from matplotlib.colors import Normalize, SymLogNorm
+    from matplotlib.patches import Rectangle
+
+    figs, n = [], report["n_layers"] + 1
+    for name, matrices in report["transfer"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+        for ax, metric in zip(axes, ("precision@1", "kl")):
+            grid = np.array([[np.nan] * n if row is None else [np.nan if v is None else v for v in row]
+                             for row in matrices[metric]], dtype=float)
+            top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+            norm = (Normalize(0.0, 1.0) if metric == "precision@1"
+                    else SymLogNorm(linthresh=0.1, vmin=0.0, vmax=max(top, 0.1), base=10))
+            cmap = plt.get_cmap("viridis" if metric == "precision@1" else "viridis_r").with_extremes(bad="lightgrey")
+            im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="upper")
+            for d in range(n):
+                ax.add_patch(Rectangle((d - 0.5, d - 0.5), 1, 1, fill=False, edgecolor="red", lw=1 if n <= 13 else 0.4))
+            for (i, j), v in np.ndenumerate(grid):
+                if np.isfinite(v) and n <= 13:
+                    r, g, b, _ = cmap(norm(v))
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+            ax.set_title("Precision@1 vs the model's top-1" if metric == "precision@1" else "KL(p_model || q) [nats]")
+            ax.set_xlabel("read layer j (h_j)")
+            ax.set_ylabel("lens layer i (its translator)")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(f"{name} lens of layer i read at layer j ({_subject(report)})")
+        figs.append(_save(fig, out, f"transfer_{name}.png"))
+    return _close(figs, out)
+
+
+def linearity_geometry_plots(report: dict, out=None) -> list:
+    """:func:`linearity_plots`, then (when the report has them: older ones do not) the anisotropy and
+    intrinsic dimension per residual layer ``0..L`` (``geometry.png``)."""
+    figs = linearity_plots(report, out)
+    if report.get("anisotropy") is None:
+        return figs
+    settings = report.get("geometry", {})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    per_layer({"λ_max / Σλ": report["anisotropy"]}, "anisotropy",
+              f"Anisotropy ({settings.get('n_tokens', '?')} {settings.get('split', '')} tokens)", ax=ax)
+    per_layer({"TwoNN": report["intrinsic_dimension"]}, "intrinsic dimension",
+              f"Intrinsic dimension (first {settings.get('n_id_tokens', '?')} tokens)", ax=ax2)
+    fig.suptitle(_subject(report))
+    fig.tight_layout()
+    return figs + _close([_save(fig, out, "geometry.png")], out)

@@ -47,8 +47,8 @@ def reference_tokenizer():
 
 
 def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab: int, seed: int = 0):
-    """Ragged random token sequences (BOS = 0 first) grouped into padded batches."""
-    from lensmat.data import pad
+    """Ragged random token sequences (BOS = 0 first) grouped into padded batches, each row its own document."""
+    from lensmat.data import numbered, pad
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -58,7 +58,7 @@ def random_token_batches(n_batches: int, batch_size: int, max_len: int, d_vocab:
             n = int(torch.randint(2, max_len + 1, (1,), generator=g))
             seqs.append([0] + torch.randint(1, d_vocab, (n - 1,), generator=g).tolist())
         out.append(pad(seqs))
-    return out
+    return list(numbered(out))
 
 
 def save_word_tokenizer(folder, masked: bool = False) -> int:

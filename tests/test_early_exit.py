@@ -215,7 +215,10 @@ def test_report_on_a_tiny_gpt2(tiny_gpt2, tmp_path):
     for lens in ("logit", "mat"):
         rows = saved["curves"][lens]
         assert [r["lambda"] for r in rows] == list(LAMBDAS)
-        assert set(rows[0]) == {"lambda", "mean_layers", "precision@1", "accuracy"}
+        assert set(rows[0]) == {"lambda", "mean_layers", "precision@1", "accuracy", "ci_low", "ci_high"}
+        for r in rows:  # each point with its interval over held-out documents
+            for m in ("mean_layers", "precision@1", "accuracy"):
+                assert r["ci_low"][m] - 1e-12 <= r[m] <= r["ci_high"][m] + 1e-12
         assert rows[-1]["mean_layers"] == 3 and rows[-1]["precision@1"] == 1.0
         assert 0.0 <= saved["savings"][lens] < 1.0
     assert set(saved["saturation"]) == {"gap", "cosine", "probe", "oracle"}

@@ -157,10 +157,10 @@ def test_no_chunk_holds_a_whole_layer(big_vocab):
 def test_scores_from_logits_leave_non_finite_rows_out(big_vocab):
     """LensScores.update (logits that exist, e.g. a diverged swap) through the engine: NaN/Inf rows are
     counted and left out, the rest equal the full computation."""
-    from lensmat.data import pad
+    from lensmat.data import numbered, pad
 
     g = torch.Generator().manual_seed(0)
-    batch = pad([[0] + torch.randint(1, V, (9,), generator=g).tolist() for _ in range(2)])
+    batch, = numbered([pad([[0] + torch.randint(1, V, (9,), generator=g).tolist() for _ in range(2)])])
     n = int(batch.score_mask.sum())
     model_logits, lens_logits = torch.randn(n, V, generator=g), torch.randn(n, V, generator=g)
     lens_logits[3] = float("nan")
@@ -201,6 +201,7 @@ def test_the_engine_never_asks_the_device_for_a_python_value(big_vocab, monkeypa
     batch_ref = Reference.__new__(Reference)
     batch_ref.logits, batch_ref.targets = None, torch.zeros(20, dtype=torch.int64)
     batch_ref.has_target = torch.ones(20, dtype=torch.bool)
+    batch_ref.docs, batch_ref.n_docs = torch.arange(20) // 5, 4
     scores.add(0, engine.read(unembedding, rows[:1], ref, pick=batch_ref.pick).group(0), batch_ref)
     monkeypatch.undo()
-    assert out.kl.shape == (3, 20) and scores.sums["n"][0] == 20
+    assert out.kl.shape == (3, 20) and scores.documents.sums["n"][0, :4].tolist() == [5] * 4

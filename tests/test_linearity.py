@@ -230,3 +230,29 @@ def test_linearity_over_models_equals_each_models_own_report(reference_model, tm
     assert json.loads((tmp_path / "lin" / "report.json").read_text())["models"][1]["model"].endswith("seed 0)")
     assert (tmp_path / "lin" / "linearity_models.png").is_file()
     assert sorted(p.name for p in (tmp_path / "lin").iterdir() if p.is_dir())[0].startswith("00-")
+
+
+def test_heldout_linearity_intervals_bracket_the_score_from_per_token_sums(tiny_model):
+    """The per-document sums behind the intervals add up to the held-out score computed from the Gram
+    statistics (independent: one token pass against the pooled statistics), and bracket it."""
+    from conftest import random_token_batches
+    from lensmat.analyses.linearity import heldout_linearity_intervals, linearity_profile
+    from lensmat.stats.bootstrap import Bootstrap
+    from lensmat.stats.collect import collect, resid_hooks
+    from lensmat.stats.gram import pair_pattern
+
+    model = tiny_model
+    hooks = resid_hooks(int(model.cfg.n_layers))
+    train_b = random_token_batches(6, 8, 16, int(model.cfg.d_vocab), seed=11)
+    held_b = random_token_batches(4, 8, 16, int(model.cfg.d_vocab), seed=12)
+    adjacent = [pair_pattern(len(hooks), "adjacent")]
+    train = collect(model, train_b, [hooks], pairs=adjacent, progress=False)[0]
+    held = collect(model, held_b, [hooks], pairs=adjacent, progress=False)[0]
+    profile = linearity_profile(train, held)
+    got = heldout_linearity_intervals(model, train, held, held_b, Bootstrap(400))
+    no_spread = heldout_linearity_intervals(model, train, held, held_b, Bootstrap(1, seed=3))
+    for name in ("heldout_linearity", "heldout_linearity_no_residual"):
+        for block, score in enumerate(profile[name]):
+            assert got["ci_low"][name][block] <= score + 1e-9 <= got["ci_high"][name][block] + 2e-9
+            # one resample: low = high = that resample's score, a real reweighting of the documents
+            assert no_spread["ci_low"][name][block] == pytest.approx(no_spread["ci_high"][name][block])

@@ -128,7 +128,8 @@ def test_compare_runs_the_masked_protocol(tiny_bert, tmp_path):
     assert report["n_eval_tokens"] == len(tokenized(model, str(corpus), "heldout").seqs)
     for name in ("logit", "mat"):
         assert set(report["lenses"][name]) == {"precision@1", "precision@5", "precision@10", "surprisal", "kl", "ce",
-                                               "non_finite"}
+                                               "non_finite", "ci_low", "ci_high", "n_documents"}
+        assert report["lenses"][name]["n_documents"] == report["bootstrap"]["n_documents"] > 0  # one [MASK] line each
         assert report["lenses"][name]["precision@1"][L] == 1.0
     assert len(report["r2"]["mat"]) == L + 1 and (tmp_path / "cmp" / "report.json").is_file()
     for lenses in ("logit,tuned", "mat-tuned"):

@@ -9,7 +9,7 @@ from lensmat.stats.collect import parse_sites, resid_hook, site_hooks
 from lensmat.reports.tables import format_table
 from lensmat.reports import compare
 from lensmat.lenses.base import LogitLens, MatLens
-from lensmat.lenses.metrics import evaluate_lenses
+from lensmat.lenses.metrics import METRICS, evaluate_lenses
 from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats, tokenized
 
 
@@ -62,8 +62,9 @@ def test_compare_with_the_mid_site(tiny_gpt2, tmp_path):
     saved = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert saved["sites"] == ["post", "mid"] and plain["sites"] == ["post"] and "mid" not in plain
     for name, scores in plain["lenses"].items():  # the post site is unchanged by mid (to float32 rounding: the
-        for metric, values in scores.items():     # engine reads every layer and lens of a batch in one stack)
-            assert saved["lenses"][name][metric] == pytest.approx(values, rel=1e-6, abs=1e-7), (name, metric)
+        for metric in METRICS:                    # engine reads every layer and lens of a batch in one stack)
+            for got, want in ((saved["lenses"][name], scores), (saved["lenses"][name]["ci_low"], scores["ci_low"])):
+                assert got[metric] == pytest.approx(want[metric], rel=1e-6, abs=1e-7), (name, metric)
     part = saved["mid"]
     assert part["layers"] == list(range(L)) and set(part["lenses"]) == {"logit", "mat"}
     for name in ("logit", "mat"):

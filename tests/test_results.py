@@ -147,8 +147,10 @@ def test_evaluate_lenses_unpacks_and_has_views(tiny_gpt2):
     scores, stats, n = result
     assert isinstance(result, LensEvaluation) and stats is None and n == result.n_tokens > 0
     frame = result.to_dataframe()
-    assert list(frame.columns) == ["lens", "layer", "metric", "value"]
+    assert list(frame.columns) == ["lens", "layer", "metric", "value", "ci_low", "ci_high"]
     assert value(frame, lens="mat", layer=2, metric="kl") == scores["mat"]["kl"][2]
+    row = frame[(frame.lens == "mat") & (frame.layer == 1) & (frame.metric == "kl")].iloc[0]
+    assert row.ci_low == scores["mat"]["ci_low"]["kl"][1] < row.value < row.ci_high == scores["mat"]["ci_high"]["kl"][1]
     figs = result.plot()
     assert len(figs) == 2 and all(isinstance(f, Figure) for f in figs)
     plt.close("all")

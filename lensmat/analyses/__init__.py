@@ -2,7 +2,8 @@
 
 The layer above :mod:`lensmat.lenses` (it may import lenses, stats, data, models and the bottom
 modules, never :mod:`lensmat.reports` or the CLI, which write what it returns). One module per
-question: :mod:`~lensmat.analyses.compare` (lenses layer by layer), :mod:`~lensmat.analyses.submodules`
+question: :mod:`~lensmat.analyses.compare` (lenses layer by layer), :mod:`~lensmat.analyses.transfer`
+(each lens of layer i read at every layer j), :mod:`~lensmat.analyses.submodules`
 with :mod:`~lensmat.analyses.swap` (sub-modules replaced by their maps), :mod:`~lensmat.analyses.linearity`
 ("Your Transformer is Secretly Linear"), :mod:`~lensmat.analyses.saturation` ("Looking Beyond the
 Top-1"), :mod:`~lensmat.analyses.early_exit` and :mod:`~lensmat.analyses.generation` (early exit),

@@ -25,7 +25,9 @@ from lensmat import data
 from lensmat.stats.collect import parse_sites, resid_hook, resid_hooks, site_hooks
 from lensmat.stats.fit import MapSet, r2, r2_matrices
 from lensmat.lenses.base import LogitLens, MatLens
-from lensmat.lenses.metrics import evaluate_lenses
+from lensmat.lenses.metrics import evaluate_lenses, paired_comparisons
+from lensmat.stats.bootstrap import Bootstrap
+from lensmat.lenses.patchscope import prompt_ids
 from lensmat.models import describe, is_masked_lm
 from lensmat.stats.pipeline import tokenized
 from lensmat.stats.plan import check_memory
@@ -54,8 +56,10 @@ def compare(
     scoring: data.Scoring | None = None,
     all_pairs: bool = False,
     sites: str | tuple[str, ...] = ("post",),
+    patchscope_prompt: str | None = None,
     stats_device: str | None = None,
     memory_limit: int | None = None,
+    bootstrap: Bootstrap | None = None,
     progress: bool = True,
 ) -> dict:
     """Compare lenses layer by layer on held-out text; returns the report dict.
@@ -64,7 +68,7 @@ def compare(
         model: a bridge, a spec for :func:`~lensmat.models.load.load_model`, or ``None`` (bundled).
         dataset: corpus spec (default: the bundled Leipzig sentences).
         lenses: names among ``logit``, ``mat`` (no intercept), ``mat-affine``, ``tuned``, ``mat-tuned``,
-            ``jacobian`` (``"logit,mat"`` or a list), or :class:`~lensmat.lenses.base.Lens` objects, your
+            ``jacobian``, ``patchscope`` (``"logit,mat"`` or a list), or :class:`~lensmat.lenses.base.Lens` objects, your
             own subclasses included: a ``{name: Lens}`` dict, or a list mixing names and lenses (a
             lens's key is its ``.name``). Given lenses are scored as they are (``fit_cost``:
             ``reused``) and read at the post site only.
@@ -76,6 +80,8 @@ def compare(
             of every block too, with the ``logit``, ``mat`` and ``mat-affine`` lenses named.
         tuned / jlens: saved lenses to reuse; otherwise trained here (``tuned_config``:
             :class:`~lensmat.lenses.tuned.TunedLensTraining`; the J-lens on ``jlens_prompts`` train lines).
+        patchscope_prompt: the patchscope's identity prompt (default: nnterp's,
+            :data:`~lensmat.lenses.patchscope.IDENTITY_PROMPT`).
         n_mask / mask_seed: the masked protocol of a masked LM: positions masked per line and the
             seed that picks them (ignored for causal models).
         scoring: for a causal model, which positions are fitted and scored and whether lines get
@@ -84,6 +90,13 @@ def compare(
         stats_device: where the float64 statistics accumulate (default ``cpu``; ``cuda`` keeps them
             beside a GPU model). memory_limit: bytes the plan may use per device (default: the free
             memory); the run is refused before any work when its plan exceeds it (:mod:`lensmat.stats.plan`).
+        bootstrap: the intervals' resampling of held-out documents (default
+            :class:`~lensmat.stats.bootstrap.Bootstrap()`: 1,000 resamples, seed 0, 95 %).
+
+    Every metric carries a bootstrap interval over documents (``lenses.{name}.ci_low.{metric}``,
+    ``ci_high``), and ``paired`` compares every pair of post-site lenses layer by layer
+    (:func:`~lensmat.lenses.metrics.paired_comparisons`): the difference of Precision@1 and KL with its
+    interval, p-value, Holm-adjusted p over the layers and the lens ``ahead`` where that is significant.
 
     Every lens is scored on the same held-out tokens; ``fit_cost.{lens}`` records the seconds and
     tokens spent fitting it (``reused: true`` when it was loaded).
@@ -101,23 +114,29 @@ def compare(
     info = describe(model)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
     heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed, scoring=scoring)
+    patchscope = "patchscope" in names and "patchscope" not in given
     memory = check_memory(model, "compare", train, all_pairs=all_pairs, batch_size=batch_size,
-                          stats_device=stats_device, memory_limit=memory_limit, progress=progress, mid=mid)
+                          stats_device=stats_device, memory_limit=memory_limit, progress=progress, mid=mid,
+                          patchscope_tokens=prompt_ids(model, patchscope_prompt).shape[1] if patchscope else None)
     lens_objs, fit_cost, mat_maps = build_lenses(
         model, lenses, train, maps=maps, tuned=tuned, jlens=jlens, max_fit_tokens=max_fit_tokens,
         batch_size=batch_size, tuned_config=tuned_config, jlens_prompts=jlens_prompts, all_pairs=all_pairs,
-        with_maps=True, stats_device=stats_device, sites=sites, progress=progress)
+        with_maps=True, stats_device=stats_device, sites=sites, patchscope_prompt=patchscope_prompt, progress=progress)
     groups = [resid_hooks(n_layers)] + ([site_hooks(n_layers, "mid") + [resid_hook(n_layers)]] if mid else [])
     at_mid = mid_lenses(model, [n for n in names if n not in given], lens_objs) if mid else {}
-    scores, held_stats, n_eval = evaluate_lenses(
+    evaluation = evaluate_lenses(
         model, {**lens_objs, **at_mid}, heldout.batches(batch_size, max_eval_tokens), stats_groups=groups,
         stats_pairs=[pair_pattern(len(g), "all" if all_pairs else "to_last") for g in groups],
-        stats_device=stats_device, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+        stats_device=stats_device, total_tokens=heldout.n_tokens(max_eval_tokens), bootstrap=bootstrap,
+        progress=progress)
+    scores, held_stats, n_eval = evaluation
     report = {
         "model": info.name, "model_info": info.to_dict(), "dataset": train.dataset, "n_layers": n_layers,
         "layers": list(range(n_layers + 1)), "n_fit_tokens": int((mat_maps.provenance or {}).get("n_tokens", 0)), "n_eval_tokens": n_eval,
         "lenses": {n: scores[n] for n in lens_objs}, "r2": r2_matrices(held_stats[0], mat_maps.maps),
         "fit_cost": {n: fit_cost[n] for n in names}, **protocol_fields(heldout), "memory_plan": memory,
+        "bootstrap": evaluation.bootstrap.to_dict(evaluation.n_documents),
+        "paired": paired_comparisons({n: evaluation.sums[n] for n in lens_objs}, evaluation.bootstrap),
     }
     if mid:
         report["mid"] = mid_report(scores, list(at_mid), held_stats[1], mat_maps, n_layers)

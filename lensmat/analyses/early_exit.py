@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
+from lensmat.stats.bootstrap import Bootstrap, Interval
 from lensmat.analyses.saturation import SATURATION_LENSES
 from lensmat.analyses.saturation_probes import balanced_probe, single_blas_thread
 from lensmat.analyses.saturation_rankings import Rankings, collect_rankings, saturation_layers
@@ -76,14 +77,22 @@ def emitted_tokens(top1: Int[torch.Tensor, "layers n"], exits: Int[torch.Tensor,
 
 
 def exit_scores(exits: Int[torch.Tensor, "n"], top1: Int[torch.Tensor, "layers n"], final_top1: Int[torch.Tensor, "n"],
-                targets: Int[torch.Tensor, "n"]) -> dict:
+                targets: Int[torch.Tensor, "n"], docs: Int[torch.Tensor, "n"] | None = None,
+                bootstrap: Bootstrap | None = None) -> dict:
     """Mean blocks run, Precision@1 against the model and accuracy against the text (positions
-    with a next token) for given exit layers."""
+    with a next token) for given exit layers, each with ``ci_low``/``ci_high``: ``bootstrap``'s interval
+    over the documents ``docs`` (default: each token its own)."""
     emitted = emitted_tokens(top1, exits)
     has = targets >= 0
-    return {"mean_layers": float(exits.double().mean()),
-            "precision@1": float((emitted == final_top1).double().mean()),
-            "accuracy": float((emitted[has] == targets[has]).double().mean()) if bool(has.any()) else None}
+    docs = torch.arange(len(exits)) if docs is None else docs
+    bootstrap = Bootstrap() if bootstrap is None else bootstrap
+    both = bootstrap.means(torch.stack([exits.double(), (emitted == final_top1).double()]), docs)
+    accuracy = bootstrap.means((emitted == targets).double(), docs, has)
+    out, low, high = {}, {}, {}
+    for i, name in enumerate(("mean_layers", "precision@1", "accuracy")):
+        got = accuracy if i == 2 else Interval(both.value[i], both.low[i], both.high[i])
+        out[name], low[name], high[name] = (None if v != v else float(v) for v in (got.value, got.low, got.high))
+    return {**out, "ci_low": low, "ci_high": high}
 
 
 def positions(rankings: Rankings) -> Int[torch.Tensor, "n"]:
@@ -104,13 +113,14 @@ def threshold_positions(rankings: Rankings, masked: bool = False,
 
 
 def confidence_curve(rankings: Rankings, targets: Int[torch.Tensor, "n"], lambdas=LAMBDAS, tau: float = TAU, *,
-                     masked: bool = False, masked_t: int | None = MASKED_T) -> list[dict]:
+                     masked: bool = False, masked_t: int | None = MASKED_T, bootstrap: Bootstrap | None = None) -> list[dict]:
     """The paper's confidence exit for each λ: ``[{lambda, mean_layers, precision@1, accuracy}]``;
     ``masked``: rankings of a masked-protocol corpus (``t`` and ``N`` from :func:`threshold_positions`)."""
     t, n_mean = threshold_positions(rankings, masked, masked_t)
     gap = rankings.top_two_gap
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
-    return [{"lambda": lam, **exit_scores(first_exit(gap, exit_threshold(lam, t, n_mean, tau)), top1, final, targets)}
+    return [{"lambda": lam, **exit_scores(first_exit(gap, exit_threshold(lam, t, n_mean, tau)), top1, final, targets,
+                                          rankings.documents, bootstrap)}
             for lam in lambdas]
 
 
@@ -168,16 +178,17 @@ class SaturationProbe:
         return out
 
 
-def fixed_exit(rankings: Rankings, targets: Int[torch.Tensor, "n"]) -> list[dict]:
+def fixed_exit(rankings: Rankings, targets: Int[torch.Tensor, "n"], bootstrap: Bootstrap | None = None) -> list[dict]:
     """Every token exits at layer ``l`` (``l = 1..L``): ``[{layer, mean_layers, precision@1, accuracy}]``."""
     n_layers = rankings.lens_topk.shape[0] - 1
     top1, final = rankings.lens_topk[..., 0], rankings.final_topk[:, 0]
-    return [{"layer": layer, **exit_scores(torch.full_like(final, layer), top1, final, targets)}
+    return [{"layer": layer, **exit_scores(torch.full_like(final, layer), top1, final, targets, rankings.documents,
+                                           bootstrap)}
             for layer in range(1, n_layers + 1)]
 
 
 def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe: SaturationProbe | None = None,
-                      thresholds=THRESHOLDS) -> dict:
+                      thresholds=THRESHOLDS, bootstrap: Bootstrap | None = None) -> dict:
     """``{method: [{threshold, mean_layers, precision@1, accuracy, speedup}]}``: Precision@1 = the
     emitted token is the model's final top-1, accuracy = it is ``targets`` (:meth:`Rankings.targets`:
     the actual next token, −1 where there is none, or the original token at a masked position)."""
@@ -186,7 +197,7 @@ def saturation_curves(rankings: Rankings, targets: Int[torch.Tensor, "n"], probe
     s1 = saturation_layers(top1[..., None], final[:, None])[:, 0]
 
     def row(threshold, exits):
-        return {"threshold": threshold, **exit_scores(exits, top1, final, targets),
+        return {"threshold": threshold, **exit_scores(exits, top1, final, targets, rankings.documents, bootstrap),
                 "speedup": n_layers * len(exits) / max(int(exits.sum()), 1)}
 
     signals = {"gap": rankings.top_two_gap}
@@ -215,7 +226,7 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
                max_probe_tokens: int = 5_000, lambdas=LAMBDAS, batch_size: int = 16,
                max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
                masked_t: int | None = MASKED_T, stats_device: str | None = None, memory_limit: int | None = None,
-               progress: bool = True, seed: int = 0) -> dict:
+               bootstrap: Bootstrap | None = None, progress: bool = True, seed: int = 0) -> dict:
     """Confidence-exit curves and savings per lens, and saturation-exit curves per method and lens.
 
     Lenses are fitted on ``train`` (``mat`` maps on up to ``max_fit_tokens``; ``tuned`` trained
@@ -227,7 +238,8 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
     A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``; lenses among
     :data:`~lensmat.lenses.registry.MASKED_LM_LENSES`; ``θ`` at ``t = masked_t``, ``None`` for each token's
     position): the report says ``protocol``, ``masking`` and ``threshold_t``.
-    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`.
+    ``stats_device`` / ``memory_limit``: the memory plan, and ``bootstrap``: the intervals (``ci_low`` /
+    ``ci_high`` in every curve point, over held-out documents), as in :func:`~lensmat.analyses.compare.compare`.
     """
     from lensmat.stats.plan import check_memory
     from lensmat.lenses.registry import build_lenses, parse_lenses, refuse_causal_lenses_on_masked_lm
@@ -257,14 +269,16 @@ def early_exit(model=None, dataset: str | None = None, *, lenses=("logit", "mat"
         r = collect_rankings(model, built[name], heldout, k=2, batch_size=batch_size,
                              max_tokens=max_eval_tokens, progress=progress)
         n_eval, targets = len(r.origin), r.targets(heldout)
-        curves[name] = confidence_curve(r, targets, lambdas, masked=masked, masked_t=masked_t)
+        curves[name] = confidence_curve(r, targets, lambdas, masked=masked, masked_t=masked_t, bootstrap=bootstrap)
         savings[name] = layers_saved(curves[name], n_layers, retention)
-        fixed[name] = fixed_exit(r, targets)
-        sat[name] = saturation_curves(r, targets, probe)
+        fixed[name] = fixed_exit(r, targets, bootstrap)
+        sat[name] = saturation_curves(r, targets, probe, bootstrap=bootstrap)
+        n_documents = len(set(line for line, _ in r.origin))
     report = {
         "model": describe(model).name, "n_layers": n_layers, **protocol_fields(heldout), "n_eval_tokens": n_eval,
         "retention": retention, "tau": TAU, "threshold_t": masked_t if masked and masked_t is not None else "position",
         "curves": curves, "savings": savings, "fixed_exit": fixed, "saturation": sat[names[0]],
         "saturation_lens": names[0], "saturation_by_lens": sat, "fit_cost": cost, "memory_plan": memory,
+        "bootstrap": (bootstrap or Bootstrap()).to_dict(n_documents),
     }
     return report

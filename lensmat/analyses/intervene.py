@@ -14,7 +14,7 @@ import torch
 
 from lensmat import data, plots
 from lensmat.analyses.swap import swap_hooks
-from lensmat.lenses.metrics import LensScores, NonFiniteWarning, Reference
+from lensmat.lenses.metrics import METRICS, LensScores, NonFiniteWarning, Reference
 from lensmat.stats.collect import run_capture
 from lensmat.stats.pipeline import Tokenized, tokenized
 
@@ -87,6 +87,6 @@ def score_intervention(model, text=None, *, hooks=None, swap=None, split: str = 
     with warnings.catch_warnings():  # the same positions, warned about once above
         warnings.simplefilter("ignore", NonFiniteWarning)
         surprisal = top1.result()["ce"][0]
-    values = {m: v[0] for m, v in result.items() if m != "non_finite"}
+    values = {m: result[m][0] for m in METRICS}
     return InterventionScores({**values, "clean_top1_surprisal": surprisal}, n_tokens, result["non_finite"][0],
                               [name for name, _ in fwd])

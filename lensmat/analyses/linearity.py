@@ -31,6 +31,11 @@ protocol (:mod:`lensmat.data.corpora`): every statistic, and so every score, is 
 positions of ``[CLS] line [SEP]`` lines; pruning is scored there too, cross-entropy against the
 original token. A pruned block is replaced at every position of the line, so its ``linear`` map is
 fitted at every position of the ``train`` lines as the model reads them (``[MASK]``s in place).
+
+The report also carries LLM-Microscope's anisotropy and intrinsic dimension of ``h_0..h_L``
+(:mod:`lensmat.analyses.geometry`) on the held-out tokens, from passes already made: anisotropy from the
+held-out statistics, the intrinsic dimension from the first ``max_id_tokens`` held-out tokens (default
+:data:`~lensmat.analyses.geometry.MAX_ID_TOKENS`, 4096), stored during the unpruned pass of the pruning.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ from lensmat.stats.gram import GramStats, pair_pattern
 from lensmat.stats.fit import IllConditionedWarning, LinearMap, MapSet, centred, fit_map, residual_sums
 from lensmat.lenses.metrics import LensScores, Reference
 from lensmat.models import describe
+from lensmat.stats.bootstrap import Bootstrap, DocumentSums
 from lensmat.stats.pipeline import collect_layer_stats, tokenized
 from lensmat.analyses.swap import submodule_pair, swap_hooks
+from lensmat.analyses.geometry import MAX_ID_TOKENS, LayerSample, geometry_fields
 
 # Eigenvalues of C_xx below this fraction of the largest are directions the source does not span: the float32
 # rounding of a LayerNorm output leaves ~1e-14 in the direction its hyperplane excludes (the bundled BERT).
@@ -173,6 +180,42 @@ def linearity_profile(stats: GramStats, heldout: GramStats | None = None) -> dic
     return out
 
 
+@torch.no_grad()
+def heldout_linearity_intervals(model, train: GramStats, heldout: GramStats, batches,
+                                bootstrap: Bootstrap | None = None) -> dict[str, dict[str, list[float | None]]]:
+    """Intervals over held-out documents of ``heldout_linearity`` and ``heldout_linearity_no_residual``:
+    ``{"ci_low": {name: [L]}, "ci_high": {name: [L]}}``.
+
+    Block ``l``'s held-out score is ``1 − Σ_t u_t / Σ_t v_t`` with ``u_t = ‖y_t − x_t W − b‖²`` (the
+    train-fitted map of :func:`heldout_linearity_score`) and ``v_t = ‖y_t − ȳ‖²`` (``y − x`` and its mean
+    with the residual removed), ``ȳ`` the held-out mean, held fixed. One forward over ``batches`` (the
+    same held-out positions as ``heldout``) keeps ``Σ u`` and ``Σ v`` per document; the bootstrap resamples
+    those (:mod:`lensmat.stats.bootstrap`)."""
+    hooks = list(train.hooks)
+    n_blocks = len(hooks) - 1
+    maps = []
+    for a, b in zip(hooks[:-1], hooks[1:]):
+        W = least_squares(train, a, b)
+        maps.append((W, train.mean(b) - train.mean(a) @ W, heldout.mean(b), heldout.mean(b) - heldout.mean(a)))
+    sums = DocumentSums((2, 2, n_blocks))  # [with / without residual, u / v, block]
+    for batch in batches:
+        captured, _ = run_capture(model, batch, hooks)
+        docs = batch.scored_lines
+        states = [captured[h].double().cpu() for h in hooks]  # [n, d] at the scored positions, row-major
+        for block, (W, b, y_mean, d_mean) in enumerate(maps):
+            x, y = states[block], states[block + 1]
+            u = (y - x @ W - b).pow(2).sum(-1)
+            for r, v in enumerate(((y - y_mean).pow(2).sum(-1), (y - x - d_mean).pow(2).sum(-1))):
+                sums.add("u", (r, 0, block), docs, u, max(batch.lines) + 1)
+                sums.add("u", (r, 1, block), docs, v, max(batch.lines) + 1)
+    u = sums.sums["u"]
+    seen = u[0, 1].sum(0) > 0
+    ratio = (bootstrap or Bootstrap()).ratio(u[:, 0][..., seen], u[:, 1][..., seen])  # [2, L]: Σu / Σv
+    names = ("heldout_linearity", "heldout_linearity_no_residual")
+    return {"ci_low": {n: [None if v != v else 1 - float(v) for v in ratio.high[r]] for r, n in enumerate(names)},
+            "ci_high": {n: [None if v != v else 1 - float(v) for v in ratio.low[r]] for r, n in enumerate(names)}}
+
+
 def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bool = False,
                provenance: dict | None = None) -> MapSet:
     """Whole-block maps ``h_l -> h_{l+1}`` keyed as swap kind ``block``, fitted from the residual
@@ -204,7 +247,8 @@ def every_position_stats(model, corpus, *, max_tokens: int | None = None, batch_
 
 @torch.no_grad()
 def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batches, *, max_k: int,
-                     total_tokens: int | None = None, progress: bool = True) -> tuple[dict, int]:
+                     total_tokens: int | None = None, progress: bool = True,
+                     sample: LayerSample | None = None, bootstrap: Bootstrap | None = None) -> tuple[dict, int]:
     """Score the model with blocks ``order[:k]`` replaced, for ``k = 0..max_k`` and each variant, at
     the batches' scored positions (:func:`~lensmat.stats.collect.run_capture`: a masked LM also gets the
     attention mask).
@@ -212,8 +256,10 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
     Args:
         variants: ``{name: MapSet of block maps}`` (see :func:`block_maps`).
         order: blocks from most to least linear.
+        sample: filled, until full, with the unpruned model's states at its hooks and scored positions.
 
-    Returns ``({variant: [{"k", "ce", "precision@1"}, ...]}, n_tokens)``; ``k = 0`` is the full model.
+    Returns ``({variant: [{"k", "ce", "precision@1", "ci_low", "ci_high"}, ...]}, n_tokens)``; ``k = 0`` is the
+    full model; ``ci_low``/``ci_high``: ``{ce, precision@1}``, ``bootstrap``'s intervals over documents.
     """
     from tqdm.auto import tqdm
 
@@ -221,7 +267,10 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="pruning", disable=not progress)
     n_tokens = 0
     for batch in batches:
-        _, logits = run_capture(model, batch, [], logits=True)
+        hooks = sample.hooks if sample is not None and not sample.full else ()
+        captured, logits = run_capture(model, batch, hooks, logits=True)
+        if hooks:
+            sample.add(captured)
         ref = Reference(logits, batch)
         for name, maps in variants.items():
             scores[name].update(0, logits, ref)
@@ -234,8 +283,10 @@ def evaluate_pruning(model, variants: dict[str, MapSet], order: list[int], batch
     bar.close()
     out = {}
     for name, s in scores.items():
-        r = s.result()
-        out[name] = [{"k": k, "ce": r["ce"][k], "precision@1": r["precision@1"][k]} for k in range(max_k + 1)]
+        r = s.result(bootstrap)
+        out[name] = [{"k": k, "ce": r["ce"][k], "precision@1": r["precision@1"][k],
+                      **{bound: {m: r[bound][m][k] for m in ("ce", "precision@1")} for bound in ("ci_low", "ci_high")}}
+                     for k in range(max_k + 1)]
     return out, n_tokens
 
 
@@ -243,7 +294,7 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
               max_eval_tokens: int | None = 20_000, max_k: int | None = None, batch_size: int = 16,
               max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
               stats_device: str | None = None, memory_limit: int | None = None,
-              progress: bool = True) -> dict:
+              bootstrap: Bootstrap | None = None, max_id_tokens: int = MAX_ID_TOKENS, progress: bool = True) -> dict:
     """Linearity profile (the paper's in-sample score on ``train``, and the same maps scored on
     ``heldout``), the blocks' norm ratios and consecutive cosines (``heldout``), and depth-pruning
     curves (on ``heldout``).
@@ -256,7 +307,14 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
     A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): every score
     is at the masked positions, and ``protocol`` / ``masking`` say so; its ``linear`` pruning maps are
     fitted at every position (:func:`every_position_stats`; ``n_pruning_fit_tokens``).
-    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`.
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`;
+    ``bootstrap``: the intervals over held-out documents of every pruning point (``ci_low``/``ci_high``) and
+    of the held-out scores (``ci_low.heldout_linearity``, ...; :func:`heldout_linearity_intervals`, one more
+    forward over the held-out tokens).
+    Also ``anisotropy`` and ``intrinsic_dimension`` (L+1 floats each, residual layer ``l`` = ``h_l``, on
+    ``heldout``; :mod:`~lensmat.analyses.geometry`) and ``geometry`` (their settings and token counts); the
+    intrinsic dimension reads the first ``max_id_tokens`` held-out tokens (stored; ``0``: not computed,
+    ``null``s) and is computed on ``stats_device`` (default the CPU).
     """
     from lensmat.stats.plan import check_memory
     from lensmat.analyses.common import protocol_fields, start_run
@@ -268,7 +326,7 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         raise ValueError(f"max_k={max_k} is out of range: prune between 0 and {n_layers} blocks.")
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)
     memory = check_memory(model, "linearity", train, batch_size=batch_size, stats_device=stats_device,
-                          memory_limit=memory_limit, progress=progress)
+                          memory_limit=memory_limit, progress=progress, id_tokens=max_id_tokens)
     start = time.perf_counter()
     stats = collect_layer_stats(model, train, max_tokens=max_fit_tokens, batch_size=batch_size, pairs="adjacent",
                                 progress=progress, stats_device=stats_device)
@@ -284,8 +342,11 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
                                         pairs="adjacent", progress=progress, stats_device=stats_device)
     profile = linearity_profile(stats, heldout_stats)
     order = sorted(range(n_layers), key=lambda b: -profile["linearity"][b])
+    sample = LayerSample(heldout_stats.hooks, max_id_tokens)
     pruning, n_eval = evaluate_pruning(model, variants, order, heldout.batches(batch_size, max_eval_tokens),
-                                       max_k=max_k, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+                                       max_k=max_k, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress,
+                                       sample=sample, bootstrap=bootstrap)
+    geometry = geometry_fields(heldout_stats, sample, split="heldout", device=stats_device, progress=progress)
     report = {
         "model": describe(model).name, "n_layers": n_layers, **protocol_fields(heldout), "n_fit_tokens": stats.n,
         "n_pruning_fit_tokens": n_block_tokens, "n_eval_tokens": n_eval,
@@ -296,6 +357,9 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         "mean_heldout_linearity": profile["heldout_mean"],
         "mean_heldout_linearity_no_residual": profile["heldout_mean_no_residual"],
         "norm_ratio": profile["norm_ratio"], "cosine": profile["cosine"],
-        "order": order, "pruning": pruning, "memory_plan": memory,
+        "order": order, "pruning": pruning, "memory_plan": memory, **geometry,
+        **heldout_linearity_intervals(model, stats, heldout_stats, heldout.batches(batch_size, max_eval_tokens), bootstrap),
+        "bootstrap": (bootstrap or Bootstrap()).to_dict(len({line for b in heldout.batches(batch_size, max_eval_tokens)
+                                                             for line in b.lines})),
     }
     return report

@@ -38,6 +38,7 @@ from lensmat.analyses.saturation_implant import implant
 from lensmat.analyses.saturation_probes import pooled_probe, probe_accuracy, task_labels
 from lensmat.analyses.saturation_rankings import collect_rankings, saturation_layers
 from lensmat.models import describe
+from lensmat.stats.bootstrap import Bootstrap, Interval
 
 
 def kept_tokens(s: Int[torch.Tensor, "n k"], n_layers: int, frac: float = 0.85) -> torch.Tensor:
@@ -50,11 +51,33 @@ def mean_ranks(s: Int[torch.Tensor, "n k"], n_layers: int) -> list[float | None]
     """Per rank k, the mean over tokens whose ``s_k < L`` of the rank of ``s_k`` among the token's
     ``s_1..s_K`` (1 = earliest; tied layers take the lowest rank, as the authors' ``sorted.index``);
     ``None`` where no token's rank k saturates before ``L``."""
+    return plain(rank_means(s, n_layers).value)
+
+
+def rank_means(s: Int[torch.Tensor, "n k"], n_layers: int, docs: Int[torch.Tensor, "n"] | None = None,
+               bootstrap: Bootstrap | None = None) -> Interval:
+    """:func:`mean_ranks` (NaN for ``None``) with ``bootstrap``'s interval over the documents ``docs``
+    (default: each token its own)."""
     rank = 1 + (s[:, None, :] < s[:, :, None]).sum(-1).double()  # [n, k]: values strictly below s_k
-    saturated = s < n_layers
-    count = saturated.sum(0)
-    total = (rank * saturated).sum(0)
-    return [float(t / c) if c else None for t, c in zip(total, count)]
+    return _means(rank.T, s.T < n_layers, docs, bootstrap)
+
+
+def _means(values: Float[torch.Tensor, "k n"], keep, docs, bootstrap: Bootstrap | None) -> Interval:
+    """:meth:`~lensmat.stats.bootstrap.Bootstrap.means` of each row over its tokens where ``keep``."""
+    docs = torch.arange(values.shape[-1]) if docs is None else docs
+    return (bootstrap or Bootstrap()).means(values, docs, keep)
+
+
+def plain(t: torch.Tensor):
+    """A statistic for the report: a float or a list of them, ``None`` for NaN."""
+    values = [None if v != v else float(v) for v in t.reshape(-1).tolist()]
+    return values if t.dim() else values[0]
+
+
+def with_intervals(statistics: dict[str, Interval]) -> dict:
+    """``{name: value, ..., ci_low: {name: ...}, ci_high: {name: ...}}`` of named intervals."""
+    return {**{n: plain(i.value) for n, i in statistics.items()}, "ci_low": {n: plain(i.low) for n, i in statistics.items()},
+            "ci_high": {n: plain(i.high) for n, i in statistics.items()}}
 
 
 ORDER_RULES = ("authors", "leading")
@@ -83,9 +106,11 @@ def strict_kendall_tau(s: Int[torch.Tensor, "n m"]) -> Float[torch.Tensor, "n"]:
 
 
 def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "authors", min_k: int = 3,
-               n_permutations: int = 1000, seed: int = 0) -> dict:
-    """Mean strict τ over tokens with ``m ≥ min_k`` (each on its ranks ``1..m``, :func:`order_prefix`)
-    and a one-sided permutation p-value, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``. The null
+               n_permutations: int = 1000, seed: int = 0, docs: Int[torch.Tensor, "n"] | None = None,
+               bootstrap: Bootstrap | None = None) -> dict:
+    """Mean strict τ over tokens with ``m ≥ min_k`` (each on its ranks ``1..m``, :func:`order_prefix`),
+    with ``bootstrap``'s interval over the documents ``docs`` (``ci_low``/``ci_high``), and a
+    one-sided permutation p-value, ``(1 + #{τ_perm ≥ τ}) / (1 + n_permutations)``. The null
     shuffles a token's layers, all ``K`` then truncated to ``m`` (``authors``) or its ``m`` (``leading``)."""
     if n_permutations < 1:
         raise ValueError(f"n_permutations={n_permutations}: the permutation test needs at least 1 shuffle.")
@@ -93,8 +118,13 @@ def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "autho
     groups = [(int(w), s[m == w]) for w in range(min_k, s.shape[1] + 1) if int((m == w).sum())]
     n = sum(len(g) for _, g in groups)
     if n == 0:
-        return {"kendall_tau": None, "p_value": None, "n_tokens": 0}
-    observed = float(sum(strict_kendall_tau(g[:, :w]).sum() for w, g in groups)) / n
+        return {"kendall_tau": None, "ci_low": {"kendall_tau": None}, "ci_high": {"kendall_tau": None},
+                "p_value": None, "n_tokens": 0}
+    tau = torch.zeros(len(s), dtype=torch.float64)
+    for w, _ in groups:
+        tau[m == w] = strict_kendall_tau(s[m == w][:, :w])
+    interval = _means(tau, m >= min_k, docs, bootstrap)
+    observed = float(interval.value)
     gen = torch.Generator().manual_seed(seed)
     as_large = 0
     for _ in range(n_permutations):
@@ -104,7 +134,7 @@ def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "autho
             perm = torch.rand((g.shape[0], width), generator=gen).argsort(1)
             total += float(strict_kendall_tau(g[:, :width].gather(1, perm)[:, :w]).sum())
         as_large += total / n >= observed - 1e-12
-    return {"kendall_tau": observed, "p_value": (1 + as_large) / (1 + n_permutations), "n_tokens": n}
+    return {**with_intervals({"kendall_tau": interval}), "p_value": (1 + as_large) / (1 + n_permutations), "n_tokens": n}
 
 
 def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k: int = 5,
@@ -112,14 +142,16 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
                n_permutations: int = 1000, order_rule: str = "authors", max_pairs: int = 100, batch_size: int = 16,
                max_length: int = data.DEFAULT_MAX_LENGTH, n_mask: int = 1, mask_seed: int = 0,
                stats_device: str | None = None, memory_limit: int | None = None,
-               progress: bool = True, seed: int = 0) -> dict:
+               bootstrap: Bootstrap | None = None, progress: bool = True, seed: int = 0) -> dict:
     """The saturation protocol on ``heldout`` under one lens (one of :data:`SATURATION_LENSES`,
     fitted on ``train``); returns the ``saturation`` report.
     ``kendall_tau`` / ``p_value`` follow ``order_rule``; ``order_tests`` holds both rules.
     A masked LM runs the masked protocol (``n_mask`` positions per line, ``mask_seed``): the ranks,
     probes and implants are at its ``[MASK]`` positions, and the lens is one of
     :data:`~lensmat.lenses.registry.MASKED_LM_LENSES`; the report says which (``protocol``, ``masking``).
-    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`."""
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`.
+    ``mean_layer``, ``mean_rank`` and ``kendall_tau`` carry ``bootstrap``'s intervals over held-out documents
+    (``ci_low.{name}``, ``ci_high.{name}``; the permutation p-value stays the order test's)."""
     from lensmat.stats.plan import check_memory
     from lensmat.lenses.registry import build_lenses, refuse_causal_lenses_on_masked_lm
     from lensmat.analyses.common import protocol_fields, start_run
@@ -146,7 +178,9 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     s = saturation_layers(rankings.lens_topk, rankings.final_topk, start=1)
     keep = kept_tokens(s, n_layers, frac)
     sk = s[keep]
-    tests = {rule: order_test(sk, n_layers, rule=rule, n_permutations=n_permutations, seed=seed) for rule in ORDER_RULES}
+    docs = rankings.documents[keep]
+    tests = {rule: order_test(sk, n_layers, rule=rule, n_permutations=n_permutations, seed=seed, docs=docs,
+                              bootstrap=bootstrap) for rule in ORDER_RULES}
     order = tests[order_rule]
     kept = rankings.select(keep)
     labels = task_labels(sk, n_layers)
@@ -154,13 +188,16 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     report = {
         "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k, **protocol_fields(heldout),
         "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac, "max_s1": int(frac * n_layers) + 1,
-        "mean_layer": sk.double().mean(0).tolist(), "mean_rank": mean_ranks(sk, n_layers),
+        **with_intervals({"mean_layer": _means(sk.T.double(), None, docs, bootstrap),
+                          "mean_rank": rank_means(sk, n_layers, docs, bootstrap)}),
         "kendall_tau": order["kendall_tau"], "p_value": order["p_value"], "n_order_tokens": order["n_tokens"],
         "order_rule": order_rule, "order_tests": tests,
         "probe_accuracy": probe_accuracy(resid, labels, seed=seed),
         "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
-        "memory_plan": memory,
+        "memory_plan": memory, "bootstrap": (bootstrap or Bootstrap()).to_dict(len(set(docs.tolist()))),
     }
+    for bound in ("ci_low", "ci_high"):
+        report[bound]["kendall_tau"] = order[bound]["kendall_tau"]
     report["pooled_probe"] = pooled_probe(resid, sk, n_layers, seed=seed)
     report["pooled_probe_control"] = pooled_probe(resid, sk, n_layers, seed=seed, control=True)
     result = implant(model, lenses[lens], kept, sk[:, 0], max_pairs=max_pairs, seed=seed)

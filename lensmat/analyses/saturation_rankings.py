@@ -40,6 +40,11 @@ class Rankings:
                         [o for o, m in zip(self.origin, keep.tolist()) if m], self.inputs)
 
     @property
+    def documents(self) -> Int[torch.Tensor, "n"]:
+        """Each token's line: the document the intervals resample (:mod:`lensmat.stats.bootstrap`)."""
+        return torch.tensor([line for line, _ in self.origin], dtype=torch.long)
+
+    @property
     def final_topk(self) -> Int[torch.Tensor, "n k"]:
         """The model's own top-K (layer ``L``)."""
         return self.lens_topk[-1]

@@ -25,6 +25,7 @@ from lensmat.stats.fit import MapSet, fit_pairs
 from lensmat.lenses.base import LogitLens, MatLens
 from lensmat.lenses.metrics import LensScores, Reference
 from lensmat.models import describe
+from lensmat.stats.bootstrap import Bootstrap
 from lensmat.stats.pipeline import Tokenized, maps_from_stats, tokenized
 from lensmat.analyses.swap import SUBMODULE_KINDS, block_layout, expand_kinds, submodule_pair, swap_hooks
 
@@ -92,10 +93,12 @@ def _swapped_logits(model, batch, hooks) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_swaps(model, sub_maps: MapSet, layer_maps: MapSet | None, batches, *,
                    variants=PROTOCOL_KINDS + ("mat", "id"), single_kinds=PROTOCOL_KINDS,
-                   total_tokens: int | None = None, progress: bool = True) -> tuple[dict, dict, int]:
+                   total_tokens: int | None = None, bootstrap: Bootstrap | None = None,
+                   progress: bool = True) -> tuple[dict, dict, int]:
     """Protocol scores per variant (L+1 values) and single-block scores per kind (L values).
 
-    Returns ``(variants, single_block, n_tokens)`` with ``{name: {metric: [...]}}`` dicts.
+    Returns ``(variants, single_block, n_tokens)`` with ``{name: {metric: [...]}}`` dicts, each metric with
+    its ``ci_low``/``ci_high`` (``bootstrap`` over documents; :meth:`~lensmat.lenses.metrics.LensScores.result`).
     """
     n_layers = int(model.cfg.n_layers)
     lenses = {"id": LogitLens(model)}
@@ -126,7 +129,8 @@ def evaluate_swaps(model, sub_maps: MapSet, layer_maps: MapSet | None, batches, 
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()
-    return {v: s.result() for v, s in proto.items()}, {k: s.result() for k, s in single.items()}, n_tokens
+    return ({v: s.result(bootstrap) for v, s in proto.items()}, {k: s.result(bootstrap) for k, s in single.items()},
+            n_tokens)
 
 
 def _mean_scored(values: list[float | None]) -> float | None:
@@ -138,7 +142,7 @@ def _mean_scored(values: list[float | None]) -> float | None:
 def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, max_fit_tokens: int | None = None,
                max_eval_tokens: int | None = 20_000, batch_size: int = 16, max_length: int = data.DEFAULT_MAX_LENGTH,
                intercept: bool = False, n_mask: int = 1, mask_seed: int = 0, stats_device: str | None = None,
-               memory_limit: int | None = None,
+               memory_limit: int | None = None, bootstrap: Bootstrap | None = None,
                progress: bool = True) -> dict:
     """Fit sub-module and block maps on ``train``, run the paper's protocol and single-block swaps
     on ``heldout``, and return the ``submodules`` report.
@@ -146,7 +150,8 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     the mat lens's maps at the masked positions, the sub-module maps at every position of the same
     lines (:meth:`~lensmat.stats.pipeline.Tokenized.replaced_batches`;
     ``n_submodule_fit_tokens``).
-    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`."""
+    ``stats_device`` / ``memory_limit``: the memory plan, and ``bootstrap``: the intervals beside every
+    metric, as in :func:`~lensmat.analyses.compare.compare`."""
     from lensmat.stats.plan import check_memory
     from lensmat.analyses.common import protocol_fields, start_run
 
@@ -178,7 +183,7 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
     heldout = tokenized(model, dataset, "heldout", max_length, n_mask=n_mask, mask_seed=mask_seed)
     variants, single, n_eval = evaluate_swaps(
         model, sub_maps, layer_maps, heldout.batches(batch_size, max_eval_tokens), variants=(*kinds, "mat", "id"),
-        single_kinds=kinds, total_tokens=heldout.n_tokens(max_eval_tokens), progress=progress)
+        single_kinds=kinds, total_tokens=heldout.n_tokens(max_eval_tokens), bootstrap=bootstrap, progress=progress)
     means = {k: _mean_scored(variants[k]["precision@1"]) for k in kinds}
     ranking = sorted(kinds, key=lambda k: -(means[k] if means[k] is not None else -1.0))
     report = {
@@ -189,6 +194,6 @@ def submodules(model=None, dataset: str | None = None, *, kinds=PROTOCOL_KINDS, 
         "variants": variants, "single_block": single,
         "ranking": [{"kind": k, "mean_precision@1": means[k],
                      "scored_layers": sum(v is not None for v in variants[k]["precision@1"])} for k in ranking],
-        "memory_plan": memory,
+        "memory_plan": memory, "bootstrap": (bootstrap or Bootstrap()).to_dict(variants["id"]["n_documents"]),
     }
     return report

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lensmat import data
 from lensmat.analyses.common import protocol_fields, start_run
 from lensmat.lenses.base import Lens, LogitLens
+from lensmat.stats.bootstrap import Bootstrap
 from lensmat.lenses.metrics import METRICS, evaluate_lenses
 from lensmat.lenses.registry import LENS_KINDS, fit_named_lenses, split_lenses
 from lensmat.models import describe
@@ -38,7 +39,7 @@ from lensmat.stats.fit import MapSet
 from lensmat.stats.pipeline import tokenized
 
 ROWS_PER_PASS = 2  # matrix rows (a lens at one layer i) read per forward over the held-out tokens
-PLAN = "early-exit"  # stats.plan has no "transfer": this plan counts the same (mat fit, one batch, 2·(L+1)+1 readout rows)
+PLAN = "transfer"  # the plan of compare with two lenses: the mat fit, one batch, 2·(L+1)+1 readout rows
 
 
 class TransferredLens(Lens):
@@ -103,6 +104,7 @@ def transfer(
     tuned_config=None,
     stats_device: str | None = None,
     memory_limit: int | None = None,
+    bootstrap: Bootstrap | None = None,
     progress: bool = True,
 ) -> dict:
     """The lens transfer matrix of every lens on held-out text; returns the report dict.
@@ -121,13 +123,15 @@ def transfer(
         maps / tuned: saved mat maps / tuned lens to reuse instead of fitting; ``tuned_config``:
             :class:`~lensmat.lenses.tuned.TunedLensTraining`.
         stats_device / memory_limit: as for ``compare`` (the memory plan is checked before any work).
+        bootstrap: the intervals of every entry, over held-out documents (as for ``compare``).
 
     Report: ``model``, ``model_info``, ``dataset``, ``n_layers``, ``layers`` (``0..L``),
     ``n_fit_tokens`` (the most train tokens a lens was fitted on; per lens in ``fit_cost``),
     ``n_eval_tokens``, ``transfer.{lens}.{metric}``: ``(L+1)×(L+1)`` nested lists indexed
     ``[lens layer i][read layer j]`` (metrics ``precision@1/5/10``, ``surprisal``, ``kl``, ``ce``,
     ``non_finite``; a row is ``None`` where the lens has no translator for layer ``i``, e.g. the
-    J-lens at ``0``), ``adjacent.{lens}.{metric}.{from_previous, from_next}`` (:func:`adjacent`, L+1
+    J-lens at ``0``), ``transfer.{lens}.ci_low.{metric}`` / ``ci_high`` (the same matrices of 95% bounds),
+    ``bootstrap``, ``adjacent.{lens}.{metric}.{from_previous, from_next}`` (:func:`adjacent`, L+1
     each), ``fit_cost``, ``eval_cost`` (``passes``, ``rows_per_pass``, ``seconds``), ``protocol``
     (and ``masking``), ``memory_plan``.
     """
@@ -147,7 +151,8 @@ def transfer(
     with tqdm(total=len(flat), unit="row", desc="transfer", disable=not progress) as bar:
         for p in range(0, len(flat), ROWS_PER_PASS):
             part = flat[p: p + ROWS_PER_PASS]
-            result = evaluate_lenses(model, {row.name: row for _, _, row in part}, batches, progress=False)
+            result = evaluate_lenses(model, {row.name: row for _, _, row in part}, batches, bootstrap=bootstrap,
+                                     progress=False)
             n_eval = result.n_tokens
             for name, i, row in part:
                 scores.setdefault(name, {})[i] = result.scores[row.name]
@@ -155,6 +160,10 @@ def transfer(
     keys = (*METRICS, "non_finite")
     matrices = {name: {m: [scores.get(name, {}).get(i, {}).get(m) for i in range(n_layers + 1)] for m in keys}
                 for name in built}  # a row the lens does not cover is None
+    for name, matrix in matrices.items():
+        for bound in ("ci_low", "ci_high"):
+            matrix[bound] = {m: [(scores.get(name, {}).get(i) or {}).get(bound, {}).get(m) for i in range(n_layers + 1)]
+                             for m in METRICS}
     info, cost = describe(model), {name: fit_cost[name] for name in built}
     return {
         "command": "transfer", "model": info.name, "model_info": info.to_dict(), "dataset": train.dataset,
@@ -166,4 +175,5 @@ def transfer(
         "eval_cost": {"passes": -(-len(flat) // ROWS_PER_PASS), "rows_per_pass": ROWS_PER_PASS,
                       "seconds": time.perf_counter() - start},
         **protocol_fields(heldout), "memory_plan": memory,
+        "bootstrap": (bootstrap or Bootstrap()).to_dict(len({line for b in batches for line in b.lines})),
     }

@@ -177,6 +177,19 @@ def memory(args: argparse.Namespace) -> dict:
     return {"stats_device": args.stats_device, "memory_limit": args.memory_limit}
 
 
+def add_interval_options(p: argparse.ArgumentParser) -> None:
+    """--resamples and --bootstrap-seed: the intervals' bootstrap over documents (:mod:`lensmat.stats.bootstrap`)."""
+    p.add_argument("--resamples", type=number(int, 0, name="resample count"), default=1000,
+                   help="bootstrap resamples of the held-out documents behind every 95%% interval (0: no intervals)")
+    p.add_argument("--bootstrap-seed", type=SEED, default=0, help="seed of the bootstrap resamples")
+
+
+def interval_keywords(args: argparse.Namespace) -> dict:
+    from lensmat.stats.bootstrap import Bootstrap
+
+    return {"bootstrap": Bootstrap(args.resamples, args.bootstrap_seed)}
+
+
 def run_keywords(args: argparse.Namespace) -> dict:
     """The keywords of :func:`add_run_options` (and --max-length) every analysis of :mod:`lensmat.reports` takes."""
     return {"batch_size": args.batch_size, "max_length": args.max_length, "out": args.out, "force": args.force,
@@ -235,6 +248,12 @@ def add_intercept(p: argparse.ArgumentParser, help: str) -> None:
 
 def add_lenses(p: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
     p.add_argument("--lenses", default="logit,mat", help=f"comma-separated: {', '.join(kinds)}")
+
+
+def add_patchscope(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patchscope-prompt", default=None,
+                   help="the patchscope lens's identity prompt, patched and read at its last token (default: nnterp's "
+                        "'king king\\n1135 1135\\nhello hello\\n?'; in bash write newlines as $'...\\n...')")
 
 
 def add_k(p: argparse.ArgumentParser, help: str) -> None:

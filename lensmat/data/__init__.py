@@ -8,9 +8,9 @@ protocol). The map of the layers: ``docs/modules.md``.
 """
 
 from lensmat.data.batches import (IGNORE, POSITIONS, Batch, Masking, Scoring, batches, bos_token_id, count_tokens,
-                                  pad, tokenize, tokenize_with_specials)
+                                  numbered, pad, tokenize, tokenize_with_specials)
 from lensmat.data.corpora import DEFAULT_CORPUS, DEFAULT_MAX_LENGTH, SPLITS, TRAIN_FRACTION, CorpusError, bundled_corpus_path, describe_spec, is_in_memory, load_lines
 
 __all__ = ["DEFAULT_CORPUS", "DEFAULT_MAX_LENGTH", "IGNORE", "POSITIONS", "SPLITS", "TRAIN_FRACTION", "Batch",
            "CorpusError", "Masking", "Scoring", "batches", "bos_token_id", "bundled_corpus_path", "count_tokens", "describe_spec", "is_in_memory",
-           "load_lines", "pad", "tokenize", "tokenize_with_specials"]
+           "load_lines", "numbered", "pad", "tokenize", "tokenize_with_specials"]

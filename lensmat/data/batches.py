@@ -24,11 +24,12 @@ tokens, so they are the same whatever the batch size, order or sharding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Int
@@ -88,6 +89,16 @@ class Batch:
     @property
     def n_scored(self) -> int:
         return int(self.score_mask.sum())
+
+    @property
+    def scored_lines(self) -> Int[torch.Tensor, "n"]:
+        """The line (``lines``) of each scored position, in ``score_mask`` order: the document the
+        intervals resample (``ValueError`` for a batch without ``lines``: see :func:`numbered`)."""
+        if self.lines is None:
+            raise ValueError("The batch does not say which document (corpus line) each row is (Batch.lines), which "
+                             "the intervals resample; number your batches with lensmat.data.batches.numbered(batches).")
+        mask = self.score_mask.cpu()
+        return torch.tensor(self.lines, dtype=torch.long)[torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]]
 
     def every_position(self) -> "Batch":
         """The same inputs (a masked LM's ``[MASK]`` tokens in place) scored at every real position,
@@ -313,6 +324,17 @@ def _padded(chunk, chosen, lines: list[int], masking: Masking | None, scoring: S
         batch = pad(chunk, pad_id, has_bos=scoring.bos, selected=chosen if scoring.positions != "all" else None)
     batch.lines = tuple(lines)
     return batch
+
+
+def numbered(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """``batches`` with ``lines`` set where missing (e.g. built with :func:`pad`): each row a document of
+    its own, numbered on from the largest line index seen so far, so no two rows share a document."""
+    next_line = 0
+    for batch in batches:
+        if batch.lines is None:
+            batch = dataclasses.replace(batch, lines=tuple(range(next_line, next_line + batch.tokens.shape[0])))
+        next_line = max(next_line, max(batch.lines, default=-1) + 1)
+        yield batch
 
 
 def count_tokens(seqs: Sequence[Sequence[int]], masking: Masking | None = None, scoring: Scoring | None = None) -> int:

@@ -11,5 +11,7 @@ by name. The map of the layers: ``docs/modules.md``.
 """
 
 from lensmat.lenses.base import Lens, LogitLens, MatLens, read_layers, predictions_table, readout, top_predictions
+from lensmat.lenses.patchscope import PatchscopeLens
 
-__all__ = ["Lens", "LogitLens", "MatLens", "read_layers", "predictions_table", "readout", "top_predictions"]
+__all__ = ["Lens", "LogitLens", "MatLens", "PatchscopeLens", "read_layers", "predictions_table", "readout",
+           "top_predictions"]

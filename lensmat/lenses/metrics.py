@@ -7,13 +7,15 @@ cross-entropy against the text uses the positions that have a next token.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
-from lensmat.data import Batch
+from lensmat.data import Batch, numbered
 from lensmat.lenses import engine
+from lensmat.stats.bootstrap import Bootstrap, DocumentSums, holm
 
 LogitsFn = Callable[[Int[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]]
 
@@ -76,20 +78,26 @@ class Reference:
     token; the original token at a masked position) with ``has_target`` (False at a line's last
     token), and the full model's own distribution there, as its ``logits`` ``[n, vocab]`` when they
     exist (a swapped model's scores, :meth:`LensScores.update`) or read from ``h_L`` by the engine
-    with the lenses (:func:`evaluate_lenses`, ``logits=None``)."""
+    with the lenses (:func:`evaluate_lenses`, ``logits=None``); ``docs``: the document (corpus line,
+    ``Batch.lines``) of each position, the unit the intervals resample."""
 
     def __init__(self, logits: Float[torch.Tensor, "n vocab"] | None, batch: Batch,
                  device: torch.device | str | None = None) -> None:
         device = logits.device if logits is not None else device
+        docs = batch.scored_lines
+        mask = batch.score_mask
         self.logits = logits
-        self.targets = batch.targets[batch.score_mask].to(device)
-        self.has_target = batch.target_mask[batch.score_mask].to(device)
+        self.targets = batch.targets[mask].to(device)
+        self.has_target = batch.target_mask[mask].to(device)
+        self.docs = docs.to(device)  # [n]: each position's document
+        self.n_docs = max(batch.lines) + 1  # a bound on the document ids, known without reading the device
 
     def rows(self, keep: torch.Tensor) -> "Reference":
         """The same reference at the positions where ``keep`` is True."""
         out = object.__new__(Reference)
         out.logits = None if self.logits is None else self.logits[keep]
-        out.targets, out.has_target = self.targets[keep], self.has_target[keep]
+        out.targets, out.has_target, out.docs = self.targets[keep], self.has_target[keep], self.docs[keep]
+        out.n_docs = self.n_docs
         return out
 
     def against(self, targets: Int[torch.Tensor, "n"]) -> "Reference":
@@ -97,6 +105,7 @@ class Reference:
         a lens's CE against it is then the surprisal of those tokens under the lens."""
         out = object.__new__(Reference)
         out.logits, out.targets, out.has_target = self.logits, targets, torch.ones_like(self.has_target)
+        out.docs, out.n_docs = self.docs, self.n_docs
         return out
 
     @property
@@ -110,13 +119,15 @@ class NonFiniteWarning(UserWarning):
 
 
 class LensScores:
-    """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE.
+    """Streaming per-layer sums for one lens: Precision@k, surprisal, KL(p‖q), CE, each with a
+    bootstrap interval over documents.
 
     ``p`` is the full model's distribution at the same position and ``q`` the lens's.
     Precision@k = fraction of positions where the lens's top-1 token is in p's top-k;
     surprisal = mean −log p(lens top-1); KL(p‖q) in nats; CE = −log q(actual next token),
     over positions that have a next token. Every quantity comes from the readout engine
-    (:mod:`lensmat.lenses.engine`); the sums stay on the device until :meth:`result`.
+    (:mod:`lensmat.lenses.engine`). The sums are kept per document (:class:`~lensmat.stats.bootstrap.DocumentSums`,
+    ``[L+1, documents]``, on the device until :meth:`result`) so that :meth:`result` can resample documents.
 
     Positions whose logits hold NaN/Inf are counted in ``non_finite`` and left out of every
     metric (a layer where all were non-finite scores ``None``), never counted as misses.
@@ -124,11 +135,7 @@ class LensScores:
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def _allocate(self, device) -> None:
-        self.sums = {m: torch.zeros(self.n_layers + 1, dtype=torch.float64, device=device)
-                     for m in (*METRICS, "n", "n_ce", "non_finite")}
+        self.documents = DocumentSums((n_layers + 1,))
 
     def update(self, layer: int, lens_logits: Float[torch.Tensor, "n vocab"], ref: Reference) -> None:
         """Add one batch at ``layer`` from logits that exist (``ref`` must hold the model's logits)."""
@@ -140,8 +147,6 @@ class LensScores:
     def add(self, layer: int, readout: engine.Readout, ref: Reference) -> None:
         """Add one batch at ``layer`` from one group of an engine readout (tensors ``[n]``, with ``readout.ref``
         the model's own distribution at the same positions)."""
-        if not self.sums:
-            self._allocate(readout.lse.device)
         keep = readout.finite & readout.ref.finite
         top1 = readout.top_ids[:, 0]
         values = {f"precision@{k}": (readout.ref.top_ids[:, :k] == top1[:, None]).any(-1) for k in TOP_K}
@@ -149,24 +154,42 @@ class LensScores:
         values["kl"] = readout.kl
         with_target = keep & ref.has_target
         values["ce"] = readout.lse - readout.picked[:, 0]
+        values = {m: torch.where(with_target if m == "ce" else keep, v.double(), 0.0) for m, v in values.items()}
+        values.update(n=keep, n_ce=with_target, non_finite=~keep)
         for m, v in values.items():
-            self.sums[m][layer] += torch.where(with_target if m == "ce" else keep, v.double(), 0.0).sum()
-        self.sums["n"][layer] += keep.sum()
-        self.sums["n_ce"][layer] += with_target.sum()
-        self.sums["non_finite"][layer] += (~keep).sum()
+            self.documents.add(m, layer, ref.docs, v, ref.n_docs)
 
-    def result(self) -> dict[str, list[float | None]]:
-        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored) and
-        ``non_finite``: positions per layer whose logits were NaN/Inf (a :class:`NonFiniteWarning`
-        says where)."""
-        if not self.sums:
-            self._allocate("cpu")
-        sums = {m: s.cpu() for m, s in self.sums.items()}  # the one transfer from the device
-        out = {}
+    def seen(self) -> torch.Tensor:
+        """``[columns]`` bool: the documents that had a scored position (the population resampled)."""
+        return (self.documents.sums["n"] + self.documents.sums["non_finite"]).sum(0) > 0
+
+    def metric_sums(self, metric: str, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(num, den)`` ``[L+1, documents]`` of ``metric`` over the documents ``seen`` (default: its own)."""
+        seen = self.seen() if seen is None else seen
+        sums = self.documents.sums
+        num, den = sums[metric], sums["n_ce" if metric == "ce" else "n"]
+        extra = seen.shape[0] - num.shape[-1]  # documents only another lens saw: zero sums here
+        return tuple(torch.nn.functional.pad(t, (0, max(extra, 0)))[:, seen] for t in (num, den))
+
+    def result(self, bootstrap: Bootstrap | None = None) -> dict:
+        """``{metric: [value at layer 0..L]}`` (``None`` where a layer was not scored), ``ci_low`` /
+        ``ci_high`` ``{metric: [bound per layer]}`` (``bootstrap``'s interval over documents; default
+        :class:`~lensmat.stats.bootstrap.Bootstrap()`; ``None`` where not scored or with no resamples) and
+        ``non_finite``: positions per layer whose logits were NaN/Inf (a :class:`NonFiniteWarning` says where), and
+        ``n_documents``: the documents resampled."""
+        bootstrap = Bootstrap() if bootstrap is None else bootstrap
+        if not self.documents.sums:
+            empty = [None] * (self.n_layers + 1)
+            return {**{m: empty for m in METRICS}, "ci_low": {m: empty for m in METRICS},
+                    "ci_high": {m: empty for m in METRICS}, "non_finite": [0] * (self.n_layers + 1), "n_documents": 0}
+        seen = self.seen()
+        out, low, high = {}, {}, {}
         for m in METRICS:
-            denom = sums["n_ce" if m == "ce" else "n"]
-            out[m] = [float(v / d) if d > 0 else None for v, d in zip(sums[m], denom)]
-        out["non_finite"] = [int(c) for c in sums["non_finite"]]
+            interval = bootstrap.ratio(*self.metric_sums(m, seen))
+            out[m], low[m], high[m] = (_floats(t) for t in (interval.value, interval.low, interval.high))
+        out["ci_low"], out["ci_high"] = low, high
+        out["non_finite"] = [int(c) for c in self.documents.total("non_finite").cpu()]
+        out["n_documents"] = int(seen.sum())
         bad = [layer for layer, c in enumerate(out["non_finite"]) if c]
         if bad:
             import warnings
@@ -177,26 +200,83 @@ class LensScores:
         return out
 
 
-class LensEvaluation(NamedTuple):
+def _floats(t: torch.Tensor) -> list[float | None]:
+    """A tensor's values as floats, ``None`` for NaN (an unscored layer, an interval without resamples)."""
+    return [None if v != v else float(v) for v in t.cpu().tolist()]
+
+
+HIGHER_IS_BETTER = {"precision@1": True, "precision@5": True, "precision@10": True, "surprisal": False, "kl": False,
+                    "ce": False}
+
+
+def paired_comparisons(scores: dict[str, LensScores], bootstrap: Bootstrap | None = None,
+                       metrics: Sequence[str] = ("precision@1", "kl")) -> dict:
+    """Every pair of lenses ``a``, ``b`` (in the given order, ``a`` first) compared layer by layer on the
+    same documents and resamples: ``{"a vs b": {metric: {...}}}`` with, per layer ``0..L``, ``difference``
+    (a − b), ``ci_low``/``ci_high``, ``p_value`` (two-sided bootstrap), ``p_holm`` (Holm-adjusted over the
+    layers) and ``ahead``: ``a`` or ``b`` where the adjusted p is below ``1 − confidence`` (the better
+    lens: higher Precision@k, lower surprisal/KL/CE), else ``None``: the difference is within noise.
+    Lenses of different sites or layer counts are not paired."""
+    bootstrap = Bootstrap() if bootstrap is None else bootstrap
+    names = list(scores)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa, sb = scores[a], scores[b]
+            if sa.n_layers != sb.n_layers or not sa.documents.sums or not sb.documents.sums:
+                continue
+            width = max(sa.documents.n_columns, sb.documents.n_columns)
+            seen = sum(torch.nn.functional.pad(s.seen(), (0, width - s.documents.n_columns)) for s in (sa, sb)) > 0
+            pair = {}
+            for m in metrics:
+                d = bootstrap.paired(*sa.metric_sums(m, seen), *sb.metric_sums(m, seen))
+                p_holm = holm(d.p_value)
+                better = torch.where(d.value > 0, 0, 1) if HIGHER_IS_BETTER[m] else torch.where(d.value < 0, 0, 1)
+                significant = p_holm < (1 - bootstrap.confidence)
+                pair[m] = {"difference": _floats(d.value), "ci_low": _floats(d.low), "ci_high": _floats(d.high),
+                           "p_value": _floats(d.p_value), "p_holm": _floats(p_holm),
+                           "ahead": [(a, b)[int(w)] if s else None for w, s in zip(better.tolist(), significant.tolist())]}
+            out[f"{a} vs {b}"] = pair
+    return out
+
+
+@dataclass
+class LensEvaluation:
     """What :func:`evaluate_lenses` returns; unpacks as ``scores, stats, n_tokens``.
 
-    ``scores``: ``{lens: {metric: [value per layer of its site]}}`` (:data:`METRICS` plus
-    ``non_finite``; ``None`` where a layer was not scored); ``stats``: the accumulated
-    :class:`~lensmat.stats.gram.GramStats` or ``None``; ``n_tokens``: the positions scored.
+    ``scores``: ``{lens: {metric: [value per layer of its site]}}`` (:data:`METRICS`, their ``ci_low`` /
+    ``ci_high`` ``{metric: [...]}`` and ``non_finite``; ``None`` where a layer was not scored); ``stats``: the
+    accumulated :class:`~lensmat.stats.gram.GramStats` or ``None``; ``n_tokens``: the positions scored;
+    ``sums``: each lens's per-document :class:`LensScores`, which :meth:`paired` compares.
     """
 
-    scores: dict[str, dict[str, list[float | None]]]
+    scores: dict[str, dict]
     stats: list | None
     n_tokens: int
+    sums: dict[str, LensScores] = field(default_factory=dict, repr=False)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+
+    def __iter__(self):
+        return iter((self.scores, self.stats, self.n_tokens))
+
+    @property
+    def n_documents(self) -> int:
+        """The documents (corpus lines) scored: the population the intervals resample."""
+        return max((s["n_documents"] for s in self.scores.values()), default=0)
+
+    def paired(self, metrics: Sequence[str] = ("precision@1", "kl")) -> dict:
+        """Every pair of lenses compared layer by layer (:func:`paired_comparisons`)."""
+        return paired_comparisons(self.sums, self.bootstrap, metrics)
 
     def to_dataframe(self):
-        """A tidy pandas DataFrame, one row per lens, layer and metric: ``lens, layer, metric, value``
-        (surprisal, KL and CE in nats; ``value`` NaN where a layer was not scored)."""
+        """A tidy pandas DataFrame, one row per lens, layer and metric: ``lens, layer, metric, value, ci_low,
+        ci_high`` (surprisal, KL and CE in nats; NaN where a layer was not scored)."""
         import pandas as pd
 
-        rows = [(lens, layer, metric, v) for lens, scores in self.scores.items() for metric, values in scores.items()
-                for layer, v in enumerate(values)]
-        return pd.DataFrame(rows, columns=["lens", "layer", "metric", "value"]).astype({"value": float})
+        rows = [(lens, layer, m, v, s["ci_low"][m][layer], s["ci_high"][m][layer])
+                for lens, s in self.scores.items() for m in METRICS for layer, v in enumerate(s[m])]
+        columns = ["lens", "layer", "metric", "value", "ci_low", "ci_high"]
+        return pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[3:]})
 
     def plot(self, out=None) -> list:
         """Precision@1/5/10 and KL per layer, one line per lens (:func:`lensmat.plots.lens_plots`);
@@ -224,7 +304,7 @@ def _as_batches(model, batches, total_tokens: int | None) -> tuple[Iterable[Batc
     elif batches is None or isinstance(batches, (str, os.PathLike)):
         corpus = tokenized(model, batches, "heldout")
     else:
-        return batches, total_tokens
+        return numbered(batches), total_tokens
     return corpus.batches(16), corpus.n_tokens() if total_tokens is None else total_tokens
 
 
@@ -239,6 +319,7 @@ def evaluate_lenses(
     stats_pairs: Sequence | None = None,
     stats_device: str | None = None,
     total_tokens: int | None = None,
+    bootstrap: Bootstrap | None = None,
     progress: bool = True,
 ) -> LensEvaluation:
     """Score every lens at every layer on the same tokens, streaming over ``batches``.
@@ -253,6 +334,8 @@ def evaluate_lenses(
         stats_groups: hook groups whose :class:`~lensmat.stats.gram.GramStats` are accumulated in
             the same forward passes (e.g. held-out statistics for R²), keeping the index pairs
             ``stats_pairs[g]`` of group ``g`` (:func:`~lensmat.stats.gram.pair_pattern`; default all).
+        bootstrap: the intervals' resampling over documents (default
+            :class:`~lensmat.stats.bootstrap.Bootstrap()`: 1,000 resamples, seed 0, 95 %).
 
     Returns a :class:`LensEvaluation` ``(scores, stats, n_tokens)``, ``scores`` = ``{lens: {metric:
     [values per layer of its site]}}``: L+1 values for a ``post`` lens, L for a ``mid`` one. Every layer and
@@ -301,4 +384,5 @@ def evaluate_lenses(
         n_tokens += batch.n_scored
         bar.update(batch.n_scored)
     bar.close()
-    return LensEvaluation({name: s.result() for name, s in scores.items()}, stats, n_tokens)
+    bootstrap = Bootstrap() if bootstrap is None else bootstrap
+    return LensEvaluation({name: s.result(bootstrap) for name, s in scores.items()}, stats, n_tokens, scores, bootstrap)

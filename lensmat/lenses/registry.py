@@ -17,8 +17,8 @@ from lensmat.lenses.base import Lens, LogitLens, MatLens
 from lensmat.models import is_masked_lm
 from lensmat.stats.pipeline import collect_layer_stats, maps_from_stats
 
-LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian")
-MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # the tuned lenses and jacobian are trained on next-token prediction
+LENS_KINDS = ("logit", "mat", "mat-affine", "tuned", "mat-tuned", "jacobian", "patchscope")
+MASKED_LM_LENSES = ("logit", "mat", "mat-affine")  # the others are trained on, or read, next-token prediction
 
 
 def split_lenses(spec) -> tuple[list[str], dict[str, Lens]]:
@@ -59,13 +59,20 @@ def parse_lenses(spec) -> list[str]:
 
 
 def refuse_causal_lenses_on_masked_lm(model, names) -> None:
-    """Refuse lenses trained on next-token prediction (tuned, mat-tuned, jacobian) for a masked LM
-    (``names``: a lens specification; only the lenses to build by name are checked)."""
+    """Refuse, for a masked LM, the lenses trained on next-token prediction (tuned, mat-tuned, jacobian)
+    and the patchscope, which reads the next token after its identity prompt (``names``: a lens
+    specification; only the lenses to build by name are checked)."""
     keys, given = split_lenses(names)
     wrong = sorted(set(keys) - set(given) - set(MASKED_LM_LENSES))
-    if is_masked_lm(model) and wrong:
-        raise ValueError(f"Lens(es) {wrong} are trained on next-token prediction and do not apply to the masked LM "
-                         f"{model.cfg.model_name!r}; use {', '.join(MASKED_LM_LENSES)}.")
+    if not (is_masked_lm(model) and wrong):
+        return
+    name, trained = model.cfg.model_name, [n for n in wrong if n != "patchscope"]
+    why = [f"Lens(es) {trained} are trained on next-token prediction and do not apply to the masked LM {name!r}"
+           ] if trained else []
+    if "patchscope" in wrong:
+        why.append(f"The patchscope lens reads the next token after an identity prompt, and the masked LM {name!r} "
+                   "predicts no next token (it fills in [MASK] positions), so it has no next-token identity prompt")
+    raise ValueError(f"{'. '.join(why)}; use {', '.join(MASKED_LM_LENSES)}.")
 
 
 def _cost(provenance: dict | None, reused: bool, init: dict | None = None) -> dict:
@@ -114,7 +121,7 @@ def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None,
                  max_fit_tokens: int | None = None, batch_size: int = 16, tuned_config=None,
                  jlens_prompts: int = 20, all_pairs: bool = False, with_maps: bool = False,
                  stats_device: str | None = None, sites: tuple[str, ...] = ("post",),
-                 progress: bool = True) -> tuple[dict, dict, MapSet | None]:
+                 patchscope_prompt: str | None = None, progress: bool = True) -> tuple[dict, dict, MapSet | None]:
     """Fit (or take the given) lenses of ``names``; returns ``(lenses, fit_cost, mat maps)``.
 
     ``names``: a lens specification (:func:`split_lenses`): names to build, and ``Lens`` objects
@@ -128,8 +135,12 @@ def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None,
     ``tuned`` / ``jlens`` are saved lens folders (or lens objects) to reuse instead of training.
     ``sites=("post", "mid")`` also fits the maps ``resid_mid_l -> h_L`` into the mat map sets
     (a given ``maps`` must then hold them).
+    ``patchscope_prompt``: the patchscope's identity prompt (``None``: nnterp's,
+    :data:`~lensmat.lenses.patchscope.IDENTITY_PROMPT`); nothing is fitted, and ``fit_cost.patchscope``
+    holds its ``settings`` and its ``usage`` (rows, forwards, positions, seconds), counted as it is read.
     """
     from lensmat.lenses.jacobian import JLens, fit_jlens
+    from lensmat.lenses.patchscope import PatchscopeLens
     from lensmat.lenses.tuned import TunedLens, train_tuned_lens
 
     names, given = split_lenses(names)
@@ -163,6 +174,9 @@ def build_lenses(model, names, train, *, maps: MapSet | None = None, tuned=None,
             lenses[name] = jlens if reused else fit_jlens(model, train.dataset, n_prompts=jlens_prompts,
                                                           max_length=train.max_length, progress=progress)
             cost[name] = _cost(lenses[name].meta.get("provenance"), reused)
+        elif name == "patchscope":
+            lenses[name] = PatchscopeLens(model, patchscope_prompt)
+            cost[name] = {**_cost(None, False), "settings": lenses[name].settings, "usage": lenses[name].usage}
     return lenses, {**cost, **given_cost}, fitted.get("mat")
 
 

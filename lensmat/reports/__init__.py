@@ -8,7 +8,7 @@ layer below it (analyses, lenses, stats, data, models and the bottom modules); o
 the package face import it. The map of the layers: ``docs/modules.md``.
 
 Entry points: :func:`compare`, :func:`submodules`, :func:`linearity`, :func:`linearity_over_models`,
-:func:`saturation`, :func:`early_exit`, :func:`trajectory_report` (the same names, with ``out``,
+:func:`saturation`, :func:`early_exit`, :func:`transfer`, :func:`trajectory_report` (the same names, with ``out``,
 as ``lensmat.<name>``), each returning a :class:`~lensmat.reports.results.Report` (a dict with
 ``to_dataframe``, ``plot``, ``save``); :func:`load_report` (a run folder's ``report.json`` as a
 ``Report``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
@@ -16,9 +16,9 @@ as ``lensmat.<name>``), each returning a :class:`~lensmat.reports.results.Report
 """
 
 from lensmat.reports.published import (compare, early_exit, linearity, linearity_over_models, saturation, submodules,
-                                       trajectory_report)
+                                       trajectory_report, transfer)
 from lensmat.reports.results import Report, load_report
 from lensmat.reports.writing import published, write_report
 
 __all__ = ["Report", "compare", "early_exit", "linearity", "linearity_over_models", "load_report", "published",
-           "saturation", "submodules", "trajectory_report", "write_report"]
+           "saturation", "submodules", "trajectory_report", "transfer", "write_report"]

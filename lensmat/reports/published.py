@@ -17,6 +17,7 @@ from lensmat.analyses import linearity_models as _linearity_models
 from lensmat.analyses import saturation as _saturation
 from lensmat.analyses import submodules as _submodules
 from lensmat.analyses import trajectory as _trajectory
+from lensmat.analyses import transfer as _transfer
 from lensmat.outputs import publish, writes_output
 from lensmat.reports.results import Report
 from lensmat.reports.writing import published, write_report
@@ -35,6 +36,7 @@ submodules = published(_reporting(_submodules.submodules, "submodules"), Report.
 linearity = published(_reporting(_linearity.linearity, "linearity"), Report.write)
 saturation = published(_reporting(_saturation.saturation, "saturation"), Report.write)
 early_exit = published(_reporting(_early_exit.early_exit, "early-exit"), Report.write)
+transfer = published(_reporting(_transfer.transfer, "transfer"), Report.write)
 
 
 def _trajectory_report(*args, **kwargs) -> tuple[_trajectory.Trajectory, Report]:

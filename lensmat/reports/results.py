@@ -16,12 +16,14 @@ from lensmat.outputs import publish
 from lensmat.reports.writing import strict, write_report
 
 # command: what plots it (the CLI's figures; a trajectory's heatmap needs the Trajectory itself)
-PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_plots,
+PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_geometry_plots,
          "linearity-models": plots.linearity_models_plot, "saturation": plots.saturation_plots,
-         "early-exit": plots.early_exit_plots, "trajectory": plots.trajectory_summary_plots}
+         "early-exit": plots.early_exit_plots, "trajectory": plots.trajectory_summary_plots,
+         "transfer": plots.transfer_plots}
 COMMANDS = tuple(PLOTS)
 # the keys that tell an older report's command (checked in this order)
-_SIGNATURES = (("early-exit", "curves"), ("submodules", "variants"), ("linearity-models", "models"),
+_SIGNATURES = (("transfer", "transfer"), ("early-exit", "curves"), ("submodules", "variants"),
+               ("linearity-models", "models"),
                ("linearity", "pruning"), ("saturation", "mean_layer"), ("trajectory", "statistic"),
                ("compare", "r2"))
 COLUMNS = ["lens", "site", "layer", "metric", "value"]
@@ -149,6 +151,7 @@ def _submodules(report: dict, rows: list) -> None:
 
 def _linearity(report: dict, rows: list) -> None:
     _lists(rows, "model", "block", report, _LINEARITY)
+    _lists(rows, "model", "post", report, ("anisotropy", "intrinsic_dimension"))
     for variant, records in report["pruning"].items():
         _records(rows, variant, "pruned", records, "k")
 
@@ -175,6 +178,16 @@ def _trajectory(report: dict, rows: list) -> None:
         _lists(rows, lens, "post", summary, [k for k in summary if k.startswith("mean_")])
 
 
+def _transfer(report: dict, rows: list) -> None:
+    """Lens ``{lens}@{i}`` (the translator of layer ``i``) read at each layer ``j``."""
+    for lens, matrices in report["transfer"].items():
+        for metric, matrix in matrices.items():
+            if not isinstance(matrix, list):  # ci_low / ci_high: the bounds, left out of the table
+                continue
+            for i, row in enumerate(matrix):
+                rows.extend((f"{lens}@{i}", "post", j, metric, v) for j, v in enumerate(row or []))
+
+
 _TABLES = {"compare": _compare, "submodules": _submodules, "linearity": _linearity,
            "linearity-models": _linearity_models, "saturation": _saturation, "early-exit": _early_exit,
-           "trajectory": _trajectory}
+           "trajectory": _trajectory, "transfer": _transfer}

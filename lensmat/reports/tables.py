@@ -35,22 +35,57 @@ def format_table(report: dict, metric: str = "precision@1", site: str = "post") 
         part, r2_of = report, lambda kind, layer: report["r2"][kind][layer][last]
         label, header = "layer", list(report["lenses"])
     names = list(part["lenses"])
-    rows = [f"{label:>5} " + " ".join(f"{n:>11}" for n in header) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
-            + f"   ({metric})"]
+    width = 20 if any("ci_low" in part["lenses"][n] for n in names) else 11
+    rows = [f"{label:>5} " + " ".join(f"{n:>{width}}" for n in header) + f" {'R2 mat->L':>10} {'R2 id->L':>10}"
+            + f"   ({metric}" + (", 95% interval)" if width > 11 else ")")]
     for layer in part["layers"]:
-        vals = " ".join(_cell(part["lenses"][n][metric][layer], 11, "-") for n in names)
+        vals = " ".join(f"{_with_interval(part['lenses'][n], metric, layer):>{width}}" for n in names)
         rows.append(f"{layer:>5} {vals} {_cell(r2_of('mat', layer), 10, '-')} {_cell(r2_of('id', layer), 10, '-')}")
     return "\n".join(rows)
 
 
+def _with_interval(scores: dict, metric: str, layer: int) -> str:
+    """``0.3910 (0.37–0.41)``: a value with its interval where the scores carry one, ``-`` where not measured."""
+    value = scores[metric][layer]
+    low, high = (scores.get(k, {}).get(metric, [None] * (layer + 1))[layer] for k in ("ci_low", "ci_high"))
+    if value is None or low is None or high is None:
+        return _num(value, ".4f")
+    return f"{value:.4f} ({low:.2f}–{high:.2f})"
+
+
+def _point(row: dict) -> dict:
+    """A curve point as one-layer scores for :func:`_with_interval`."""
+    return {k: ({m: [v] for m, v in row[k].items()} if k in ("ci_low", "ci_high") else [v]) for k, v in row.items()}
+
+
+def format_paired(report: dict) -> str:
+    """Per pair of lenses and metric: the layers where one is significantly ahead (Holm-adjusted over
+    the layers), the rest within noise."""
+    confidence = report.get("bootstrap", {}).get("confidence", 0.95)
+    lines = [f"paired differences on the same {report.get('bootstrap', {}).get('n_documents', '?')} held-out documents "
+             f"(bootstrap, Holm over layers, α = {1 - confidence:.2f}):"]
+    for pair, by_metric in report.get("paired", {}).items():
+        a, b = pair.split(" vs ")
+        for metric, d in by_metric.items():
+            ahead = {lens: [layer for layer, w in enumerate(d["ahead"]) if w == lens] for lens in (a, b)}
+            said = [f"{lens} ahead at layers {layers}" for lens, layers in ahead.items() if layers]
+            tested = sum(p is not None for p in d["p_value"])
+            noise = tested - sum(len(v) for v in ahead.values())
+            lines.append(f"  {pair}, {metric}: " + ("; ".join(said) + "; " if said else "")
+                         + f"within noise at {noise} of {tested} layers")
+    return "\n".join(lines)
+
+
 def format_compare(report: dict) -> str:
-    """What was fitted and evaluated, then :func:`format_table` (Precision@1), and its mid-site table
-    when the report read ``hook_resid_mid`` too."""
+    """What was fitted and evaluated, then :func:`format_table` (Precision@1), its mid-site table
+    when the report read ``hook_resid_mid`` too, and the paired comparisons (:func:`format_paired`)."""
     what = "masked tokens" if report["protocol"] == "masked" else "tokens"
     lines = [f"model {report['model']}: {report['n_layers']} blocks, fit on {report['n_fit_tokens']} {what}, "
              f"evaluated on {report['n_eval_tokens']} held-out {what}", format_table(report)]
     if "mid" in report:
         lines.append(format_table(report, site="mid"))
+    if report.get("paired"):
+        lines.append(format_paired(report))
     return "\n".join(lines)
 
 
@@ -84,6 +119,14 @@ def format_linearity(report: dict) -> str:
     lines.append(f"pruning (most linear first: blocks {report['order']}); held-out CE / Precision@1:")
     for variant, rows in report["pruning"].items():
         lines.append(f"  {variant:<9}" + "  ".join(f"k={r['k']}: {_num(r['ce'])}/{_num(r['precision@1'])}" for r in rows))
+    if "ci_low" in report:
+        lines.append("held-out LS, 95% interval per block: " + ", ".join(
+            f"{_num(lo)}–{_num(hi)}" for lo, hi in zip(report["ci_low"]["heldout_linearity"],
+                                                        report["ci_high"]["heldout_linearity"])))
+    for key, label in (("anisotropy", "anisotropy per layer h_0..h_L:         "),
+                       ("intrinsic_dimension", "intrinsic dimension per layer h_0..h_L:")):
+        if key in report:
+            lines.append(f"{label} {_row(report[key])}")
     return "\n".join(lines)
 
 
@@ -109,9 +152,15 @@ def format_saturation(report: dict) -> str:
              "k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)),
              "mean s_k   " + " ".join(f"{v:>6.2f}" for v in r["mean_layer"]),
              "mean rank  " + " ".join("     -" if v is None else f"{v:>6.2f}" for v in r["mean_rank"])]
+    for key, label in (("mean_layer", "mean s_k  "), ("mean_rank", "mean rank ")):
+        if "ci_low" in r:
+            lines.append(f"{label} 95% interval: " + ", ".join(
+                "-" if lo is None else f"{lo:.2f}–{hi:.2f}" for lo, hi in zip(r["ci_low"][key], r["ci_high"][key])))
     for rule, t in r["order_tests"].items():
         chosen = " (reported)" if rule == r["order_rule"] else ""
-        lines.append(f"strict Kendall tau, {rule} rule{chosen}: {t['kendall_tau']} (p = {t['p_value']}, "
+        low, high = t.get("ci_low", {}).get("kendall_tau"), t.get("ci_high", {}).get("kendall_tau")
+        interval = f", 95% interval {low:.3f}–{high:.3f}" if low is not None and high is not None else ""
+        lines.append(f"strict Kendall tau, {rule} rule{chosen}: {_num(t['kendall_tau'])}{interval} (p = {t['p_value']}, "
                      f"{t['n_tokens']} tokens with m >= 3)")
     lines.append(f"probe balanced accuracy per layer: {_row(r['probe_accuracy'])}")
     lines.append(f"noise control:                     {_row(r['probe_control'])}")
@@ -139,11 +188,32 @@ def format_early_exit(report: dict) -> str:
                                         for row in rows))
     lines.append("fixed exit, layer: Precision@1")
     for lens, rows in r["fixed_exit"].items():
-        lines.append(f"  {lens:<10} " + "  ".join(f"{row['layer']}: {_num(row['precision@1'])}" for row in rows))
+        lines.append(f"  {lens:<10} " + "  ".join(f"{row['layer']}: {_with_interval(_point(row), 'precision@1', 0)}"
+                                                  for row in rows))
     lines.append(f"saturation exit ({r['saturation_lens']} lens): threshold -> Precision@1 / accuracy @ speed-up")
     for method, rows in r["saturation"].items():
         lines.append(f"  {method:<7} " + "  ".join(f"{row['threshold']}: {_num(row['precision@1'])}/{_num(row['accuracy'])}"
                                                    f"@{_num(row['speedup'], '.2f')}x" for row in rows))
+    return "\n".join(lines)
+
+
+def format_transfer(report: dict) -> str:
+    """Per lens and read layer ``j``: Precision@1 and KL of the lens of layer ``j`` itself (the diagonal)
+    and the change when layer ``j`` is read with the lens of ``j-1`` or ``j+1`` (``-`` where none)."""
+    def num(v, spec):
+        return f"{'-' if v is None else format(v, spec):>8}"
+
+    lines = [f"model {report['model']}: {report['n_layers']} blocks, evaluated on {report['n_eval_tokens']} held-out "
+             "tokens (full matrices [lens layer i][read layer j] in report.json)"]
+    for name, matrices in report["transfer"].items():
+        near = report["adjacent"][name]
+        lines += [f"{name}: at layer j its own lens (i=j), and the change reading j with the lens of i=j-1 or i=j+1",
+                  f"{'j':>4} {'P@1 i=j':>8} {'Δ j-1':>8} {'Δ j+1':>8} {'KL i=j':>8} {'Δ j-1':>8} {'Δ j+1':>8}"]
+        for j in report["layers"]:
+            own = [None if matrices[m][j] is None else matrices[m][j][j] for m in ("precision@1", "kl")]
+            lines.append(f"{j:>4} {num(own[0], '.3f')} {num(near['precision@1']['from_previous'][j], '+.3f')} "
+                         f"{num(near['precision@1']['from_next'][j], '+.3f')} {num(own[1], '.3f')} "
+                         f"{num(near['kl']['from_previous'][j], '+.3f')} {num(near['kl']['from_next'][j], '+.3f')}")
     return "\n".join(lines)
 
 

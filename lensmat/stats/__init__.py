@@ -7,5 +7,6 @@ turns them into :class:`~lensmat.stats.fit.LinearMap` / :class:`~lensmat.stats.f
 :mod:`~lensmat.stats.artifacts` saves and checks them (safetensors + JSON); :mod:`~lensmat.stats.plan`
 refuses a run whose memory does not fit before any work; :mod:`~lensmat.stats.distributed` sums
 statistics over ranks; :mod:`~lensmat.stats.pipeline` is text -> maps in one call
-(:func:`~lensmat.stats.pipeline.fit_maps`). The map of the layers: ``docs/modules.md``.
+(:func:`~lensmat.stats.pipeline.fit_maps`); :mod:`~lensmat.stats.bootstrap` keeps per-document sums and resamples
+documents for the intervals and paired tests of every report. The map of the layers: ``docs/modules.md``.
 """

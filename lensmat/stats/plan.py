@@ -21,7 +21,11 @@ What is counted (float64 statistics, :func:`~lensmat.stats.gram.stats_nbytes`):
   every layer and lens of one batch, ``(2·(L+1) + 1) · tokens · d`` (logit and mat, plus the
   model's ``h_L``), three copies in the model's dtype (the rows, the stack and its normalised
   transpose), and four float32 arrays of :data:`READOUT_CHUNK_ELEMENTS` logits; no ``[tokens, V]``
-  array. ``trajectory`` reads one text only, which is not counted.
+  array. ``trajectory`` reads one text only, which is not counted;
+- with the patchscope lens (``patchscope_tokens``: its prompt's length ``P``): its rows in the readout,
+  ``3 · (L+1) · tokens · d``, and one of its forwards, :data:`PATCHSCOPE_CHUNK_POSITIONS` prompt positions
+  at a time (``⌊4096 / P⌋`` rows): at most ``16 · d`` activation values per position in a block and a
+  key/value cache of ``2 · L · d`` per position (:mod:`lensmat.lenses.patchscope`).
 
 The model's own weights are printed, not checked: once a command runs they are already loaded.
 """
@@ -37,8 +41,8 @@ import torch
 
 from lensmat.stats.gram import pair_pattern, stats_nbytes
 
-COMMANDS = ("fit", "compare", "linearity", "submodules", "early-exit", "saturation", "trajectory")
-READS_LENSES = ("compare", "early-exit", "saturation")
+COMMANDS = ("fit", "compare", "linearity", "submodules", "early-exit", "saturation", "trajectory", "transfer")
+READS_LENSES = ("compare", "early-exit", "saturation", "transfer")
 GB = 1e9
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -69,6 +73,7 @@ def parse_bytes(size: int | float | str | None) -> int | None:
     return int(value)
 READOUT_CHUNK_ELEMENTS = 1 << 21  # logits per readout-engine chunk (8 MB of float32)
 READOUT_CHUNK_ARRAYS = 4  # chunk-sized float32 arrays alive at once in the engine's loop
+PATCHSCOPE_CHUNK_POSITIONS = 4096  # prompt positions (rows × prompt tokens) per patchscope forward
 
 
 class MemoryPlanError(MemoryError):
@@ -169,14 +174,17 @@ def _resid_stats(shape: ModelShape, pattern: str, extra_hooks: int = 0) -> int:
 
 def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size: int = 16, max_length: int = 128,
          batch_tokens: int | None = None, n_submodule_groups: int | None = None, fits_maps: bool | None = None,
-         mid: bool = False, stats_device: str = "cpu", model_device: str = "cpu") -> MemoryPlan:
+         mid: bool = False, patchscope_tokens: int | None = None, id_tokens: int = 0, stats_device: str = "cpu",
+         model_device: str = "cpu") -> MemoryPlan:
     """The memory plan of ``command`` (one of :data:`COMMANDS`) on a model of ``shape``.
 
     ``batch_tokens``: positions one batch captures (default ``batch_size · max_length``, the most
     lines of ``max_length`` tokens can hold); ``n_submodule_groups``: the (input, output) groups
     ``submodules`` collects (default: its default kinds ``attn``, ``mlp``, ``ln`` = 4 per block);
     ``fits_maps``: whether an ``early-exit`` / ``saturation`` / ``trajectory`` run fits a mat lens (default:
-    as their default lenses do, ``early-exit`` and ``trajectory`` yes, ``saturation`` no).
+    as their default lenses do, ``early-exit`` and ``trajectory`` yes, ``saturation`` no);
+    ``patchscope_tokens``: the patchscope lens's prompt length, when a command that reads lenses scores it;
+    ``id_tokens``: the held-out tokens ``linearity`` keeps for the intrinsic dimension.
     """
     if command not in COMMANDS:
         raise ValueError(f"Unknown command {command!r} for a memory plan; plans exist for {', '.join(COMMANDS)}.")
@@ -187,6 +195,9 @@ def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size
     if command == "linearity":
         items["train statistics, adjacent blocks"] = _resid_stats(shape, "adjacent")
         items["held-out statistics, adjacent blocks"] = _resid_stats(shape, "adjacent")
+        if id_tokens:
+            items[f"intrinsic-dimension sample ({id_tokens} tokens × L+1 layers, float32)"] = (
+                id_tokens * (shape.n_layers + 1) * shape.d_model * 4)
     elif fits_maps or command in ("fit", "compare", "submodules"):
         items[f"train statistics, {pairs}" + (" and resid_mid_l -> h_L" if mid else "")] = (
             _resid_stats(shape, pattern, shape.n_layers if mid else 0))
@@ -208,6 +219,12 @@ def plan(command: str, shape: ModelShape, *, all_pairs: bool = False, batch_size
         rows = (2 * (shape.n_layers + 1) + 1 + (2 * shape.n_layers if mid else 0)) * tokens * shape.d_model
         items[readout] = 3 * rows * shape.dtype_bytes + READOUT_CHUNK_ARRAYS * READOUT_CHUNK_ELEMENTS * 4
         on_model.append(readout)
+        if patchscope_tokens:
+            positions = max(1, PATCHSCOPE_CHUNK_POSITIONS // patchscope_tokens) * patchscope_tokens
+            patchscope = f"patchscope rows and forwards ({positions} prompt positions at a time)"
+            items[patchscope] = (3 * (shape.n_layers + 1) * tokens + (16 + 2 * shape.n_layers) * positions) * (
+                shape.d_model * shape.dtype_bytes)
+            on_model.append(patchscope)
     return MemoryPlan(command, shape, items, str(stats_device), dict.fromkeys(on_model, str(model_device)))
 
 

@@ -9,7 +9,8 @@ from lensmat.cli.commands.model import INFO, PLAN
 from lensmat.cli.commands.saturation import EARLY_EXIT, SATURATION
 from lensmat.cli.commands.submodules import SUBMODULES
 from lensmat.cli.commands.trajectory import TRAJECTORY
+from lensmat.cli.commands.transfer import TRANSFER
 
-COMMANDS = (INFO, PLAN, FIT, COMPARE, SUBMODULES, LINEARITY, SATURATION, EARLY_EXIT, IMPORT_MAPS, TRAJECTORY)
+COMMANDS = (INFO, PLAN, FIT, COMPARE, TRANSFER, SUBMODULES, LINEARITY, SATURATION, EARLY_EXIT, IMPORT_MAPS, TRAJECTORY)
 
 __all__ = ["COMMANDS"]

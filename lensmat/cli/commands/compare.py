@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from lensmat.cli.options import (COUNT, POSITIVE, Command, add_all_pairs, add_eval_budget, add_fit_budget,
-                                 add_lenses, add_maps, add_model_options, add_run_options, add_scoring_options,
-                                 add_tuned, load, masking, run_keywords, scoring, shown)
+                                 add_interval_options, add_lenses, add_maps, add_model_options, add_patchscope,
+                                 add_run_options, add_scoring_options, add_tuned, interval_keywords, load, masking,
+                                 run_keywords, scoring, shown)
 from lensmat.lenses.registry import LENS_KINDS
 
 
@@ -14,6 +15,7 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_run_options(p)
     add_lenses(p, LENS_KINDS)
+    add_patchscope(p)
     add_fit_budget(p)
     add_eval_budget(p)
     add_maps(p)
@@ -27,6 +29,7 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jlens", default=None, help="reuse a saved J-lens (lensmat folder or TransformerLens .pt)")
     p.add_argument("--jlens-prompts", type=COUNT, default=20, help="train lines the J-lens is fitted on")
     add_scoring_options(p)
+    add_interval_options(p)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -41,7 +44,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report = compare(load(args), args.dataset, lenses=names, max_fit_tokens=args.max_fit_tokens,
                      max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned, jlens=args.jlens,
                      tuned_config=tuned_config, jlens_prompts=args.jlens_prompts, scoring=scoring(args),
-                     all_pairs=args.all_pairs, sites=args.sites, **masking(args), **run_keywords(args))
+                     all_pairs=args.all_pairs, sites=args.sites, patchscope_prompt=args.patchscope_prompt,
+                     **masking(args), **interval_keywords(args), **run_keywords(args))
     return shown(format_compare(report), args)
 
 

@@ -7,9 +7,9 @@ import argparse
 
 from lensmat.analyses.early_exit import MASKED_T
 from lensmat.analyses.saturation import SATURATION_LENSES
-from lensmat.cli.options import (COUNT, FRACTION, Command, _masked_t, add_eval_budget, add_fit_budget, add_k,
-                                 add_lenses, add_masking_options, add_model_options, add_run_options, load, masking,
-                                 run_keywords, shown)
+from lensmat.cli.options import (COUNT, FRACTION, _masked_t, add_eval_budget, add_fit_budget, add_interval_options,
+                                 add_k, add_lenses, add_masking_options, add_model_options, add_run_options, Command,
+                                 interval_keywords, load, masking, run_keywords, shown)
 
 
 def add_saturation_options(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_saturation_options(p: argparse.ArgumentParser) -> None:
                         "the leading run of saturated ranks (leading); the report holds both")
     p.add_argument("--pairs", type=COUNT, default=100, help="token pairs in the intervention")
     add_masking_options(p)
+    add_interval_options(p)
 
 
 def cmd_saturation(args: argparse.Namespace) -> int:
@@ -33,7 +34,8 @@ def cmd_saturation(args: argparse.Namespace) -> int:
 
     report = saturation(load(args), args.dataset, lens=args.lens, k=args.k, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, n_permutations=args.permutations,
-                        order_rule=args.order_rule, max_pairs=args.pairs, **masking(args), **run_keywords(args))
+                        order_rule=args.order_rule, max_pairs=args.pairs, **masking(args), **interval_keywords(args),
+                        **run_keywords(args))
     return shown(format_saturation(report), args)
 
 
@@ -46,6 +48,7 @@ def add_early_exit_options(p: argparse.ArgumentParser) -> None:
     add_eval_budget(p, 10_000, help="heldout tokens (default 10000)")
     p.add_argument("--max-probe-tokens", type=COUNT, default=5_000, help="train tokens for the saturation probe")
     add_masking_options(p)
+    add_interval_options(p)
     p.add_argument("--masked-t", type=_masked_t, default=MASKED_T, metavar="T",
                    help=f"masked LMs: t of the threshold theta(t): {MASKED_T} for every token (default, the authors' BERT code) "
                         "or 'position' (each masked token's position, as the paper's text)")
@@ -58,7 +61,7 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     report = early_exit(load(args), args.dataset, lenses=args.lenses, retention=args.retention,
                         max_fit_tokens=args.max_fit_tokens, max_eval_tokens=args.max_eval_tokens,
                         max_probe_tokens=args.max_probe_tokens, masked_t=args.masked_t, **masking(args),
-                        **run_keywords(args))
+                        **interval_keywords(args), **run_keywords(args))
     return shown(format_early_exit(report), args)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lensmat.cli.options import (Command, add_eval_budget, add_fit_budget, add_intercept, add_masking_options,
-                                 add_model_options, add_run_options, load, masking, run_keywords, shown)
+from lensmat.cli.options import (add_eval_budget, add_fit_budget, add_intercept, add_interval_options,
+                                 add_masking_options, add_model_options, add_run_options, Command, interval_keywords,
+                                 load, masking, run_keywords, shown)
 
 
 def add_submodules_options(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def add_submodules_options(p: argparse.ArgumentParser) -> None:
     add_eval_budget(p, 20_000)
     add_intercept(p, help="affine maps")
     add_masking_options(p)
+    add_interval_options(p)
 
 
 def cmd_submodules(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def cmd_submodules(args: argparse.Namespace) -> int:
         raise ValueError(f"Unknown sub-module kind(s) {bad or kinds}; valid kinds: {', '.join(PROTOCOL_KINDS)}.")
     report = submodules(load(args), args.dataset, kinds=kinds, max_fit_tokens=args.max_fit_tokens,
                         max_eval_tokens=args.max_eval_tokens, intercept=args.intercept, **masking(args),
-                        **run_keywords(args))
+                        **interval_keywords(args), **run_keywords(args))
     return shown(format_submodules(report), args)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lensmat.cli.options import (Command, add_eval_budget, add_fit_budget, add_lenses, add_maps, add_model_options,
-                                 add_run_options, add_tuned, load, run_keywords, shown)
+                                 add_run_options, add_tuned, load, run_keywords, shown, add_interval_options, interval_keywords)
 from lensmat.lenses.registry import LENS_KINDS
 
 TRANSFERABLE = tuple(k for k in LENS_KINDS if k != "logit")  # the logit lens has no per-layer translator
@@ -21,6 +21,7 @@ def add_transfer_options(p: argparse.ArgumentParser) -> None:
                                "evaluation)")
     add_maps(p)
     add_tuned(p)
+    add_interval_options(p)
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -30,7 +31,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
     report = transfer(load(args), args.dataset, lenses=args.lenses, max_fit_tokens=args.max_fit_tokens,
                       max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned,
-                      tuned_config=TunedLensTraining(tokens=args.tuned_tokens), **run_keywords(args))
+                      tuned_config=TunedLensTraining(tokens=args.tuned_tokens), **interval_keywords(args),
+                      **run_keywords(args))
     return shown(format_transfer(report), args)
 
 
