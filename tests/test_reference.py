@@ -136,15 +136,19 @@ def test_cli_analyses_write_their_report_contracts(tmp_path):
     for variant in ("identity", "linear"):
         rows = lin["pruning"][variant]
         assert [r["k"] for r in rows] == list(range(L // 2 + 1)) and rows[0]["precision@1"] == 1.0
-        assert set(rows[0]) == {"k", "ce", "precision@1"}
+        assert set(rows[0]) == {"k", "ce", "precision@1", "ci_low", "ci_high"}
+        assert all(r["ci_low"]["ce"] <= r["ce"] <= r["ci_high"]["ce"] for r in rows)
+    assert all(lo <= v <= hi for lo, v, hi in zip(lin["ci_low"]["heldout_linearity"], lin["heldout_linearity"],
+                                                  lin["ci_high"]["heldout_linearity"]))
     sat = run("saturation", "--max-eval-tokens", "1500", "--permutations", "100", "--pairs", "10", "--out", str(tmp_path / "sat"))
     assert len(sat["mean_rank"]) == 5 and len(sat["probe_accuracy"]) == L + 1
-    assert -1.0 <= sat["kendall_tau"] <= 1.0 and 0.0 < sat["p_value"] <= 1.0
+    assert -1.0 <= sat["ci_low"]["kendall_tau"] <= sat["kendall_tau"] <= sat["ci_high"]["kendall_tau"] <= 1.0
+    assert 0.0 < sat["p_value"] <= 1.0 and sat["bootstrap"]["unit"] == "document"
     assert sat["intervention_success"] is None or 0.0 <= sat["intervention_success"] <= 1.0
     ee = run("early-exit", "--max-fit-tokens", "20000", "--max-eval-tokens", "1500", "--max-probe-tokens", "1500",
              "--out", str(tmp_path / "ee"))
     for lens in ("logit", "mat"):
-        assert set(ee["curves"][lens][0]) == {"lambda", "mean_layers", "precision@1", "accuracy"}
+        assert set(ee["curves"][lens][0]) == {"lambda", "mean_layers", "precision@1", "accuracy", "ci_low", "ci_high"}
         assert 0.0 <= ee["savings"][lens] < 1.0
     assert {"probe", "gap", "cosine", "oracle"} == set(ee["saturation"])
     assert ee["saturation"]["oracle"][0]["precision@1"] == 1.0
