@@ -41,7 +41,7 @@ from jaxtyping import Float, Int
 
 from lensmat import data
 from lensmat.models import describe
-from lensmat.stats.bootstrap import Bootstrap, Interval
+from lensmat.stats.bootstrap import Bootstrap, with_intervals
 from lensmat.analyses.saturation import SATURATION_LENSES
 from lensmat.analyses.saturation_probes import balanced_probe, single_blas_thread
 from lensmat.analyses.saturation_rankings import Rankings, collect_rankings, saturation_layers
@@ -84,15 +84,10 @@ def exit_scores(exits: Int[torch.Tensor, "n"], top1: Int[torch.Tensor, "layers n
     over the documents ``docs`` (default: each token its own)."""
     emitted = emitted_tokens(top1, exits)
     has = targets >= 0
-    docs = torch.arange(len(exits)) if docs is None else docs
     bootstrap = Bootstrap() if bootstrap is None else bootstrap
-    both = bootstrap.means(torch.stack([exits.double(), (emitted == final_top1).double()]), docs)
-    accuracy = bootstrap.means((emitted == targets).double(), docs, has)
-    out, low, high = {}, {}, {}
-    for i, name in enumerate(("mean_layers", "precision@1", "accuracy")):
-        got = accuracy if i == 2 else Interval(both.value[i], both.low[i], both.high[i])
-        out[name], low[name], high[name] = (None if v != v else float(v) for v in (got.value, got.low, got.high))
-    return {**out, "ci_low": low, "ci_high": high}
+    return with_intervals({"mean_layers": bootstrap.means(exits.double(), docs),
+                           "precision@1": bootstrap.means((emitted == final_top1).double(), docs),
+                           "accuracy": bootstrap.means((emitted == targets).double(), docs, has)})
 
 
 def positions(rankings: Rankings) -> Int[torch.Tensor, "n"]:

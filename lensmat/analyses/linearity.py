@@ -52,7 +52,7 @@ from lensmat.stats.gram import GramStats, pair_pattern
 from lensmat.stats.fit import IllConditionedWarning, LinearMap, MapSet, centred, fit_map, residual_sums
 from lensmat.lenses.metrics import LensScores, Reference
 from lensmat.models import describe
-from lensmat.stats.bootstrap import Bootstrap, DocumentSums
+from lensmat.stats.bootstrap import Bootstrap, DocumentSums, reported
 from lensmat.stats.pipeline import collect_layer_stats, tokenized
 from lensmat.analyses.swap import submodule_pair, swap_hooks
 from lensmat.analyses.geometry import MAX_ID_TOKENS, LayerSample, geometry_fields
@@ -182,9 +182,9 @@ def linearity_profile(stats: GramStats, heldout: GramStats | None = None) -> dic
 
 @torch.no_grad()
 def heldout_linearity_intervals(model, train: GramStats, heldout: GramStats, batches,
-                                bootstrap: Bootstrap | None = None) -> dict[str, dict[str, list[float | None]]]:
+                                bootstrap: Bootstrap | None = None) -> dict:
     """Intervals over held-out documents of ``heldout_linearity`` and ``heldout_linearity_no_residual``:
-    ``{"ci_low": {name: [L]}, "ci_high": {name: [L]}}``.
+    ``{"ci_low": {name: [L]}, "ci_high": {name: [L]}, "bootstrap": the report's field}``.
 
     Block ``l``'s held-out score is ``1 − Σ_t u_t / Σ_t v_t`` with ``u_t = ‖y_t − x_t W − b‖²`` (the
     train-fitted map of :func:`heldout_linearity_score`) and ``v_t = ‖y_t − ȳ‖²`` (``y − x`` and its mean
@@ -210,10 +210,12 @@ def heldout_linearity_intervals(model, train: GramStats, heldout: GramStats, bat
                 sums.add("u", (r, 1, block), docs, v, max(batch.lines) + 1)
     u = sums.sums["u"]
     seen = u[0, 1].sum(0) > 0
-    ratio = (bootstrap or Bootstrap()).ratio(u[:, 0][..., seen], u[:, 1][..., seen])  # [2, L]: Σu / Σv
+    bootstrap = Bootstrap() if bootstrap is None else bootstrap
+    ratio = bootstrap.ratio(u[:, 0][..., seen], u[:, 1][..., seen])  # [2, L]: Σu / Σv; the score is 1 − it
     names = ("heldout_linearity", "heldout_linearity_no_residual")
-    return {"ci_low": {n: [None if v != v else 1 - float(v) for v in ratio.high[r]] for r, n in enumerate(names)},
-            "ci_high": {n: [None if v != v else 1 - float(v) for v in ratio.low[r]] for r, n in enumerate(names)}}
+    return {"ci_low": {n: reported(1 - ratio.high[r]) for r, n in enumerate(names)},
+            "ci_high": {n: reported(1 - ratio.low[r]) for r, n in enumerate(names)},
+            "bootstrap": bootstrap.to_dict(int(seen.sum()))}
 
 
 def block_maps(model, stats: GramStats, *, identity: bool = False, intercept: bool = False,
@@ -359,7 +361,5 @@ def linearity(model=None, dataset: str | None = None, *, max_fit_tokens: int | N
         "norm_ratio": profile["norm_ratio"], "cosine": profile["cosine"],
         "order": order, "pruning": pruning, "memory_plan": memory, **geometry,
         **heldout_linearity_intervals(model, stats, heldout_stats, heldout.batches(batch_size, max_eval_tokens), bootstrap),
-        "bootstrap": (bootstrap or Bootstrap()).to_dict(len({line for b in heldout.batches(batch_size, max_eval_tokens)
-                                                             for line in b.lines})),
     }
     return report

@@ -38,7 +38,7 @@ from lensmat.analyses.saturation_implant import implant
 from lensmat.analyses.saturation_probes import pooled_probe, probe_accuracy, task_labels
 from lensmat.analyses.saturation_rankings import collect_rankings, saturation_layers
 from lensmat.models import describe
-from lensmat.stats.bootstrap import Bootstrap, Interval
+from lensmat.stats.bootstrap import Bootstrap, Interval, reported, with_intervals
 
 
 def kept_tokens(s: Int[torch.Tensor, "n k"], n_layers: int, frac: float = 0.85) -> torch.Tensor:
@@ -51,7 +51,7 @@ def mean_ranks(s: Int[torch.Tensor, "n k"], n_layers: int) -> list[float | None]
     """Per rank k, the mean over tokens whose ``s_k < L`` of the rank of ``s_k`` among the token's
     ``s_1..s_K`` (1 = earliest; tied layers take the lowest rank, as the authors' ``sorted.index``);
     ``None`` where no token's rank k saturates before ``L``."""
-    return plain(rank_means(s, n_layers).value)
+    return reported(rank_means(s, n_layers).value)
 
 
 def rank_means(s: Int[torch.Tensor, "n k"], n_layers: int, docs: Int[torch.Tensor, "n"] | None = None,
@@ -59,25 +59,7 @@ def rank_means(s: Int[torch.Tensor, "n k"], n_layers: int, docs: Int[torch.Tenso
     """:func:`mean_ranks` (NaN for ``None``) with ``bootstrap``'s interval over the documents ``docs``
     (default: each token its own)."""
     rank = 1 + (s[:, None, :] < s[:, :, None]).sum(-1).double()  # [n, k]: values strictly below s_k
-    return _means(rank.T, s.T < n_layers, docs, bootstrap)
-
-
-def _means(values: Float[torch.Tensor, "k n"], keep, docs, bootstrap: Bootstrap | None) -> Interval:
-    """:meth:`~lensmat.stats.bootstrap.Bootstrap.means` of each row over its tokens where ``keep``."""
-    docs = torch.arange(values.shape[-1]) if docs is None else docs
-    return (bootstrap or Bootstrap()).means(values, docs, keep)
-
-
-def plain(t: torch.Tensor):
-    """A statistic for the report: a float or a list of them, ``None`` for NaN."""
-    values = [None if v != v else float(v) for v in t.reshape(-1).tolist()]
-    return values if t.dim() else values[0]
-
-
-def with_intervals(statistics: dict[str, Interval]) -> dict:
-    """``{name: value, ..., ci_low: {name: ...}, ci_high: {name: ...}}`` of named intervals."""
-    return {**{n: plain(i.value) for n, i in statistics.items()}, "ci_low": {n: plain(i.low) for n, i in statistics.items()},
-            "ci_high": {n: plain(i.high) for n, i in statistics.items()}}
+    return (bootstrap or Bootstrap()).means(rank.T, docs, s.T < n_layers)
 
 
 ORDER_RULES = ("authors", "leading")
@@ -123,7 +105,7 @@ def order_test(s: Int[torch.Tensor, "n k"], n_layers: int, *, rule: str = "autho
     tau = torch.zeros(len(s), dtype=torch.float64)
     for w, _ in groups:
         tau[m == w] = strict_kendall_tau(s[m == w][:, :w])
-    interval = _means(tau, m >= min_k, docs, bootstrap)
+    interval = (bootstrap or Bootstrap()).means(tau, docs, m >= min_k)
     observed = float(interval.value)
     gen = torch.Generator().manual_seed(seed)
     as_large = 0
@@ -188,7 +170,7 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     report = {
         "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k, **protocol_fields(heldout),
         "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac, "max_s1": int(frac * n_layers) + 1,
-        **with_intervals({"mean_layer": _means(sk.T.double(), None, docs, bootstrap),
+        **with_intervals({"mean_layer": (bootstrap or Bootstrap()).means(sk.T.double(), docs),
                           "mean_rank": rank_means(sk, n_layers, docs, bootstrap)}),
         "kendall_tau": order["kendall_tau"], "p_value": order["p_value"], "n_order_tokens": order["n_tokens"],
         "order_rule": order_rule, "order_tests": tests,

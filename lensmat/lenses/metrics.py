@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 
 from lensmat.data import Batch, numbered
 from lensmat.lenses import engine
-from lensmat.stats.bootstrap import Bootstrap, DocumentSums, holm
+from lensmat.stats.bootstrap import Bootstrap, DocumentSums, holm, reported, with_intervals
 
 LogitsFn = Callable[[Int[torch.Tensor, "batch pos"]], Float[torch.Tensor, "batch pos vocab"]]
 
@@ -183,11 +183,7 @@ class LensScores:
             return {**{m: empty for m in METRICS}, "ci_low": {m: empty for m in METRICS},
                     "ci_high": {m: empty for m in METRICS}, "non_finite": [0] * (self.n_layers + 1), "n_documents": 0}
         seen = self.seen()
-        out, low, high = {}, {}, {}
-        for m in METRICS:
-            interval = bootstrap.ratio(*self.metric_sums(m, seen))
-            out[m], low[m], high[m] = (_floats(t) for t in (interval.value, interval.low, interval.high))
-        out["ci_low"], out["ci_high"] = low, high
+        out = with_intervals({m: bootstrap.ratio(*self.metric_sums(m, seen)) for m in METRICS})
         out["non_finite"] = [int(c) for c in self.documents.total("non_finite").cpu()]
         out["n_documents"] = int(seen.sum())
         bad = [layer for layer, c in enumerate(out["non_finite"]) if c]
@@ -198,11 +194,6 @@ class LensScores:
                           "positions are left out of the metrics (a layer with none left scores null); the report's "
                           "non_finite field counts them.", NonFiniteWarning, stacklevel=2)
         return out
-
-
-def _floats(t: torch.Tensor) -> list[float | None]:
-    """A tensor's values as floats, ``None`` for NaN (an unscored layer, an interval without resamples)."""
-    return [None if v != v else float(v) for v in t.cpu().tolist()]
 
 
 HIGHER_IS_BETTER = {"precision@1": True, "precision@5": True, "precision@10": True, "surprisal": False, "kl": False,
@@ -233,8 +224,8 @@ def paired_comparisons(scores: dict[str, LensScores], bootstrap: Bootstrap | Non
                 p_holm = holm(d.p_value)
                 better = torch.where(d.value > 0, 0, 1) if HIGHER_IS_BETTER[m] else torch.where(d.value < 0, 0, 1)
                 significant = p_holm < (1 - bootstrap.confidence)
-                pair[m] = {"difference": _floats(d.value), "ci_low": _floats(d.low), "ci_high": _floats(d.high),
-                           "p_value": _floats(d.p_value), "p_holm": _floats(p_holm),
+                pair[m] = {"difference": reported(d.value), "ci_low": reported(d.low), "ci_high": reported(d.high),
+                           "p_value": reported(d.p_value), "p_holm": reported(p_holm),
                            "ahead": [(a, b)[int(w)] if s else None for w, s in zip(better.tolist(), significant.tolist())]}
             out[f"{a} vs {b}"] = pair
     return out

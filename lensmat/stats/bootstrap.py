@@ -25,10 +25,10 @@ scipy's on the same data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import functools
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -115,12 +115,8 @@ class Bootstrap:
 
     def counts(self, n_documents: int, device=None) -> Float[torch.Tensor, "B D"]:
         """How often each of ``n_documents`` documents is drawn in each resample (rows sum to ``D``):
-        the same matrix for the same ``(seed, n_resamples, D)``, on any device."""
-        gen = torch.Generator().manual_seed(self.seed)
-        draws = torch.randint(n_documents, (self.n_resamples, n_documents), generator=gen)
-        counts = torch.zeros(self.n_resamples, n_documents, dtype=torch.float64)
-        counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
-        return counts.to(device)
+        the same matrix for the same ``(seed, n_resamples, D)``, on any device (drawn once, then reused)."""
+        return _counts(self.seed, self.n_resamples, n_documents).to(device)
 
     def _resampled(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         if num.shape[-1] == 0:  # no document: nothing to resample
@@ -142,10 +138,12 @@ class Bootstrap:
         value = num.double().sum(-1) / den.double().sum(-1)
         return Interval(value, *self._quantiles(self._resampled(num, den)))
 
-    def means(self, values: Float[torch.Tensor, "... n"], docs: Int[torch.Tensor, "n"],
+    def means(self, values: Float[torch.Tensor, "... n"], docs: Int[torch.Tensor, "n"] | None = None,
               keep: torch.Tensor | None = None) -> Interval:
         """Means over positions (last axis) of ``values`` (those where ``keep``, broadcast to ``values``;
-        default all), resampling the documents ``docs`` (any ids, one per position) they came from."""
+        default all), resampling the documents ``docs`` (any ids, one per position; default: each position
+        its own) they came from."""
+        docs = torch.arange(values.shape[-1]) if docs is None else docs
         _, column = torch.unique(docs, return_inverse=True)
         n_docs = int(column.max()) + 1 if column.numel() else 0
         weight = (torch.ones(()) if keep is None else keep).double().expand(values.shape)
@@ -164,6 +162,30 @@ class Bootstrap:
         z = value.abs() / se
         p = torch.where(value == 0, 1.0, torch.erfc(z / math.sqrt(2)))  # 2·Φ(−|z|); se = 0, value ≠ 0: p = 0
         return Difference(value, low, high, torch.where(torch.isnan(value) | torch.isnan(se), float("nan"), p))
+
+
+@functools.lru_cache(maxsize=8)
+def _counts(seed: int, n_resamples: int, n_documents: int) -> torch.Tensor:
+    """:meth:`Bootstrap.counts` on the CPU: every ratio, mean and paired difference of a run reuses it."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_documents, (n_resamples, n_documents), generator=gen)
+    counts = torch.zeros(n_resamples, n_documents, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+
+
+def reported(t: torch.Tensor) -> float | None | list[float | None]:
+    """A statistic as a report holds it: a float (0-d) or a list of floats, ``None`` for NaN (not scored,
+    no resamples)."""
+    values = [None if v != v else float(v) for v in t.reshape(-1).tolist()]
+    return values if t.dim() else values[0]
+
+
+def with_intervals(statistics: dict[str, Interval]) -> dict:
+    """``{name: value, ..., "ci_low": {name: low}, "ci_high": {name: high}}`` of named intervals
+    (:func:`reported` values): the layout of every report's intervals."""
+    return {**{n: reported(i.value) for n, i in statistics.items()},
+            "ci_low": {n: reported(i.low) for n, i in statistics.items()},
+            "ci_high": {n: reported(i.high) for n, i in statistics.items()}}
 
 
 def holm(p_values: Float[torch.Tensor, "m"]) -> Float[torch.Tensor, "m"]:
