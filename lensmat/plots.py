@@ -182,7 +182,8 @@ def submodule_plots(report: dict, out=None) -> list:
 
 
 def linearity_plots(report: dict, out=None) -> list:
-    """The per-block linearity profile and the depth-pruning curves (CE and Precision@1 against k)."""
+    """The per-block linearity profile, the depth-pruning curves (CE and Precision@1 against k) and, when the
+    report has them, the anisotropy and intrinsic dimension per residual layer ``0..L`` (``geometry.png``)."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     blocks = range(report["n_layers"])
     for key, label, colour in (("linearity", "h_l -> h_{l+1}", "tab:blue"),
@@ -218,6 +219,17 @@ def linearity_plots(report: dict, out=None) -> list:
         ax.legend(fontsize=8)
     fig.tight_layout()
     figs.append(_save(fig, out, "pruning.png"))
+    if report.get("anisotropy") is None:  # reports written before lensmat had it
+        return _close(figs, out)
+    settings = report.get("geometry", {})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    per_layer({"λ_max / Σλ": report["anisotropy"]}, "anisotropy",
+              f"Anisotropy ({settings.get('n_tokens', '?')} {settings.get('split', '')} tokens)", ax=ax)
+    per_layer({"TwoNN": report["intrinsic_dimension"]}, "intrinsic dimension",
+              f"Intrinsic dimension (first {settings.get('n_id_tokens', '?')} tokens)", ax=ax2)
+    fig.suptitle(_subject(report))
+    fig.tight_layout()
+    figs.append(_save(fig, out, "geometry.png"))
     return _close(figs, out)
 
 
@@ -430,20 +442,3 @@ def transfer_plots(report: dict, out=None) -> list:
         fig.suptitle(f"{name} lens of layer i read at layer j ({_subject(report)})")
         figs.append(_save(fig, out, f"transfer_{name}.png"))
     return _close(figs, out)
-
-
-def linearity_geometry_plots(report: dict, out=None) -> list:
-    """:func:`linearity_plots`, then (when the report has them: older ones do not) the anisotropy and
-    intrinsic dimension per residual layer ``0..L`` (``geometry.png``)."""
-    figs = linearity_plots(report, out)
-    if report.get("anisotropy") is None:
-        return figs
-    settings = report.get("geometry", {})
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    per_layer({"λ_max / Σλ": report["anisotropy"]}, "anisotropy",
-              f"Anisotropy ({settings.get('n_tokens', '?')} {settings.get('split', '')} tokens)", ax=ax)
-    per_layer({"TwoNN": report["intrinsic_dimension"]}, "intrinsic dimension",
-              f"Intrinsic dimension (first {settings.get('n_id_tokens', '?')} tokens)", ax=ax2)
-    fig.suptitle(_subject(report))
-    fig.tight_layout()
-    return figs + _close([_save(fig, out, "geometry.png")], out)

@@ -16,7 +16,7 @@ from lensmat.outputs import publish
 from lensmat.reports.writing import strict, write_report
 
 # command: what plots it (the CLI's figures; a trajectory's heatmap needs the Trajectory itself)
-PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_geometry_plots,
+PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_plots,
          "linearity-models": plots.linearity_models_plot, "saturation": plots.saturation_plots,
          "early-exit": plots.early_exit_plots, "trajectory": plots.trajectory_summary_plots,
          "transfer": plots.transfer_plots}
