@@ -159,16 +159,35 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
                                 max_tokens=max_eval_tokens, progress=progress)
     s = saturation_layers(rankings.lens_topk, rankings.final_topk, start=1)
     keep = kept_tokens(s, n_layers, frac)
-    sk = s[keep]
-    docs = rankings.documents[keep]
+    report = {"model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k, **protocol_fields(heldout),
+              **order_statistics(s, rankings.documents, rankings.resid, n_layers, frac=frac,
+                                 n_permutations=n_permutations, order_rule=order_rule, seed=seed,
+                                 bootstrap=bootstrap),
+              "memory_plan": memory}
+    result = implant(model, lenses[lens], rankings.select(keep), s[keep][:, 0], max_pairs=max_pairs, seed=seed)
+    report.update(intervention_success=result["success"], intervention_trials=result["n_trials"],
+                  intervention_sweep=result["by_offset"])
+    return report
+
+
+def order_statistics(s: Int[torch.Tensor, "n k"], docs: Int[torch.Tensor, "n"],
+                     resid: Float[torch.Tensor, "layers n d"], n_layers: int, *, frac: float = 0.85,
+                     n_permutations: int = 1000, order_rule: str = "authors", seed: int = 0,
+                     bootstrap: Bootstrap | None = None) -> dict:
+    """The protocol's report fields from the saturation layers ``s`` (``s_k``, residual layers, of
+    every ranked token; :func:`~lensmat.analyses.saturation_rankings.saturation_layers` with
+    ``start=1``), each token's document ``docs`` (the intervals' unit) and its residual stream
+    ``resid`` at layers 0..L (for the probes), whatever the model reads (text, image, speech):
+    the kept tokens (``frac``), ``mean_layer``, ``mean_rank`` and ``kendall_tau`` with intervals,
+    ``p_value`` and ``order_tests`` (both rules), the per-layer and pooled task probes, ``bootstrap``."""
+    keep = kept_tokens(s, n_layers, frac)
+    sk, docs = s[keep], docs[keep]
     tests = {rule: order_test(sk, n_layers, rule=rule, n_permutations=n_permutations, seed=seed, docs=docs,
                               bootstrap=bootstrap) for rule in ORDER_RULES}
     order = tests[order_rule]
-    kept = rankings.select(keep)
     labels = task_labels(sk, n_layers)
-    resid = kept.resid
+    resid = resid[:, keep]
     report = {
-        "model": describe(model).name, "n_layers": n_layers, "lens": lens, "k": k, **protocol_fields(heldout),
         "n_tokens": int(s.shape[0]), "n_kept": int(keep.sum()), "frac": frac, "max_s1": int(frac * n_layers) + 1,
         **with_intervals({"mean_layer": (bootstrap or Bootstrap()).means(sk.T.double(), docs),
                           "mean_rank": rank_means(sk, n_layers, docs, bootstrap)}),
@@ -176,13 +195,10 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
         "order_rule": order_rule, "order_tests": tests,
         "probe_accuracy": probe_accuracy(resid, labels, seed=seed),
         "probe_control": probe_accuracy(resid, labels, seed=seed, control=True),
-        "memory_plan": memory, "bootstrap": (bootstrap or Bootstrap()).to_dict(len(set(docs.tolist()))),
+        "bootstrap": (bootstrap or Bootstrap()).to_dict(len(set(docs.tolist()))),
     }
     for bound in ("ci_low", "ci_high"):
         report[bound]["kendall_tau"] = order[bound]["kendall_tau"]
     report["pooled_probe"] = pooled_probe(resid, sk, n_layers, seed=seed)
     report["pooled_probe_control"] = pooled_probe(resid, sk, n_layers, seed=seed, control=True)
-    result = implant(model, lenses[lens], kept, sk[:, 0], max_pairs=max_pairs, seed=seed)
-    report.update(intervention_success=result["success"], intervention_trials=result["n_trials"],
-                  intervention_sweep=result["by_offset"])
     return report
