@@ -10,9 +10,11 @@ analyses here are the :mod:`lensmat.reports` versions, which take ``out=`` and `
 
 from lensmat import plots
 from lensmat._version import __version__
+from lensmat.analyses.attribution import Attribution
 from lensmat.analyses.exit_probe import ExitProbe, train_exit_probe
 from lensmat.analyses.generation import generate
-from lensmat.analyses.intervene import score_intervention
+from lensmat.analyses.intervene import NoEffectWarning, score_intervention
+from lensmat.analyses.intervene_view import Ablate, InterventionView, Steer, intervene, steering_vector
 from lensmat.analyses.linearity import evaluate_pruning, linearity_profile, linearity_score
 from lensmat.analyses.saturation_rankings import saturation_layers
 from lensmat.analyses.submodules import evaluate_swaps, fit_submodule_maps
@@ -24,7 +26,7 @@ from lensmat.lenses.jacobian import JLens, fit_jlens
 from lensmat.lenses.metrics import evaluate_lenses
 from lensmat.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 from lensmat.models import ModelInfo, describe, is_masked_lm, load_model
-from lensmat.reports import Report, compare, early_exit, linearity, load_report, saturation, submodules, transfer
+from lensmat.reports import Report, attribute, compare, early_exit, linearity, load_report, saturation, submodules, transfer
 from lensmat.stats.artifacts import load_maps, save_maps
 from lensmat.stats.bootstrap import Bootstrap
 from lensmat.stats.collect import collect, resid_hook, resid_hooks
@@ -44,9 +46,10 @@ __all__ = [
     "TunedLensTraining", "TunedLensConfig", "train_tuned_lens", "evaluate_lenses",
     # analyses
     "SUBMODULE_KINDS", "evaluate_swaps", "fit_submodule_maps", "swap", "swap_hooks", "Trajectory", "trajectory",
-    "generate", "ExitProbe", "train_exit_probe", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
+    "Attribution", "generate", "ExitProbe", "train_exit_probe", "saturation_layers", "evaluate_pruning", "linearity_profile", "linearity_score", "score_intervention",
+    "intervene", "InterventionView", "Steer", "Ablate", "steering_vector", "NoEffectWarning",
     # reports: the analyses with out= and force=, returning a Report; a saved one read back
-    "compare", "submodules", "linearity", "saturation", "early_exit", "transfer", "Report", "load_report",
+    "compare", "submodules", "linearity", "saturation", "early_exit", "transfer", "attribute", "Report", "load_report",
 ]
 
 

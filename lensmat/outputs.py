@@ -30,6 +30,7 @@ MANIFEST = ".lensmat-output.json"
 # what lensmat wrote before the manifest existed (0.1.0): recognised as its own by these names alone
 _LEGACY_NAMES = {"report.json", "meta.json", "maps.safetensors", "lens.safetensors", "stats.safetensors",
                  "trajectory.csv"}
+COMMAND_LINE: list[str] = []  # ["lensmat", *argv] when the CLI runs (lensmat.cli.app.main): a report's provenance
 _held: dict[Path, int] = {}  # lock file -> claims held by this process (claims nest)
 
 
@@ -222,6 +223,23 @@ def writes_output(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def add_owned(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Record files just written into the lensmat folder ``folder`` (claimed by the caller) in its
+    manifest, so that the folder stays lensmat's; a folder without one (lensmat 0.1.0) gets one."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        meta = {}
+    files = sorted(set(meta.get("files") or _entries(folder)) | set(names))
+    meta = {k: v for k, v in meta.items() if k not in ("written_by", "files")}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"written_by": "lensmat", **meta, "files": [f for f in files if f != MANIFEST]},
+                              indent=1) + "\n")
+    os.replace(tmp, manifest)
 
 
 def _manifest(folder: Path, meta: dict) -> None:

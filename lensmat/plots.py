@@ -76,7 +76,8 @@ def model_label(name: str, width: int = 40) -> str:
 
 def _subject(report: dict) -> str:
     """The model, and for the masked protocol the positions scored: the titles' parenthesis."""
-    return model_label(report.get("model", "")) + (", [MASK] positions" if report.get("protocol") == "masked" else "")
+    where = {"masked": ", [MASK] positions", "image": ", CLS token of each image"}.get(report.get("protocol"), "")
+    return model_label(report.get("model", "")) + where
 
 
 def mid_curves(report: dict, metric: str, ax) -> None:
@@ -299,6 +300,9 @@ def saturation_plots(report: dict, out=None) -> list:
     axes[2].set_xlabel("implanted layer − s_1(early token)")
     axes[2].set_ylabel("success (new s_1 = implanted layer)")
     axes[2].set_title("implant intervention", fontsize=9)
+    if report.get("intervention_sweep") is None:  # not run (images)
+        axes[2].text(0.5, 0.5, report.get("intervention_note", "not run"), ha="center", va="center", fontsize=8,
+                     transform=axes[2].transAxes)
     axes[2].set_ylim(0, 1.05)
     axes[2].grid(alpha=0.3)
     fig.suptitle(_subject(report))
@@ -346,6 +350,46 @@ def trajectory_summary_plots(report: dict, out=None) -> list:
                    f"{stat} per layer ({_subject(report)})")
     ax.figure.tight_layout()
     return _close([_save(ax.figure, out, "trajectory_summary.png")], out)
+
+
+def attribution_plots(report: dict, out=None) -> list:
+    """An ``attribution`` report as bars, one panel per lens: each block's attention and MLP contribution
+    to the token's log-probability (nats), with the causal effects measured marked on their bar as
+    ``clean − intervened`` (what the sub-module adds to the final log-probability), so that a lens
+    that reads a sub-module right puts bar and marks on the same side. Saved as ``attribution.png``."""
+    lenses, n = report["lenses"], report["n_layers"]
+    fig, axes = plt.subplots(len(lenses), 1, figsize=(max(7.0, 1.0 + 0.42 * n), 1.5 + 2.6 * len(lenses)),
+                             squeeze=False, sharex=True)
+    xs, width = np.arange(n), 0.38
+    marks = {"zero": ("x", "black"), "mean": ("o", "tab:red"), "swap": ("^", "tab:green")}
+    for ax, lens in zip(axes[:, 0], lenses):
+        for i, (kind, colour) in enumerate((("attn", "tab:blue"), ("mlp", "tab:orange"))):
+            at = xs + (i - 0.5) * width
+            values = np.array([np.nan if v is None else v for v in report[kind][lens]], dtype=float)
+            ax.bar(at, np.nan_to_num(values), width, color=colour, label=f"{kind} (lens)")
+            for effect, (marker, mcolour) in marks.items():
+                causal = np.array([np.nan if v is None else -v for v in report["effects"][kind][effect]], dtype=float)
+                if np.isfinite(causal).any():
+                    face = {"facecolors": "none", "edgecolors": mcolour} if marker == "o" else {"color": mcolour}
+                    ax.scatter(at, causal, marker=marker, s=26, zorder=3, label=f"clean − {effect}", **face)
+        ax.axhline(0, color="grey", lw=0.6)
+        total = report["total"][lens]
+        ax.set_title(f"{lens} lens: Σ attn + mlp = logp(h_L) − logp(h_0) = "
+                     f"{'n/a' if total is None else f'{total:.3f}'} nats", fontsize=9)
+        ax.set_ylabel("Δ log-prob [nats]")
+        ax.grid(alpha=0.3, axis="y")
+    legend = {}
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=5, fontsize=7, frameon=False)
+    axes[-1, 0].set_xticks(xs, [str(x) for x in xs], fontsize=7)
+    axes[-1, 0].set_xlabel("block")
+    token, position = report["token"], report["position"]
+    fig.suptitle(f"{_subject(report)}: what moved {token['text']!r} at position {position} "
+                 f"(after {report['tokens'][position]!r}); final log-prob {report['clean_logprob']:.3f}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.045 if len(lenses) > 1 else 0.08, 1, 1))
+    return _close([_save(fig, out, "attribution.png")], out)
 
 
 def html_table(frame, title: str, max_rows: int = 24, max_cols: int = 14) -> str:
@@ -441,4 +485,55 @@ def transfer_plots(report: dict, out=None) -> list:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"{name} lens of layer i read at layer j ({_subject(report)})")
         figs.append(_save(fig, out, f"transfer_{name}.png"))
+    return _close(figs, out)
+
+
+_INTERVENE_METRICS = {"precision@1": "ΔP@1 (vs clean top-1)", "kl": "ΔKL(p_clean ‖ q) [nats]", "rank": "Δ rank"}
+
+
+def intervene_plots(report: dict, out=None) -> list:
+    """An ``intervene`` report's change, intervened − clean, per lens: ``intervene_delta.png``, layer ×
+    position heatmaps (a row per measure: Precision@1 against the clean model's top-1, KL(p_clean ‖ q)
+    in nats, the rank of the followed or next token; a column per lens; a diverging colour scale centred
+    on 0, symmetric-log for KL and rank; grey where undefined), and ``intervene_layers.png``, the mean
+    change over positions per layer, one line per lens."""
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    lenses, tokens, n = report["lenses"], report["tokens"], report["n_layers"] + 1
+    what = f"rank of {report['rank_of']!r}" if report.get("rank_of") is not None else "rank of next token"
+    labels = {**_INTERVENE_METRICS, "rank": f"Δ {what}"}
+    title = f"{model_label(report.get('model', ''))}: intervened − clean, {report['intervention'].get('label', '')}"
+    if not report.get("changed", True):
+        title += " (nothing changed)"
+    fig, axes = plt.subplots(len(labels), len(lenses), squeeze=False, sharex=True, sharey=True, layout="constrained",
+                             figsize=(max(5.0, len(lenses) * (1.0 + 0.32 * len(tokens)) + 1.6),
+                                      len(labels) * (1.0 + 0.17 * n)))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+    for row, (metric, label) in enumerate(labels.items()):
+        grids = {name: np.array([[np.nan if v is None else v for v in r] for r in report["cells"][name][metric]["delta"]],
+                                dtype=float) for name in lenses}
+        finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+        top = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-6)
+        norm = (Normalize(-1.0, 1.0) if metric == "precision@1"
+                else SymLogNorm(linthresh=0.1 if metric == "kl" else 1.0, vmin=-top, vmax=top, base=10))
+        for col, name in enumerate(lenses):
+            ax = axes[row, col]
+            im = ax.imshow(np.ma.masked_invalid(grids[name]), origin="lower", aspect="auto", cmap=cmap, norm=norm)
+            ax.set_title(f"{name} lens: {label}", fontsize=8)
+            ax.set_xticks(range(len(tokens)), [_token_label(t, 8) for t in tokens], rotation=60, ha="right",
+                          rotation_mode="anchor", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+        axes[row, 0].set_ylabel("residual layer l", fontsize=8)
+        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.9, pad=0.01).ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    figs = [_save(fig, out, "intervene_delta.png")]
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.4), layout="constrained")
+    for ax, (metric, label) in zip(axes, labels.items()):
+        per_layer({name: report["per_layer"][name][metric]["delta"] for name in lenses}, f"mean {label}",
+                  label.split(" (")[0], ax=ax)
+        ax.axhline(0.0, color="black", lw=0.6)
+        if report.get("changed_from_layer") is not None:
+            ax.axvline(report["changed_from_layer"], color="grey", ls=":", lw=0.8)
+    fig.suptitle(title + " (mean over positions; dotted: first layer that changed)", fontsize=9)
+    figs.append(_save(fig, out, "intervene_layers.png"))
     return _close(figs, out)

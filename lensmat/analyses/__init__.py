@@ -8,7 +8,9 @@ with :mod:`~lensmat.analyses.swap` (sub-modules replaced by their maps), :mod:`~
 ("Your Transformer is Secretly Linear"), :mod:`~lensmat.analyses.saturation` ("Looking Beyond the
 Top-1"), :mod:`~lensmat.analyses.early_exit` and :mod:`~lensmat.analyses.generation` (early exit),
 :mod:`~lensmat.analyses.trajectory` (prediction trajectories, with :mod:`~lensmat.analyses.trajectory_follow` for followed tokens), :mod:`~lensmat.analyses.intervene`
-(any hook or swap scored against the clean model). The papers' analyses do not
+(any hook or swap scored against the clean model) with :mod:`~lensmat.analyses.intervene_view` (every lens
+read in a clean and an intervened forward: hooks, swaps, steering, ablation), :mod:`~lensmat.analyses.attribution` (which attention
+or MLP moved one prediction, read through lenses and checked by ablation and swaps). The papers' analyses do not
 import each other (an import-linter contract), except early exit, which builds on saturation's
 rankings. The map of the layers: ``docs/modules.md``.
 """

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 
-from lensmat.models import load_model
+from lensmat.models import is_seq2seq_model, load_model
 
 
-def start_run(model):
+def start_run(model, *, seq2seq: bool = False):
     """The common start of a reporting command (whose :func:`~lensmat.outputs.writes_output` has
     already checked and locked its ``out``): ``model`` as a bridge (a spec or ``None`` is loaded with
-    :func:`load_model`)."""
-    return load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+    :func:`load_model`). An encoder-decoder model (:mod:`lensmat.models.seq2seq`) is refused unless
+    the analysis reads one (``seq2seq=True``: saturation)."""
+    model = load_model(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+    if not seq2seq and is_seq2seq_model(model):
+        raise ValueError(f"{model.cfg.model_name} is an encoder-decoder model ({model.cfg.architecture}); lensmat reads "
+                         "its decoder with `lensmat saturation` (lensmat.saturation) only (docs/modalities.md).")
+    return model
 
 
 def protocol_fields(corpus) -> dict:

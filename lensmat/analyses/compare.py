@@ -60,6 +60,7 @@ def compare(
     stats_device: str | None = None,
     memory_limit: int | None = None,
     bootstrap: Bootstrap | None = None,
+    views=None,
     progress: bool = True,
 ) -> dict:
     """Compare lenses layer by layer on held-out text; returns the report dict.
@@ -92,6 +93,9 @@ def compare(
             memory); the run is refused before any work when its plan exceeds it (:mod:`lensmat.stats.plan`).
         bootstrap: the intervals' resampling of held-out documents (default
             :class:`~lensmat.stats.bootstrap.Bootstrap()`: 1,000 resamples, seed 0, 95 %).
+        views: ``views(model, lenses, heldout) -> dict``, data for ``report.html`` kept under
+            ``report["views"]`` (:mod:`lensmat.reports` passes the trajectory view of a few held-out
+            lines, :func:`lensmat.analyses.trajectory_view.sample_views`); ``None``: none.
 
     Every metric carries a bootstrap interval over documents (``lenses.{name}.ci_low.{metric}``,
     ``ci_high``), and ``paired`` compares every pair of post-site lenses layer by layer
@@ -143,6 +147,8 @@ def compare(
     report["sites"] = list(sites)
     if not is_masked_lm(model):
         report["scoring"] = heldout.scoring.to_dict()
+    if views is not None:
+        report["views"] = views(model, lens_objs, heldout)
     return report
 
 

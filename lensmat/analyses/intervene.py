@@ -48,6 +48,30 @@ class InterventionScores:
                                 f"Intervention on {where[:200]}: {self.n_tokens} positions")
 
 
+class NoEffectWarning(UserWarning):
+    """An intervention changed nothing: a hook never ran in the forward (its name is a hook point the
+    model does not compute), or every activation lensmat read equals the clean forward's (a hook that
+    returns a modified copy without returning it, or modifies nothing). The silent failure of a patch
+    that does nothing; the message names the hooks and the fix."""
+
+
+def hook_label(name) -> str:
+    """A hook's name for a message (a filter function by its ``__name__``)."""
+    return name if isinstance(name, str) else f"<filter {getattr(name, '__name__', repr(name))}>"
+
+
+def warn_not_run(hooks, fired: list[int], stacklevel: int = 3) -> list[str]:
+    """Warn (:class:`NoEffectWarning`) about the hooks of ``hooks`` whose count in ``fired`` is 0;
+    returns their names."""
+    silent = list(dict.fromkeys(hook_label(name) for (name, _), n in zip(hooks or [], fired) if n == 0))
+    if silent:
+        warnings.warn(f"Hook(s) {', '.join(silent)} never ran in the forward: the model has these hook points but "
+                      "does not compute them for this input, so they changed nothing. Hook a point that runs "
+                      "(e.g. blocks.{l}.hook_resid_post, blocks.{l}.hook_attn_out; list them with "
+                      "model.run_with_cache(text)[1].keys()).", NoEffectWarning, stacklevel=stacklevel)
+    return silent
+
+
 def _hooks(model, hooks, swap) -> list:
     """The user's ``[(hook name, fn)]`` followed by the swap's (``(maps, kinds, blocks)`` or a dict of
     :func:`~lensmat.analyses.swap.swap_hooks`'s arguments)."""

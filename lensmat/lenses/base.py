@@ -194,9 +194,58 @@ def encode_text(model, text: str) -> Int[torch.Tensor, "1 pos"]:
     return torch.tensor([ids]).to(input_device(model))
 
 
+def read_point(name: str, n_layers: int) -> str:
+    """Where a forward is read for the residual hook ``name``: ``h_l`` for ``1 ≤ l < L``
+    (``blocks.{l-1}.hook_resid_post``, :func:`~lensmat.stats.collect.resid_hook`) at the input of block
+    ``l``, ``blocks.{l}.hook_resid_pre``. In a plain forward the two are the same tensor; under a hook
+    that replaces either, the block's input is the state the rest of the model reads, so lenses read it
+    there. Every other hook is read where it is."""
+    prefix, _, last = name.rpartition(".hook_resid_post")
+    if last or not prefix.startswith("blocks."):
+        return name
+    block = prefix[len("blocks."):]
+    return f"blocks.{int(block) + 1}.hook_resid_pre" if block.isdigit() and int(block) + 1 < n_layers else name
+
+
+@torch.no_grad()
+def capture_layers(model, names, ids: Int[torch.Tensor, "1 pos"], hooks=None, fired: list | None = None):
+    """One forward of ``ids`` (one sequence) with ``hooks`` (``[(hook name, fn)]``, as TransformerLens's
+    ``run_with_hooks``) active; returns ``(logits [pos, d_vocab], {name: [pos, d]})`` for the hook
+    names ``names``, read after the hooks (:func:`read_point`). ``fired``: a list that receives, per
+    hook, how many times it ran. A hook name the model does not have is refused."""
+    hooks = list(hooks or [])
+    unknown = [name for name, _ in hooks if isinstance(name, str) and name not in model.hook_dict]
+    if unknown:
+        raise ValueError(f"The model has no hook {unknown[0]!r}; its hook names are in model.hook_dict "
+                         "(e.g. blocks.0.hook_resid_post).")
+    n_layers = int(model.cfg.n_layers)
+    points = {name: read_point(name, n_layers) for name in names}
+    captured: dict[str, torch.Tensor] = {}
+    counts = [0] * len(hooks)
+
+    def keep(point):
+        def capture(act, hook=None):
+            captured[point] = act
+        return capture
+
+    def counted(i, fn):
+        def run(act, hook=None, **kwargs):
+            counts[i] += 1
+            return fn(act, hook=hook, **kwargs)
+        return run
+
+    fwd = [(name, counted(i, fn)) for i, (name, fn) in enumerate(hooks)]
+    fwd += [(point, keep(point)) for point in dict.fromkeys(points.values())]
+    logits = model.run_with_hooks(ids, fwd_hooks=fwd, return_type="logits")
+    if fired is not None:
+        fired[:] = counts
+    return logits[0], {name: captured[point][0] for name, point in points.items()}
+
+
 @torch.no_grad()
 def read_layers(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"], *, k: int = 5,
-                pick: Int[torch.Tensor, "pos m"] | None = None, rank: bool = False, entropy: bool = False):
+                pick: Int[torch.Tensor, "pos m"] | None = None, rank: bool = False, entropy: bool = False,
+                hooks=None, cache: dict | None = None, reference: Float[torch.Tensor, "pos d_model"] | None = None):
     """One forward of ``ids`` (one sequence) and every lens's reading of every layer 0..L of its site,
     in one pass of the readout engine (:func:`lensmat.lenses.engine.read`, top-``k`` per cell).
 
@@ -206,19 +255,27 @@ def read_layers(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"],
     ``picked`` holds the model's final top-1 token first, then the columns of ``pick``. Where a lens
     does not cover a layer (``covered`` False, e.g. the J-lens at ``L``, a ``mid``-site lens at ``L``)
     the cell is the model's own output (KL 0).
+
+    ``hooks``: ``[(hook name, fn)]`` active during the forward (TransformerLens's ``run_with_hooks``):
+    the lenses read the activations as the hooks left them (:func:`capture_layers`). ``cache``: the
+    activations of a forward already run (``capture_layers``'s dict, holding every site hook of the
+    lenses and ``h_L``) instead of running one. ``reference``: ``h_L`` (``[pos, d_model]``) of another
+    forward of the same ids (a clean run) to score against: ``final``, the first picked column and every
+    cell's ``kl`` are then that forward's.
     """
     n_layers = int(model.cfg.n_layers)
-    hooks = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
+    hooks_of = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
     last = resid_hook(n_layers)
-    wanted = {h for hs in hooks.values() for h in hs} | {last}
-    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
+    if cache is None:
+        wanted = {h for hs in hooks_of.values() for h in hs} | {last}
+        cache = capture_layers(model, sorted(wanted), ids, hooks)[1]
     unembedding, device = engine.Unembedding(model), model_device(model)
-    h_last = cache[last][0].to(device)
+    h_last = (cache[last] if reference is None else reference).to(device)
     options = dict(k=k, k_ref=k, rank=rank, entropy=entropy)
     final_top1 = engine.read(unembedding, h_last[None], k=1).top_ids[0]  # [pos, 1]
     pick = final_top1 if pick is None else torch.cat([final_top1, pick.to(device)], -1)
     where = [(name, layer) for name, lens in lenses.items() for layer in range(n_layers + 1) if lens.covers(layer)]
-    rows = [lenses[name].transform_hidden(cache[hooks[name][layer]][0].to(device), layer) for name, layer in where]
+    rows = [lenses[name].transform_hidden(cache[hooks_of[name][layer]].to(device), layer) for name, layer in where]
     if rows:
         read = engine.read(unembedding, torch.stack(rows), h_last, pick=pick, **options)
         final = read.ref

@@ -14,9 +14,12 @@ and ``h_L`` is the last residual stream, before the final norm.
 from lensmat.models.bridge import input_device, is_masked_lm, mlm_head, model_device, model_dtype, require_causal
 from lensmat.models.gguf import NAMED_MODELS, GGUFError, describe_gguf, named_gguf
 from lensmat.models.identity import ModelInfo, ModelMismatchError, basis_of, check_same_model, describe
+from lensmat.models.seq2seq import NAMED_SEQ2SEQ_MODELS, Seq2SeqModel, is_seq2seq_model
+from lensmat.models.vision import NAMED_VISION_MODELS, VisionClassifier, is_vision_model
 from lensmat.models.load import MASKED_REFERENCE, REFERENCE, ModelLoadError, load_model, path_defect, reference_model_path, resolve_device
 
 __all__ = ["MASKED_REFERENCE", "NAMED_MODELS", "REFERENCE", "GGUFError", "ModelInfo", "ModelLoadError",
            "ModelMismatchError", "basis_of", "check_same_model", "describe", "describe_gguf", "input_device",
            "is_masked_lm", "load_model", "mlm_head", "model_device", "model_dtype", "named_gguf", "path_defect",
-           "reference_model_path", "require_causal", "resolve_device"]
+           "reference_model_path", "require_causal", "resolve_device", "NAMED_SEQ2SEQ_MODELS", "Seq2SeqModel",
+           "is_seq2seq_model", "NAMED_VISION_MODELS", "VisionClassifier", "is_vision_model"]

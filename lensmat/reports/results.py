@@ -19,14 +19,16 @@ from lensmat.reports.writing import strict, write_report
 PLOTS = {"compare": plots.compare_plots, "submodules": plots.submodule_plots, "linearity": plots.linearity_plots,
          "linearity-models": plots.linearity_models_plot, "saturation": plots.saturation_plots,
          "early-exit": plots.early_exit_plots, "trajectory": plots.trajectory_summary_plots,
-         "transfer": plots.transfer_plots}
+         "transfer": plots.transfer_plots, "attribution": plots.attribution_plots,
+         "intervene": plots.intervene_plots}
 COMMANDS = tuple(PLOTS)
 # the keys that tell an older report's command (checked in this order)
-_SIGNATURES = (("transfer", "transfer"), ("early-exit", "curves"), ("submodules", "variants"),
+_SIGNATURES = (("intervene", "intervention"), ("attribution", "largest"), ("transfer", "transfer"), ("early-exit", "curves"), ("submodules", "variants"),
                ("linearity-models", "models"),
                ("linearity", "pruning"), ("saturation", "mean_layer"), ("trajectory", "statistic"),
                ("compare", "r2"))
 COLUMNS = ["lens", "site", "layer", "metric", "value"]
+INTERVAL_COLUMNS = ["ci_low", "ci_high"]
 _LINEARITY = ("linearity", "linearity_no_residual", "heldout_linearity", "heldout_linearity_no_residual",
               "norm_ratio", "cosine")
 
@@ -48,7 +50,11 @@ class Report(dict):
     and are listed in ``non_finite_values``, as in ``report.json``.
     """
 
-    def __init__(self, report: dict, command: str | None = None) -> None:
+    def __init__(self, report: dict, command: str | None = None, views: dict | None = None) -> None:
+        report = dict(report)
+        #: data for report.html only (e.g. ``trajectories``, :mod:`lensmat.analyses.trajectory_view`), written to
+        #: ``views.json`` beside ``report.json``, not into it
+        self.views = {**(report.pop("views", None) or {}), **(views or {})}
         command = command or infer_command(report)
         if command not in COMMANDS:
             raise ValueError(f"Cannot tell which lensmat command wrote this report (command {command!r}, keys "
@@ -59,7 +65,7 @@ class Report(dict):
     def command(self) -> str:
         return self["command"]
 
-    def to_dataframe(self):
+    def to_dataframe(self, intervals: bool = False):
         """A tidy pandas DataFrame of the report's per-layer tables, one row per ``lens, site, layer,
         metric``, with its ``value`` (nats for surprisal, KL and CE; NaN where the report has null).
 
@@ -69,13 +75,16 @@ class Report(dict):
         ``resid_mid``, ``block`` block ``0..L-1``, ``pruned`` the number ``k`` of blocks removed,
         ``rank`` saturation's rank ``k``, ``offset`` the implant's offset, ``model`` the model's index.
         Left out (read them from the dict): ``r2`` matrices, scalars, early-exit's λ and threshold
-        curves, ``settles_at_layer``.
+        curves, ``settles_at_layer``. ``intervals``: also ``ci_low`` and ``ci_high``, the value's
+        bootstrap interval where the report has one (NaN elsewhere).
         """
         import pandas as pd
 
         rows: list[tuple] = []
         _TABLES[self.command](self, rows)
-        return pd.DataFrame(rows, columns=COLUMNS).astype({"value": float})
+        columns = COLUMNS + INTERVAL_COLUMNS
+        frame = pd.DataFrame(rows, columns=columns).astype({c: float for c in ["value", *INTERVAL_COLUMNS]})
+        return frame if intervals else frame[COLUMNS]
 
     def plot(self, out: str | os.PathLike | None = None) -> list:
         """The figures of the CLI's report (:mod:`lensmat.plots`; for ``trajectory`` the per-layer means
@@ -83,9 +92,16 @@ class Report(dict):
         return PLOTS[self.command](self, out)
 
     def write(self, folder: Path) -> None:
-        """``report.json`` and the figures into an open output folder (:func:`lensmat.outputs.publish`)."""
+        """``report.json`` (with its ``provenance``), ``views.json`` (when the report has views), the figures
+        and ``report.html`` (:mod:`lensmat.reports.html`) into an open output folder (:func:`lensmat.outputs.publish`)."""
+        from lensmat.reports import html
+
+        self.setdefault("provenance", provenance())
         write_report(self, folder)
+        if self.views:
+            write_views(self.views, folder)
         self.plot(out=folder)
+        html.write_html(self, folder)
 
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
         """Write the report folder ``out`` (``report.json`` and the figures), refused if ``out`` exists
@@ -94,11 +110,61 @@ class Report(dict):
             self.write(folder)
         return Path(out)
 
+    def show(self, height: int = 820):
+        """The run's ``report.html`` page (:mod:`lensmat.reports.html`), inline in Jupyter: an IPython
+        ``HTML`` object holding the whole page in an iframe (about 2–3 MB; offline)."""
+        from html import escape
+
+        from IPython.display import HTML
+
+        from lensmat.reports.html import render
+
+        return HTML(f'<iframe srcdoc="{escape(render(self), quote=True)}" title="lensmat {self.command} report" '
+                    f'style="width:100%;height:{int(height)}px;border:1px solid #d7dce3"></iframe>')
+
     def _repr_html_(self) -> str:
         title = f"lensmat {self.command}: {plots.model_label(self.get('model', ''))}".rstrip(": ")
         frame = self.to_dataframe()
         table = frame.pivot(index=["site", "lens", "metric"], columns="layer", values="value")
         return plots.html_table(table, title)
+
+
+def provenance() -> dict:
+    """Where a report came from: the lensmat, torch, transformers, TransformerLens and Python versions,
+    the time it was written (UTC, ISO 8601) and the command line (``lensmat …`` when the CLI ran it,
+    else the Python program's ``sys.argv``)."""
+    import datetime
+    import platform
+    import shlex
+    import sys
+    from importlib import metadata
+
+    from lensmat._version import __version__
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    from lensmat.outputs import COMMAND_LINE
+
+    argv = COMMAND_LINE or sys.argv
+    return {"lensmat_version": __version__, "torch_version": version("torch"),
+            "transformers_version": version("transformers"), "transformer_lens_version": version("transformer-lens"),
+            "python_version": platform.python_version(),
+            "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command_line": shlex.join(argv)}
+
+
+VIEWS = "views.json"
+
+
+def write_views(views: dict, folder: str | os.PathLike) -> Path:
+    """``folder/views.json``: a report's views (compact strict JSON; NaN as null)."""
+    path = Path(folder) / VIEWS
+    path.write_text(json.dumps(strict(views), separators=(",", ":"), allow_nan=False, ensure_ascii=False))
+    return path
 
 
 def load_report(run_dir: str | os.PathLike, command: str | None = None) -> Report:
@@ -117,22 +183,37 @@ def load_report(run_dir: str | os.PathLike, command: str | None = None) -> Repor
     if not isinstance(report, dict):
         raise ValueError(f"{path} holds a JSON {type(report).__name__}, not a report object; pass a lensmat "
                          "report.json.")
-    return Report(report, command)
+    views_file = path.parent / VIEWS
+    try:
+        views = json.loads(views_file.read_text(encoding="utf-8")) if views_file.is_file() else None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{views_file} is not JSON ({err}): it was cut short or edited; run the command again "
+                         "with --out to rewrite it, or delete it (report.html then has no trajectory view).") from None
+    return Report(report, command, views if isinstance(views, dict) else None)
+
+
+def _bound(scores: dict, bound: str, metric: str, i: int | None = None):
+    """The ``ci_low`` / ``ci_high`` value of ``metric`` beside ``scores`` (at index ``i`` of a list), or None."""
+    value = (scores.get(bound) or {}).get(metric) if isinstance(scores.get(bound), dict) else None
+    if i is not None:
+        value = value[i] if isinstance(value, list) and i < len(value) else None
+    return value if isinstance(value, (int, float)) else None
 
 
 def _lists(rows: list, lens: str, site: str, scores: dict, keys=None) -> None:
-    """A row per layer of every list of numbers in ``scores`` (of ``keys`` when given)."""
+    """A row per layer of every list of numbers in ``scores`` (of ``keys`` when given), with its interval."""
     for metric in scores if keys is None else keys:
         values = scores.get(metric)
         if isinstance(values, list) and all(v is None or isinstance(v, (int, float)) for v in values):
-            rows.extend((lens, site, layer, metric, v) for layer, v in enumerate(values))
+            rows.extend((lens, site, layer, metric, v, _bound(scores, "ci_low", metric, layer),
+                         _bound(scores, "ci_high", metric, layer)) for layer, v in enumerate(values))
 
 
 def _records(rows: list, lens: str, site: str, records: list[dict], x: str) -> None:
-    """A row per record and numeric field of ``records``, at the record's ``x``."""
+    """A row per record and numeric field of ``records``, at the record's ``x``, with its interval."""
     for r in records:
-        rows.extend((lens, site, r[x], metric, v) for metric, v in r.items()
-                    if metric != x and (v is None or isinstance(v, (int, float))))
+        rows.extend((lens, site, r[x], metric, v, _bound(r, "ci_low", metric), _bound(r, "ci_high", metric))
+                    for metric, v in r.items() if metric != x and (v is None or isinstance(v, (int, float))))
 
 
 def _compare(report: dict, rows: list) -> None:
@@ -164,7 +245,8 @@ def _linearity_models(report: dict, rows: list) -> None:
 def _saturation(report: dict, rows: list) -> None:
     _lists(rows, "model", "post", report, ("probe_accuracy", "probe_control"))
     for metric in ("mean_layer", "mean_rank"):
-        rows.extend((report["lens"], "rank", k, metric, v) for k, v in enumerate(report[metric], start=1))
+        rows.extend((report["lens"], "rank", k, metric, v, _bound(report, "ci_low", metric, k - 1),
+                     _bound(report, "ci_high", metric, k - 1)) for k, v in enumerate(report[metric], start=1))
     _records(rows, report["lens"], "offset", report.get("intervention_sweep") or [], "offset")
 
 
@@ -185,9 +267,28 @@ def _transfer(report: dict, rows: list) -> None:
             if not isinstance(matrix, list):  # ci_low / ci_high: the bounds, left out of the table
                 continue
             for i, row in enumerate(matrix):
-                rows.extend((f"{lens}@{i}", "post", j, metric, v) for j, v in enumerate(row or []))
+                rows.extend((f"{lens}@{i}", "post", j, metric, v, None, None) for j, v in enumerate(row or []))
+
+
+def _attribution(report: dict, rows: list) -> None:
+    """Per lens and block (site ``block``): ``attn``, ``mlp`` and the readings ``logprob_{pre,mid,post}``;
+    the causal effects under lens ``model``: ``{kind}_{effect}_effect``."""
+    for lens in report["lenses"]:
+        readings = {f"logprob_{site}": values for site, values in report["logprob"][lens].items()}
+        _lists(rows, lens, "block", {"attn": report["attn"][lens], "mlp": report["mlp"][lens], **readings})
+    _lists(rows, "model", "block", {f"{kind}_{effect}_effect": values for kind, effects in report["effects"].items()
+                                    for effect, values in effects.items()})
+
+
+def _intervene(report: dict, rows: list) -> None:
+    """Per lens, the means over positions of each measure: ``{part}_{metric}``, part ``clean``,
+    ``intervened`` or ``delta`` (intervened − clean)."""
+    for lens, metrics in report["per_layer"].items():
+        _lists(rows, lens, "post", {f"{part}_{metric}": values for metric, parts in metrics.items()
+                                    for part, values in parts.items()})
 
 
 _TABLES = {"compare": _compare, "submodules": _submodules, "linearity": _linearity,
            "linearity-models": _linearity_models, "saturation": _saturation, "early-exit": _early_exit,
-           "trajectory": _trajectory, "transfer": _transfer}
+           "trajectory": _trajectory, "transfer": _transfer, "attribution": _attribution,
+           "intervene": _intervene}

@@ -146,12 +146,20 @@ def format_linearity_over_models(summary: dict) -> str:
 def format_saturation(report: dict) -> str:
     """The saturation layers of the top-k ranks, the order tests, the probes and the implant sweep."""
     r = report
-    what = "masked tokens" if r["protocol"] == "masked" else "tokens"
+    what = {"masked": "masked tokens", "image": "images (CLS token)"}.get(r["protocol"], "tokens")
     lines = [f"{r['lens']} lens, {r['n_kept']} of {r['n_tokens']} held-out {what} with s_1 <= {r['max_s1']} "
              f"(block output {r['max_s1'] - 1} = floor({r['frac']}·L))",
              "k          " + " ".join(f"{k:>6}" for k in range(1, r["k"] + 1)),
              "mean s_k   " + " ".join(f"{v:>6.2f}" for v in r["mean_layer"]),
              "mean rank  " + " ".join("     -" if v is None else f"{v:>6.2f}" for v in r["mean_rank"])]
+    if r.get("modality") == "vision":
+        lines.insert(1, f"{r['dataset']['name']} held-out images: {r['n_images']}, the model's accuracy on them "
+                        f"{r['heldout_accuracy']:.4f}" + (f"; mat maps fitted on {r['n_fit_images']} train images"
+                                                           if r.get("n_fit_images") else ""))
+    if r.get("architecture") == "encoder-decoder":  # Whisper / T5 decoders (lensmat.analyses.saturation_seq2seq)
+        lines.insert(1, f"{r['modality']} encoder-decoder, decoder positions under teacher forcing: {r['n_tokens']} in "
+                        f"{r['n_documents']} held-out examples ({r['dataset']['task']})"
+                        + (f"; mat maps fitted on {r['n_fit_tokens']} train positions" if r.get("n_fit_tokens") else ""))
     for key, label in (("mean_layer", "mean s_k  "), ("mean_rank", "mean rank ")):
         if "ci_low" in r:
             lines.append(f"{label} 95% interval: " + ", ".join(
@@ -161,7 +169,7 @@ def format_saturation(report: dict) -> str:
         low, high = t.get("ci_low", {}).get("kendall_tau"), t.get("ci_high", {}).get("kendall_tau")
         interval = f", 95% interval {low:.3f}–{high:.3f}" if low is not None and high is not None else ""
         lines.append(f"strict Kendall tau, {rule} rule{chosen}: {_num(t['kendall_tau'])}{interval} (p = {t['p_value']}, "
-                     f"{t['n_tokens']} tokens with m >= 3)")
+                     f"{t['n_tokens']} {'images' if r['protocol'] == 'image' else 'tokens'} with m >= 3)")
     lines.append(f"probe balanced accuracy per layer: {_row(r['probe_accuracy'])}")
     lines.append(f"noise control:                     {_row(r['probe_control'])}")
     for key, what in (("pooled_probe", "pooled probe"), ("pooled_probe_control", "pooled probe, class-matched noise")):
@@ -169,9 +177,12 @@ def format_saturation(report: dict) -> str:
         if pp["balanced_accuracy"] is not None:
             lines.append(f"{what} (layers {pp['layers'][0]}-{pp['layers'][-1]}, {pp['n_samples']} states): balanced "
                          f"accuracy {pp['balanced_accuracy']:.3f} ± {_num(pp['ste'])}, ROC-AUC per task {_row(pp['roc_auc'])}")
-    lines.append("implant success by offset of the implanted layer from s_1(early): " + ", ".join(
-        f"{row['offset']:+d}: {'-' if row['success'] is None else format(row['success'], '.2f')} (n={row['n_trials']})"
-        for row in r["intervention_sweep"]))
+    if r["intervention_sweep"] is None:  # not run (images)
+        lines.append(f"implant intervention: not run ({r.get('intervention_note', 'null in the report')})")
+    else:
+        lines.append("implant success by offset of the implanted layer from s_1(early): " + ", ".join(
+            f"{row['offset']:+d}: {'-' if row['success'] is None else format(row['success'], '.2f')} (n={row['n_trials']})"
+            for row in r["intervention_sweep"]))
     return "\n".join(lines)
 
 
@@ -229,4 +240,79 @@ def format_trajectory(report: dict) -> str:
         cost = report["fit_cost"][name]
         lines.append(f"  {name:<10} top-1 = the model's from layer {'-' if layer is None else layer} on; "
                      f"fit {cost['seconds']:.1f} s on {cost['tokens']} tokens")
+    return "\n".join(lines)
+
+
+def format_attribution(report: dict) -> str:
+    """Which attention and MLP moved the token: each lens's contribution per block (nats), the causal
+    effects measured, and the largest contributions with the change of the final log-prob they cause."""
+    position, token, lenses = report["position"], report["token"], report["lenses"]
+    lines = [f"{report['model']}: {len(report['tokens'])} tokens; at position {position} "
+             f"({report['tokens'][position]!r}) the token {token['text']!r} (id {token['id']}) has final log-prob "
+             f"{report['clean_logprob']:.3f}"]
+    for name in lenses:
+        first, last = report["logprob"][name]["pre"][0], report["logprob"][name]["post"][-1]
+        lines.append(f"  {name:<10} logp(h_0) {_num(first)}  logp(h_L) {_num(last)}  Σ attn + mlp = "
+                     f"{_num(report['total'][name])}")
+    measured = [(k, e) for k, effects in report["effects"].items() for e, values in effects.items()
+                if any(v is not None for v in values)] if report.get("all_effects") else []
+    head = [f"attn:{n}" for n in lenses] + [f"mlp:{n}" for n in lenses] + [f"{k}:{e}" for k, e in measured]
+    lines.append(f"{'block':>5} " + " ".join(f"{h:>11}" for h in head)
+                 + ("   (nats; effects: intervened − clean final log-prob)" if measured else "   (nats)"))
+    for block in range(report["n_layers"]):
+        cells = ([report["attn"][n][block] for n in lenses] + [report["mlp"][n][block] for n in lenses]
+                 + [report["effects"][k][e][block] for k, e in measured])
+        lines.append(f"{block:>5} " + " ".join(_cell(v, 11, "-") for v in cells))
+    if report["largest"]:
+        where = ("at the attributed position only" if report.get("ablate_at") == "position"
+                 else "at every position of the text")
+        lines.append("largest |attribution| per lens, and the change of the final log-prob (intervened − clean) when "
+                     f"the sub-module is swapped for its map / zeroed / set to its mean, {where}:")
+        lines.append(f"  {'lens':<10} {'kind':<4} {'block':>5} {'attribution':>11} {'swap':>8} {'zero':>8} {'mean':>8}")
+        for r in report["largest"]:
+            lines.append(f"  {r['lens']:<10} {r['kind']:<4} {r['block']:>5} {_cell(r['attribution'], 11, '-')} "
+                         f"{_cell(r['swap_effect'], 8, '-')} {_cell(r['zero_effect'], 8, '-')} "
+                         f"{_cell(r['mean_effect'], 8, '-')}")
+    return "\n".join(lines)
+
+
+def format_intervene(report: dict) -> str:
+    """What the intervention changed: whether anything did (and from which layer), the model's output at
+    the last position clean and intervened, and per lens the mean change over positions of each measure
+    at up to 13 layers (``L`` always shown); with ``generation``, both continuations."""
+    last, n_layers = len(report["tokens"]) - 1, report["n_layers"]
+    lines = [f"{report['model']}: {report['intervention'].get('label', '')}; {len(report['tokens'])} tokens, "
+             f"{n_layers} blocks"]
+    if report["changed"] and report["changed_from_layer"] is None:
+        lines.append("  changed the output logits only (a hook after h_L): no lens reading moves")
+    elif report["changed"]:
+        lines.append(f"  changed from residual layer {report['changed_from_layer']} on (max |Δh| "
+                     f"{_num(report['max_abs_change'], '.4g')}, relative {_num(report['relative_change'], '.3g')})")
+    else:
+        lines.append(f"  NOTHING CHANGED: every h_l and the logits equal the clean forward's (max |Δh| "
+                     f"{_num(report['max_abs_change'], '.3g')}); see the NoEffectWarning")
+    if report.get("hooks_not_run"):
+        lines.append(f"  hooks that never ran: {', '.join(report['hooks_not_run'])}")
+    output = report["output"]
+    lines.append(f"  the model's top-1 at the last position: {report['clean_final_top1'][last]!r} clean, "
+                 f"{report['intervened_final_top1'][last]!r} intervened; output KL(clean || intervened) "
+                 f"{_num(output['mean_kl'], '.4f')} nats on average, top-1 kept at {_num(output['precision@1'], '.0%')} "
+                 "of positions")
+    step = max(1, -(-n_layers // 12))
+    layers = sorted(set(range(0, n_layers + 1, step)) | {n_layers})
+    rank = f"rank {report['rank_of']!r}" if report.get("rank_of") is not None else "rank next"
+    names = {"precision@1": ("ΔP@1", ".3f"), "kl": ("ΔKL", ".3f"), "rank": (f"Δ{rank}", ".1f")}
+    width = max(len(n) for n, _ in names.values()) + max(len(lens) for lens in report["lenses"]) + 3
+    lines.append("  mean over positions, intervened − clean, per layer:")
+    lines.append("  " + " " * width + "".join(f"{layer:>10}" for layer in layers))
+    for lens, metrics in report["per_layer"].items():
+        for metric, (label, spec) in names.items():
+            delta = metrics[metric]["delta"]
+            lines.append(f"  {lens + ' ' + label:<{width}}" + "".join(f"{_num(delta[layer], spec):>10}" for layer in layers))
+    generation = report.get("generation")
+    if generation:
+        first = generation["first_difference"]
+        lines.append(f"  generated {generation['max_new_tokens']} tokens: clean {generation['clean']['text']!r}")
+        lines.append(f"  {'':>{len(str(generation['max_new_tokens'])) + 17}}intervened {generation['intervened']['text']!r}"
+                     f" ({'identical' if first is None else f'first difference at token {first}'})")
     return "\n".join(lines)

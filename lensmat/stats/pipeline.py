@@ -93,6 +93,9 @@ def encode(model, lines, max_length: int, bos: bool = True) -> list[list[int]]:
     """Token ids of ``lines`` as the model reads them: BOS + line (causal; no BOS with ``bos=False``),
     ``[CLS] line [SEP]`` (masked LM)."""
     if getattr(model, "tokenizer", None) is None:
+        if getattr(getattr(model, "cfg", None), "modality", None) == "vision":  # lensmat.models.vision
+            raise ValueError(f"{model.cfg.model_name} is a ViT image classifier: lensmat reads it with `lensmat saturation` "
+                             "(lensmat.saturation) only, on images (docs/modalities.md).")
         raise ValueError("The model has no tokenizer; pass token batches to the lower-level API instead.")
     if is_masked_lm(model):
         return data.tokenize_with_specials(lines, model.tokenizer, max_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from lensmat.cli.options import (COUNT, POSITIVE, Command, add_all_pairs, add_eval_budget, add_fit_budget,
                                  add_interval_options, add_lenses, add_maps, add_model_options, add_patchscope,
@@ -30,11 +31,14 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jlens-prompts", type=COUNT, default=20, help="train lines the J-lens is fitted on")
     add_scoring_options(p)
     add_interval_options(p)
+    p.add_argument("--view-lines", type=COUNT, default=6,
+                   help="held-out lines (first 32 tokens each) read for report.html's trajectory view (0: none; default 6)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lensmat.lenses.registry import parse_lenses
     from lensmat.lenses.tuned import TunedLensTraining
+    from lensmat.analyses.trajectory_view import sample_views
     from lensmat.reports import compare
     from lensmat.reports.tables import format_compare
 
@@ -45,6 +49,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      max_eval_tokens=args.max_eval_tokens, maps=args.maps, tuned=args.tuned, jlens=args.jlens,
                      tuned_config=tuned_config, jlens_prompts=args.jlens_prompts, scoring=scoring(args),
                      all_pairs=args.all_pairs, sites=args.sites, patchscope_prompt=args.patchscope_prompt,
+                     views=functools.partial(sample_views, n_lines=args.view_lines) if args.view_lines else None,
                      **masking(args), **interval_keywords(args), **run_keywords(args))
     return shown(format_compare(report), args)
 

@@ -17,8 +17,8 @@ def add_saturation_options(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
     p.add_argument("--lens", default="logit", choices=SATURATION_LENSES)
     add_k(p, help="ranks followed (default 5)")
-    add_fit_budget(p, "train tokens for mat/tuned")
-    add_eval_budget(p, 5_000, help="heldout tokens (default 5000)")
+    add_fit_budget(p, "train tokens for mat/tuned (train images for a vision model; train decoder positions for an encoder-decoder model, default 10000)")
+    add_eval_budget(p, 5_000, help="heldout tokens (default 5000; held-out images for a vision model, decoder positions for an encoder-decoder model)")
     p.add_argument("--permutations", type=COUNT, default=1000, help="shuffles in the permutation test")
     p.add_argument("--order-rule", default="authors", choices=("authors", "leading"),
                    help="ranks the Kendall tau compares: up to the last saturated rank (authors, default) or "
