@@ -17,6 +17,7 @@ import pytest
 
 import lensmat
 from conftest import load_named_model, strict_json
+from test_results import report_calls
 from lensmat.cli import main
 from lensmat.outputs import MANIFEST, foreign_entries
 from lensmat.reports.html import FILE, packed_plotly_js
@@ -120,22 +121,11 @@ def test_every_command_writes_a_page(runs_every_command):
 def runs_every_command(tiny_gpt2, tmp_path_factory):
     model, _, corpus = tiny_gpt2
     root = tmp_path_factory.mktemp("pages")
-    calls = {
-        "submodules": lambda out: lensmat.submodules(model, str(corpus), max_fit_tokens=800, max_eval_tokens=60,
-                                                     out=out, **TINY),
-        "linearity": lambda out: lensmat.linearity(model, str(corpus), max_fit_tokens=800, max_eval_tokens=60,
-                                                   out=out, **TINY),
-        "saturation": lambda out: lensmat.saturation(model, str(corpus), k=3, max_fit_tokens=600, max_eval_tokens=300,
-                                                     n_permutations=50, max_pairs=10, out=out, **TINY),
-        "early-exit": lambda out: lensmat.early_exit(model, str(corpus), lenses="logit,mat", max_fit_tokens=600,
-                                                     max_eval_tokens=200, max_probe_tokens=300, out=out, **TINY),
-        "trajectory": lambda out: lensmat.reports.trajectory_report(model, "w1 w4 w7 w10", str(corpus),
-                                                                    max_fit_tokens=800, out=out, **TINY),
-        "intervene": lambda out: lensmat.reports.intervene_report(model, "w1 w4 w7 w10", str(corpus), ablate="attn@1",
-                                                                  max_fit_tokens=600, out=out, **TINY),
-        "attribution": lambda out: lensmat.attribute(model, "logit,mat", "w1 w4 w7 w10", dataset=str(corpus), top=1,
-                                                     max_fit_tokens=600, out=out, **TINY),
-    }
+    calls = {command: run for command, run in report_calls(model, corpus).items() if command != "compare"}
+    calls["intervene"] = lambda out: lensmat.reports.intervene_report(model, "w1 w4 w7 w10", str(corpus), ablate="attn@1",
+                                                                      max_fit_tokens=600, out=out, **TINY)
+    calls["attribution"] = lambda out: lensmat.attribute(model, "logit,mat", "w1 w4 w7 w10", dataset=str(corpus), top=1,
+                                                         max_fit_tokens=600, out=out, **TINY)
     for command, run in calls.items():
         run(root / command)
     return {command: root / command for command in calls}

@@ -23,12 +23,9 @@ from test_swap import fitted
 TINY = dict(max_length=32, progress=False)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_gpt2, tmp_path_factory):
-    """Every reporting command on the tiny GPT-2, each written to its folder: ``{command: (report, folder)}``."""
-    model, _, corpus = tiny_gpt2
-    root = tmp_path_factory.mktemp("runs")
-    calls = {
+def report_calls(model, corpus) -> dict:
+    """Every reporting command on a tiny model and its corpus, small budgets: ``{command: run(out)}``."""
+    return {
         "compare": lambda out: lensmat.compare(model, str(corpus), lenses="logit,mat", sites="post,mid",
                                                max_fit_tokens=800, max_eval_tokens=300, out=out, **TINY),
         "submodules": lambda out: lensmat.submodules(model, str(corpus), max_fit_tokens=800, max_eval_tokens=60,
@@ -42,6 +39,14 @@ def runs(tiny_gpt2, tmp_path_factory):
         "trajectory": lambda out: lensmat.reports.trajectory_report(model, "w1 w4 w7 w10", str(corpus),
                                                                     max_fit_tokens=800, out=out, **TINY)[1],
     }
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_gpt2, tmp_path_factory):
+    """Every reporting command on the tiny GPT-2, each written to its folder: ``{command: (report, folder)}``."""
+    model, _, corpus = tiny_gpt2
+    root = tmp_path_factory.mktemp("runs")
+    calls = report_calls(model, corpus)
     return {command: (run(root / command), root / command) for command, run in calls.items()}
 
 

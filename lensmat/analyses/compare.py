@@ -19,6 +19,7 @@ lenses.{name}.{metric}, r2.{mat,id}}`` with one value per block ``l = 0..L-1``.
 
 from __future__ import annotations
 
+import copy
 import os
 
 from lensmat import data
@@ -138,7 +139,8 @@ def compare(
         "model": info.name, "model_info": info.to_dict(), "dataset": train.dataset, "n_layers": n_layers,
         "layers": list(range(n_layers + 1)), "n_fit_tokens": int((mat_maps.provenance or {}).get("n_tokens", 0)), "n_eval_tokens": n_eval,
         "lenses": {n: scores[n] for n in lens_objs}, "r2": r2_matrices(held_stats[0], mat_maps.maps),
-        "fit_cost": {n: fit_cost[n] for n in names}, **protocol_fields(heldout), "memory_plan": memory,
+        # fit_cost as of now (a copy): the views below read the lenses again
+        "fit_cost": copy.deepcopy({n: fit_cost[n] for n in names}), **protocol_fields(heldout), "memory_plan": memory,
         "bootstrap": evaluation.bootstrap.to_dict(evaluation.n_documents),
         "paired": paired_comparisons({n: evaluation.sums[n] for n in lens_objs}, evaluation.bootstrap),
     }
