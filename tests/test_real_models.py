@@ -118,6 +118,7 @@ def test_every_command_runs_on_small_budgets(smol, tmp_path):
     reports = {
         "compare": lensmat.compare(smol, lenses="logit,mat,mat-affine,tuned,jacobian", max_fit_tokens=1_500,
                                    max_eval_tokens=100, tuned_config=TunedLensTraining(tokens=300), jlens_prompts=2,
+                                   views=None,  # the page's trajectory view: test_html_report's SmolLM2 test
                                    out=tmp_path / "compare", progress=False),
         "submodules": lensmat.submodules(smol, max_fit_tokens=1_500, max_eval_tokens=16, out=tmp_path / "submodules",
                                          progress=False),
