@@ -13,7 +13,8 @@ as ``lensmat.<name>``), each returning a :class:`~lensmat.reports.results.Report
 ``to_dataframe``, ``plot``, ``save``); :func:`attribute` (returns its
 :class:`~lensmat.analyses.attribution.Attribution`, writes the ``attribution`` report);
 :func:`load_report` (a run folder's ``report.json`` as a ``Report``); :func:`~lensmat.reports.writing.write_report` (strict JSON);
-:mod:`lensmat.reports.tables` (the CLI's text tables).
+:mod:`lensmat.reports.tables` (the CLI's text tables); :mod:`lensmat.reports.html` (``report.html``, the run
+as one offline page, written beside every ``report.json``; :func:`~lensmat.reports.html.rebuild` is ``lensmat view``).
 """
 
 from lensmat.reports.published import (attribute, compare, early_exit, intervene_report, linearity,
