@@ -31,13 +31,18 @@ NUMERIC = {  # the numeric options of each command (every one parsed by a shared
     "saturation": ["--k", "--max-fit-tokens", "--max-eval-tokens", "--permutations", "--pairs"],
     "early-exit": ["--retention", "--max-fit-tokens", "--max-eval-tokens", "--max-probe-tokens", "--masked-t"],
     "trajectory": ["--k", "--max-fit-tokens", "--max-length", "--batch-size"],
+    "intervene": ["--k", "--tol", "--scale", "--generate", "--steer", "--max-fit-tokens", "--batch-size"],
+    "attribute": ["--top", "--position", "--token-id", "--max-fit-tokens", "--batch-size"],
 }
 BUDGETS = {"fit": ["--max-fit-tokens", "300"], "compare": ["--max-fit-tokens", "300", "--max-eval-tokens", "100"],
            "submodules": ["--max-fit-tokens", "300", "--max-eval-tokens", "60", "--kinds", "attn"],
            "linearity": ["--max-fit-tokens", "300", "--max-eval-tokens", "60"],
            "saturation": ["--max-eval-tokens", "100", "--permutations", "20", "--pairs", "4"],
            "early-exit": ["--max-fit-tokens", "300", "--max-eval-tokens", "100", "--max-probe-tokens", "100"],
-           "trajectory": ["--text", "w1 w4 w7 w10", "--max-fit-tokens", "300"], "info": []}
+           "trajectory": ["--text", "w1 w4 w7 w10", "--max-fit-tokens", "300"],
+           "intervene": ["--text", "w1 w4 w7 w10", "--ablate", "attn@1", "--max-fit-tokens", "300"],
+           "attribute": ["--text", "w1 w4 w7 w10", "--lenses", "logit", "--top", "1", "--max-fit-tokens", "300"],
+           "info": []}
 CASES = []
 
 
