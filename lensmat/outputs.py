@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 MANIFEST = ".lensmat-output.json"
+_MANIFEST_TMP = f".{MANIFEST}.tmp"  # a manifest being rewritten (:func:`_manifest`)
 # what lensmat wrote before the manifest existed (0.1.0): recognised as its own by these names alone
 _LEGACY_NAMES = {"report.json", "meta.json", "maps.safetensors", "lens.safetensors", "stats.safetensors",
                  "trajectory.csv"}
@@ -89,7 +90,7 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
     manifest = path / MANIFEST
     if manifest.is_file():
         try:
-            owned = set(json.loads(manifest.read_text(encoding="utf-8"))["files"]) | {MANIFEST}
+            owned = set(json.loads(manifest.read_text(encoding="utf-8"))["files"]) | {MANIFEST, _MANIFEST_TMP}
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             owned = set()
         return [e for e in _entries(path) if e not in owned]
@@ -225,26 +226,24 @@ def writes_output(fn):
     return run
 
 
-def add_owned(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Record files just written into the lensmat folder ``folder`` (claimed by the caller) in its
-    manifest, so that the folder stays lensmat's; a folder without one (lensmat 0.1.0) gets one."""
+def refresh_manifest(folder: str | os.PathLike) -> None:
+    """List every file of the lensmat folder ``folder`` (claimed by the caller, holding nothing
+    foreign: :func:`check_out`) in its manifest again, after lensmat wrote more into it, so that the
+    folder stays lensmat's; a folder without one (lensmat 0.1.0) gets one."""
     folder = Path(folder)
-    manifest = folder / MANIFEST
     try:
-        meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
-    except (ValueError, UnicodeDecodeError):
+        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
         meta = {}
-    files = sorted(set(meta.get("files") or _entries(folder)) | set(names))
-    meta = {k: v for k, v in meta.items() if k not in ("written_by", "files")}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"written_by": "lensmat", **meta, "files": [f for f in files if f != MANIFEST]},
-                              indent=1) + "\n")
-    os.replace(tmp, manifest)
+    _manifest(folder, {k: v for k, v in meta.items() if k not in ("written_by", "files")})
 
 
 def _manifest(folder: Path, meta: dict) -> None:
-    files = [e for e in _entries(folder) if e != MANIFEST]
-    (folder / MANIFEST).write_text(json.dumps({"written_by": "lensmat", **meta, "files": files}, indent=1) + "\n")
+    """Write ``folder``'s manifest (atomically: a temporary file, then rename) listing its files."""
+    files = [e for e in _entries(folder) if e not in (MANIFEST, _MANIFEST_TMP)]
+    tmp = folder / _MANIFEST_TMP
+    tmp.write_text(json.dumps({"written_by": "lensmat", **meta, "files": files}, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
 @contextmanager

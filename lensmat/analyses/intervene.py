@@ -15,6 +15,7 @@ import torch
 from lensmat import data, plots
 from lensmat.analyses.swap import swap_hooks
 from lensmat.lenses.metrics import METRICS, LensScores, NonFiniteWarning, Reference
+from lensmat.lenses.base import check_hook_names
 from lensmat.stats.collect import run_capture
 from lensmat.stats.pipeline import Tokenized, tokenized
 
@@ -78,10 +79,7 @@ def _hooks(model, hooks, swap) -> list:
     out = list(hooks or [])
     if swap is not None:
         out += swap_hooks(model, **swap) if isinstance(swap, dict) else swap_hooks(model, *swap)
-    unknown = [name for name, _ in out if isinstance(name, str) and name not in model.hook_dict]
-    if unknown:
-        raise ValueError(f"The model has no hook {unknown[0]!r}; its hook names are in model.hook_dict "
-                         "(e.g. blocks.0.hook_resid_post).")
+    check_hook_names(model, out)
     return out
 
 

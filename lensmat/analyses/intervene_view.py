@@ -45,10 +45,10 @@ from lensmat.analyses.intervene import NoEffectWarning, _hooks, hook_label, warn
 from lensmat.analyses.swap import expand_kinds, submodule_pair
 from lensmat.analyses.trajectory import Trajectory, _read
 from lensmat.analyses.trajectory_follow import resolve_targets
-from lensmat.lenses.base import capture_layers, encode_text
+from lensmat.lenses.base import capture_layers, encode_text, lens_hooks
 from lensmat.lenses.registry import fit_named_lenses
 from lensmat.models import describe, input_device, is_masked_lm, require_causal
-from lensmat.stats.collect import resid_hook, site_hooks
+from lensmat.stats.collect import resid_hook
 
 METRICS = {
     "precision@1": "Precision@1: the lens's top-1 is the clean model's final top-1",
@@ -551,7 +551,7 @@ def _view(model, lenses: dict, text: str, ids, k: int, follow: int | None, fwd: 
           tol: float) -> InterventionView:
     n_layers = int(model.cfg.n_layers)
     resid = [resid_hook(layer) for layer in range(n_layers + 1)]
-    names = sorted({h for lens in lenses.values() for h in site_hooks(n_layers, lens.site)} | set(resid))
+    names = sorted(set(lens_hooks(model, lenses)) | set(resid))
     clean_logits, clean_cache = capture_layers(model, names, ids)
     fired: list[int] = []
     logits, cache = capture_layers(model, names, ids, fwd, fired)

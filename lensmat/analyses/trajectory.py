@@ -39,9 +39,8 @@ from jaxtyping import Bool, Float, Int
 
 from lensmat.analyses.trajectory_follow import FOLLOW, resolve_targets
 from lensmat.lenses.registry import fit_named_lenses
-from lensmat.lenses.base import Lens, capture_layers, encode_text, read_layers
+from lensmat.lenses.base import Lens, capture_layers, encode_text, lens_hooks, read_layers
 from lensmat.models import describe, is_masked_lm
-from lensmat.stats.collect import resid_hook, site_hooks
 
 STATISTICS = {
     "p_final_top1": "probability of the model's final top-1 token",
@@ -322,10 +321,8 @@ def _capture(model, lenses: dict[str, Lens], ids, hooks) -> dict:
     :class:`~lensmat.analyses.intervene.NoEffectWarning` about hooks that never ran."""
     from lensmat.analyses.intervene import warn_not_run
 
-    n_layers = int(model.cfg.n_layers)
-    names = sorted({h for lens in lenses.values() for h in site_hooks(n_layers, lens.site)} | {resid_hook(n_layers)})
     fired: list[int] = []
-    cache = capture_layers(model, names, ids, hooks, fired)[1]
+    cache = capture_layers(model, lens_hooks(model, lenses), ids, hooks, fired)[1]
     warn_not_run(hooks, fired)
     return cache
 

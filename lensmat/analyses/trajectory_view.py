@@ -1,5 +1,5 @@
 """The data behind ``report.html``'s trajectory view: a few texts read by every lens at every layer,
-as plain JSON (:func:`trajectory_views`).
+as plain JSON (:func:`trajectory_views`, :func:`views_of`).
 
 Per text: the tokens, each lens's top-``k`` tokens and probabilities per (layer, position), the
 four :data:`~lensmat.analyses.trajectory.STATISTICS` per cell, and, so that a token can be pinned
@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from lensmat.analyses.trajectory import STATISTICS, Trajectory, trajectory
+from lensmat.analyses.trajectory import STATISTICS, Trajectory, _read
 from lensmat.lenses import engine
-from lensmat.lenses.base import Lens, encode_text
+from lensmat.lenses.base import Lens, capture_layers, encode_text, lens_hooks
 from lensmat.models import model_device
 from lensmat.stats.collect import resid_hook, site_hooks
 
@@ -30,15 +30,13 @@ def _rounded(values, digits: int = 4):
 
 
 @torch.no_grad()
-def candidate_ranks(model, lenses: dict[str, Lens], ids, candidates: list[list[int]]) -> list:
+def candidate_ranks(model, lenses: dict[str, Lens], cache: dict, candidates: list[list[int]]) -> list:
     """``[lens][layer][position][j]``: the rank (tokens with a strictly higher logit) of
-    ``candidates[position][j]`` in each lens's reading of each layer of ``ids`` (``[1, pos]``); a lens
-    that does not cover a layer reads the model's own output there, as in the trajectory."""
+    ``candidates[position][j]`` in each lens's reading of each layer of one forward's activations
+    ``cache`` (:func:`~lensmat.lenses.base.capture_layers`'s dict over
+    :func:`~lensmat.lenses.base.lens_hooks`); a lens that does not cover a layer reads the model's own
+    output there, as in the trajectory."""
     n_layers = int(model.cfg.n_layers)
-    hooks = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
-    last = resid_hook(n_layers)
-    wanted = {h for hs in hooks.values() for h in hs} | {last}
-    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
     unembedding, device = engine.Unembedding(model), model_device(model)
     width = max(len(c) for c in candidates)
     cand = torch.tensor([c + [c[0]] * (width - len(c)) for c in candidates], device=device)  # [pos, width]
@@ -50,49 +48,55 @@ def candidate_ranks(model, lenses: dict[str, Lens], ids, candidates: list[list[i
         above = logits.shape[-1] - torch.searchsorted(ascending, picked.contiguous(), right=True)
         return [row[: len(c)] for row, c in zip(above.tolist(), candidates)]
 
-    h_last = cache[last][0].to(device)
-    own = ranks(h_last)
-    return [[ranks(lens.transform_hidden(cache[hooks[name][layer]][0].to(device), layer)) if lens.covers(layer)
-             else own for layer in range(n_layers + 1)] for name, lens in lenses.items()]
+    own = ranks(cache[resid_hook(n_layers)].to(device))
+    return [[ranks(lens.transform_hidden(cache[site_hooks(n_layers, lens.site)[layer]].to(device), layer))
+             if lens.covers(layer) else own for layer in range(n_layers + 1)] for lens in lenses.values()]
 
 
-def view_of(model, lenses: dict[str, Lens], traj: Trajectory) -> dict:
-    """One :class:`~lensmat.analyses.trajectory.Trajectory` as the view's JSON (see the module docstring)."""
+def view_of(model, lenses: dict[str, Lens], traj: Trajectory, cache: dict | None = None) -> dict:
+    """One :class:`~lensmat.analyses.trajectory.Trajectory` as the view's JSON (see the module docstring);
+    ``cache``: the activations it was read from (else its text is run again for the candidates' ranks)."""
+    if cache is None:
+        cache = capture_layers(model, lens_hooks(model, lenses), encode_text(model, traj.text))[1]
     top = traj.top_ids  # [lens, layer, pos, k]
     candidates = [sorted({int(t) for t in top[:, :, p, :].ravel()}) for p in range(top.shape[2])]
-    ranks = candidate_ranks(model, lenses, encode_text(model, traj.text), candidates)
     return {
         "text": traj.text, "tokens": traj.tokens, "ids": traj.ids.tolist(), "masked": traj.masked,
         "targets": traj.target_ids.tolist(), "final_top1": traj.final_top1.tolist(),
         "covered": traj.covered.tolist(),
         "top_ids": top.tolist(), "top_probs": _rounded(traj.top_probs.tolist()),
         "statistics": {s: _rounded(traj.statistic(s).tolist()) for s in STATISTICS},
-        "candidates": candidates, "candidate_ranks": ranks,
+        "candidates": candidates, "candidate_ranks": candidate_ranks(model, lenses, cache, candidates),
     }
 
 
-def trajectory_views(model, lenses: dict[str, Lens], texts: list[str], *, k: int = 10) -> dict:
-    """The trajectory view of ``texts`` under ``lenses`` (``{name: Lens}``): ``{"k", "lenses",
-    "statistics" (name: description), "n_layers", "lines": [one :func:`view_of` per text], "vocab"
-    (id: decoded text of every token shown)}``."""
-    lines, vocab = [], {}
+def views_of(model, lenses: dict[str, Lens], read: list[tuple[Trajectory, dict | None]], **about) -> dict:
+    """``{"trajectories": ...}`` of trajectories already read (each with its activations, or ``None``):
+    ``{"k", "lenses", "statistics" (name: description), "n_layers", "lines": [one :func:`view_of` each],
+    "vocab" (id: decoded text of every token shown), **about}``."""
+    lines = [view_of(model, lenses, traj, cache) for traj, cache in read]
+    vocab = {t: text for traj, _ in read for t, text in traj.vocab.items()}
+    vocab.update({c: model.tokenizer.decode([c]) for line in lines for cs in line["candidates"] for c in cs
+                  if c not in vocab})
+    return {"trajectories": {"k": read[0][0].k, "lenses": list(lenses), "statistics": dict(STATISTICS),
+                             "n_layers": int(model.cfg.n_layers), "lines": lines,
+                             "vocab": {str(i): t for i, t in sorted(vocab.items())}, **about}}
+
+
+def trajectory_views(model, lenses: dict[str, Lens], texts: list[str], *, k: int = 10, **about) -> dict:
+    """:func:`views_of` the trajectories of ``texts`` under ``lenses`` (``{name: Lens}``), each read in
+    one forward that also gives its candidates' ranks."""
+    read = []
     for text in texts:
-        traj = trajectory(model, lenses, text, k=k)
-        lines.append(view_of(model, lenses, traj))
-        vocab.update(traj.vocab)
-        vocab.update({c: model.tokenizer.decode([c]) for cs in lines[-1]["candidates"] for c in cs if c not in vocab})
-    return {"k": k, "lenses": list(lenses), "statistics": dict(STATISTICS), "n_layers": int(model.cfg.n_layers),
-            "lines": lines, "vocab": {str(i): t for i, t in sorted(vocab.items())}}
+        ids = encode_text(model, text)
+        cache = capture_layers(model, lens_hooks(model, lenses), ids)[1]
+        read.append((_read(model, lenses, text, ids, k, None, cache=cache), cache))
+    return views_of(model, lenses, read, **about)
 
 
 def text_views(model, lenses: dict[str, Lens], traj: Trajectory) -> dict:
-    """``{"trajectories": ...}`` of one read text (``lensmat trajectory``): its view with the candidates' ranks."""
-    view = {"k": traj.k, "lenses": list(lenses), "statistics": dict(STATISTICS), "n_layers": traj.n_layers,
-            "lines": [view_of(model, lenses, traj)], "sampled_from": "the text given", "vocab": dict(traj.vocab)}
-    view["vocab"].update({c: model.tokenizer.decode([c]) for cs in view["lines"][0]["candidates"] for c in cs
-                          if c not in view["vocab"]})
-    view["vocab"] = {str(i): t for i, t in sorted(view["vocab"].items())}
-    return {"trajectories": view}
+    """The view of one read text (``lensmat trajectory``'s ``views``)."""
+    return views_of(model, lenses, [(traj, None)], sampled_from="the text given")
 
 
 def sample_views(model, lenses: dict[str, Lens], corpus, *, n_lines: int = 6, max_tokens: int = 32, k: int = 10,
@@ -102,9 +106,8 @@ def sample_views(model, lenses: dict[str, Lens], corpus, *, n_lines: int = 6, ma
     an analysis keeps for ``report.html``. ``n_lines=0``: ``{}``."""
     if n_lines <= 0:
         return {}
-    view = trajectory_views(model, lenses, sample_texts(model, corpus.seqs, n_lines, max_tokens, seed), k=k)
-    view.update(sampled_from=f"{corpus.split} split of {corpus.dataset}", seed=seed, max_tokens=max_tokens)
-    return {"trajectories": view}
+    return trajectory_views(model, lenses, sample_texts(model, corpus.seqs, n_lines, max_tokens, seed), k=k,
+                            sampled_from=f"{corpus.split} split of {corpus.dataset}", seed=seed, max_tokens=max_tokens)
 
 
 def sample_texts(model, seqs: list[list[int]], n_lines: int = 6, max_tokens: int = 32, seed: int = 0) -> list[str]:

@@ -207,6 +207,21 @@ def read_point(name: str, n_layers: int) -> str:
     return f"blocks.{int(block) + 1}.hook_resid_pre" if block.isdigit() and int(block) + 1 < n_layers else name
 
 
+def lens_hooks(model, lenses: dict[str, Lens]) -> list[str]:
+    """The hook names a forward must give to read every lens in ``lenses`` at every layer of its
+    site, and ``h_L`` (the model's own output), sorted."""
+    n_layers = int(model.cfg.n_layers)
+    return sorted({h for lens in lenses.values() for h in site_hooks(n_layers, lens.site)} | {resid_hook(n_layers)})
+
+
+def check_hook_names(model, hooks) -> None:
+    """Refuse ``hooks`` (``[(hook name, fn)]``) naming a hook the model does not have."""
+    unknown = [name for name, _ in hooks if isinstance(name, str) and name not in model.hook_dict]
+    if unknown:
+        raise ValueError(f"The model has no hook {unknown[0]!r}; its hook names are in model.hook_dict "
+                         "(e.g. blocks.0.hook_resid_post).")
+
+
 @torch.no_grad()
 def capture_layers(model, names, ids: Int[torch.Tensor, "1 pos"], hooks=None, fired: list | None = None):
     """One forward of ``ids`` (one sequence) with ``hooks`` (``[(hook name, fn)]``, as TransformerLens's
@@ -214,10 +229,7 @@ def capture_layers(model, names, ids: Int[torch.Tensor, "1 pos"], hooks=None, fi
     names ``names``, read after the hooks (:func:`read_point`). ``fired``: a list that receives, per
     hook, how many times it ran. A hook name the model does not have is refused."""
     hooks = list(hooks or [])
-    unknown = [name for name, _ in hooks if isinstance(name, str) and name not in model.hook_dict]
-    if unknown:
-        raise ValueError(f"The model has no hook {unknown[0]!r}; its hook names are in model.hook_dict "
-                         "(e.g. blocks.0.hook_resid_post).")
+    check_hook_names(model, hooks)
     n_layers = int(model.cfg.n_layers)
     points = {name: read_point(name, n_layers) for name in names}
     captured: dict[str, torch.Tensor] = {}
@@ -267,8 +279,7 @@ def read_layers(model, lenses: dict[str, Lens], ids: Int[torch.Tensor, "1 pos"],
     hooks_of = {name: site_hooks(n_layers, lens.site) for name, lens in lenses.items()}
     last = resid_hook(n_layers)
     if cache is None:
-        wanted = {h for hs in hooks_of.values() for h in hs} | {last}
-        cache = capture_layers(model, sorted(wanted), ids, hooks)[1]
+        cache = capture_layers(model, lens_hooks(model, lenses), ids, hooks)[1]
     unembedding, device = engine.Unembedding(model), model_device(model)
     h_last = (cache[last] if reference is None else reference).to(device)
     options = dict(k=k, k_ref=k, rank=rank, entropy=entropy)

@@ -153,7 +153,7 @@ def write_html(report, folder: str | os.PathLike) -> Path:
 def rebuild(run_dir: str | os.PathLike) -> Path:
     """(Re)write ``run_dir/report.html`` from the folder's ``report.json`` and ``views.json`` (``lensmat
     view``); the folder's manifest then lists it, so lensmat still owns the folder. Returns its path."""
-    from lensmat.outputs import add_owned, claim
+    from lensmat.outputs import claim, refresh_manifest
     from lensmat.reports.results import load_report
 
     report = load_report(run_dir)
@@ -161,5 +161,5 @@ def rebuild(run_dir: str | os.PathLike) -> Path:
     folder = folder if folder.is_dir() else folder.parent
     with claim(folder, force=True):
         path = write_html(report, folder)
-        add_owned(folder, [FILE])
+        refresh_manifest(folder)
     return path

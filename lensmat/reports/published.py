@@ -23,7 +23,7 @@ from lensmat.analyses import trajectory_view as _trajectory_view
 from lensmat.analyses import transfer as _transfer
 from lensmat.outputs import publish, writes_output
 from lensmat.reports.results import Report
-from lensmat.reports.writing import published, write_report
+from lensmat.reports.writing import published
 
 
 def _reporting(analysis, command: str):
@@ -59,17 +59,10 @@ def _trajectory_report(*args, **kwargs) -> tuple[_trajectory.Trajectory, Report]
 
 
 def _trajectory_files(result, folder: Path) -> None:
-    from lensmat.reports import html
-    from lensmat.reports.results import provenance, write_views
-
     traj, report = result
-    report.setdefault("provenance", provenance())
-    write_report(report, folder)  # the heatmap below, not the summary figure of Report.write
-    if report.views:
-        write_views(report.views, folder)
-    plt.close(traj.plot(report["statistic"], out=folder))
+    # the heatmap, not the summary figure of Report.plot
+    report.write(folder, figures=lambda out: plt.close(traj.plot(report["statistic"], out=out)))
     traj.to_csv(folder / "trajectory.csv")
-    html.write_html(report, folder)
 
 
 trajectory_report = published(functools.wraps(_trajectory.trajectory_report)(_trajectory_report), _trajectory_files)

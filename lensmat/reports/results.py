@@ -91,16 +91,17 @@ class Report(dict):
         of its ``statistic``), as a list; ``out``: a folder to save their PNGs in (then closed)."""
         return PLOTS[self.command](self, out)
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder: Path, figures=None) -> None:
         """``report.json`` (with its ``provenance``), ``views.json`` (when the report has views), the figures
-        and ``report.html`` (:mod:`lensmat.reports.html`) into an open output folder (:func:`lensmat.outputs.publish`)."""
+        and ``report.html`` (:mod:`lensmat.reports.html`) into an open output folder (:func:`lensmat.outputs.publish`).
+        ``figures(folder)`` draws the figures instead of :meth:`plot` (a trajectory draws its heatmap)."""
         from lensmat.reports import html
 
         self.setdefault("provenance", provenance())
         write_report(self, folder)
         if self.views:
             write_views(self.views, folder)
-        self.plot(out=folder)
+        (figures or (lambda out: self.plot(out=out)))(folder)
         html.write_html(self, folder)
 
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
