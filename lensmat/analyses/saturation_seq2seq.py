@@ -27,8 +27,7 @@ from lensmat.models import describe
 from lensmat.models.seq2seq import is_seq2seq_model
 from lensmat.stats.bootstrap import Bootstrap
 from lensmat.stats.collect import resid_hooks
-from lensmat.stats.fit import LinearMap, fit_layer_maps
-from lensmat.stats.gram import GramStats, pair_pattern
+from lensmat.stats.fit import LinearMap, fit_to_last
 
 SEQ2SEQ_LENSES = ("logit", "mat")
 DEFAULT_FIT_POSITIONS = 10_000  # train decoder positions for the mat lens when max_fit_tokens is not given
@@ -51,16 +50,11 @@ def decoder_states(model, data: Seq2SeqData, *, batch_size: int = 16):
 def fit_decoder_maps(model, data: Seq2SeqData, *, batch_size: int = 16, intercept: bool = False
                      ) -> tuple[dict[tuple[str, str], LinearMap], int]:
     """Least-squares maps ``h_l -> h_L`` (``l < L``) of the decoder, from float64 statistics of ``data``'s
-    decoder positions (:class:`lensmat.stats.gram.GramStats`, :func:`lensmat.stats.fit.fit_layer_maps`).
+    decoder positions (:func:`lensmat.stats.fit.fit_to_last`).
     Returns the maps and the number of positions they were fitted on."""
-    n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
-    hooks = tuple(resid_hooks(n_layers))
-    stats = GramStats(hooks, (d,) * len(hooks), pairs=pair_pattern(len(hooks), "to_last"))
-    for resid, _, _ in decoder_states(model, data, batch_size=batch_size):
-        stats.update(resid.permute(1, 0, 2).reshape(resid.shape[1], -1).cpu())
-    if stats.n == 0:
-        raise ValueError(f"No train decoder positions to fit the mat lens of {model.cfg.model_name} on.")
-    return fit_layer_maps(stats, intercept=intercept), stats.n
+    return fit_to_last((resid for resid, _, _ in decoder_states(model, data, batch_size=batch_size)),
+                       tuple(resid_hooks(int(model.cfg.n_layers))), intercept=intercept,
+                       what=f"train decoder positions of {model.cfg.model_name}")
 
 
 @torch.no_grad()

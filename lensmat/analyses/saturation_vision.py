@@ -24,8 +24,7 @@ from lensmat.analyses.saturation_rankings import saturation_layers
 from lensmat.data.images import ImageSet, load_images
 from lensmat.models import describe
 from lensmat.stats.collect import resid_hook, resid_hooks
-from lensmat.stats.fit import LinearMap, fit_layer_maps
-from lensmat.stats.gram import GramStats, pair_pattern
+from lensmat.stats.fit import LinearMap, fit_to_last
 
 VISION_LENSES = ("logit", "mat", "mat-affine")
 
@@ -48,19 +47,15 @@ def _batches(images: ImageSet, batch_size: int):
 def fit_cls_maps(model, images: ImageSet, *, intercept: bool = False, batch_size: int = 64,
                  progress: bool = True) -> dict[int, LinearMap]:
     """The mat lens's maps ``h_l → h_L`` (``1 ≤ l < L``) by least squares on the CLS vectors of ``images``,
-    through lensmat's streaming statistics (:class:`~lensmat.stats.gram.GramStats`, the ``(l, l)`` and
-    ``(l, L)`` blocks) and fit (:func:`~lensmat.stats.fit.fit_layer_maps`); keyed by the source layer.
+    through lensmat's streaming statistics (:func:`~lensmat.stats.fit.fit_to_last`); keyed by the source layer.
     None for ``h_0``: its CLS vector is the CLS embedding plus its position, the same for every image (a
     rank-1 Gram matrix), and the protocol does not read layer 0."""
     from tqdm.auto import tqdm
 
-    n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
-    hooks = tuple(resid_hooks(n_layers))[1:]
-    stats = GramStats(hooks, (d,) * len(hooks), pairs=pair_pattern(len(hooks), "to_last"))
-    for _, batch in tqdm(list(_batches(images, batch_size)), desc="fit mat (CLS)", unit="batch", disable=not progress):
-        resid = cls_residuals(model, model.pixel_values(batch))[1:]  # [L, n, d]: h_1..h_L
-        stats.update(resid.permute(1, 0, 2).reshape(resid.shape[1], -1))
-    maps = fit_layer_maps(stats, intercept=intercept)
+    n_layers = int(model.cfg.n_layers)
+    batches = tqdm(list(_batches(images, batch_size)), desc="fit mat (CLS)", unit="batch", disable=not progress)
+    maps, _ = fit_to_last((cls_residuals(model, model.pixel_values(batch))[1:] for _, batch in batches),  # h_1..h_L
+                          tuple(resid_hooks(n_layers))[1:], intercept=intercept, what="train images")
     return {layer: maps[(resid_hook(layer), resid_hook(n_layers))] for layer in range(1, n_layers)}
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-from lensmat.stats.gram import GramStats
+from lensmat.stats.gram import GramStats, pair_pattern
 
 MAX_COND = 1e12
 
@@ -209,6 +209,23 @@ def fit_layer_maps(
 ) -> dict[tuple[str, str], LinearMap]:
     """Maps between residual layers from the joint statistics of ``resid_hooks(L)`` (see :func:`layer_pairs`)."""
     return fit_pairs([stats], layer_pairs(stats.hooks, all_pairs), intercept=intercept, ridge=ridge)
+
+
+def fit_to_last(residuals, hooks: tuple[str, ...], *, intercept: bool = False, what: str = "positions"
+                ) -> tuple[dict[tuple[str, str], LinearMap], int]:
+    """Least-squares maps ``hooks[i] -> hooks[-1]`` from float64 statistics streamed over ``residuals``, an
+    iterable of ``[len(hooks), n, d]`` tensors (the states at each hook of ``n`` positions), for models
+    read outside the collector (an image classifier's CLS token, an encoder-decoder's decoder).
+    Returns the maps (:func:`fit_layer_maps`) and the number of positions; none is refused, naming ``what``."""
+    stats = None
+    for resid in residuals:
+        if stats is None:
+            stats = GramStats(tuple(hooks), (int(resid.shape[-1]),) * len(hooks),
+                              pairs=pair_pattern(len(hooks), "to_last"))
+        stats.update(resid.permute(1, 0, 2).reshape(resid.shape[1], -1).cpu())
+    if stats is None or stats.n == 0:
+        raise ValueError(f"No {what} to fit the maps on.")
+    return fit_layer_maps(stats, intercept=intercept), stats.n
 
 
 def r2_matrices(
