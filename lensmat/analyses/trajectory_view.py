@@ -70,15 +70,16 @@ def view_of(model, lenses: dict[str, Lens], traj: Trajectory, cache: dict | None
     }
 
 
-def views_of(model, lenses: dict[str, Lens], read: list[tuple[Trajectory, dict | None]], **about) -> dict:
-    """``{"trajectories": ...}`` of trajectories already read (each with its activations, or ``None``):
+def views_of(model, lenses: dict[str, Lens], read: list[tuple[Trajectory, dict | None]], k: int, **about) -> dict:
+    """``{"trajectories": ...}`` of trajectories already read with top-``k`` (each with its activations, or
+    ``None``; none at all when no line was long enough):
     ``{"k", "lenses", "statistics" (name: description), "n_layers", "lines": [one :func:`view_of` each],
     "vocab" (id: decoded text of every token shown), **about}``."""
     lines = [view_of(model, lenses, traj, cache) for traj, cache in read]
     vocab = {t: text for traj, _ in read for t, text in traj.vocab.items()}
     vocab.update({c: model.tokenizer.decode([c]) for line in lines for cs in line["candidates"] for c in cs
                   if c not in vocab})
-    return {"trajectories": {"k": read[0][0].k, "lenses": list(lenses), "statistics": dict(STATISTICS),
+    return {"trajectories": {"k": k, "lenses": list(lenses), "statistics": dict(STATISTICS),
                              "n_layers": int(model.cfg.n_layers), "lines": lines,
                              "vocab": {str(i): t for i, t in sorted(vocab.items())}, **about}}
 
@@ -91,12 +92,12 @@ def trajectory_views(model, lenses: dict[str, Lens], texts: list[str], *, k: int
         ids = encode_text(model, text)
         cache = capture_layers(model, lens_hooks(model, lenses), ids)[1]
         read.append((_read(model, lenses, text, ids, k, None, cache=cache), cache))
-    return views_of(model, lenses, read, **about)
+    return views_of(model, lenses, read, k, **about)
 
 
 def text_views(model, lenses: dict[str, Lens], traj: Trajectory) -> dict:
     """The view of one read text (``lensmat trajectory``'s ``views``)."""
-    return views_of(model, lenses, [(traj, None)], sampled_from="the text given")
+    return views_of(model, lenses, [(traj, None)], traj.k, sampled_from="the text given")
 
 
 def sample_views(model, lenses: dict[str, Lens], corpus, *, n_lines: int = 6, max_tokens: int = 32, k: int = 10,
